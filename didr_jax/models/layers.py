@@ -1,0 +1,163 @@
+"""Shared building blocks for every ported model.
+
+Every parameter is created through these helpers so that it carries *logical* axis names
+(flax's ``sharding_names`` metadata). ``didr_jax.parallel`` maps them to mesh axes with the
+rules of the config, so one model definition shards over data / fsdp / tensor meshes.
+
+Logical axis vocabulary (keep to it, the default rules know only these):
+
+- ``embed``: the model width a projection reads from or writes back to.
+- ``mlp``: the hidden width of a feed-forward block.
+- ``heads``: the concatenated attention-head width of q / k / v / out projections.
+- ``vocab``: token or position tables.
+- ``conv_in`` / ``conv_out``: input / output channels of a convolution.
+- ``norm``: scales and biases of normalisation layers (replicated by default).
+
+Layouts: images are NHWC inside the models (the TPU/XLA-native layout); sequences are (B, T, D);
+attention heads are (B, T, N, H), the layout of ``jax.nn.dot_product_attention``.
+Parameter names mirror the PyTorch module names of diffusers / transformers so that checkpoint
+conversion is a mechanical renaming (see ``didr_jax.convert.core``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+
+def _meta(axes: Sequence[str | None] | None) -> dict:
+  return {} if axes is None else {"sharding_names": tuple(axes)}
+
+
+def Dense(in_features: int, out_features: int, *, rngs: nnx.Rngs,
+          axes: tuple[str | None, str | None] = ("embed", "mlp"), use_bias: bool = True,
+          dtype: Dtype = None, param_dtype: Dtype = jnp.float32) -> nnx.Linear:
+  """A torch ``nn.Linear`` equivalent; kernel is (in, out), i.e. the transpose of torch's."""
+  with nnx.use_eager_sharding(False):
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs, kernel_metadata=_meta(axes),
+                      bias_metadata=_meta(axes[1:]))
+
+
+def Conv2d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+           padding: int | Sequence[tuple[int, int]] = 1, *, rngs: nnx.Rngs, use_bias: bool = True,
+           axes: tuple[str | None, str | None] = ("conv_in", "conv_out"), dtype: Dtype = None,
+           param_dtype: Dtype = jnp.float32) -> nnx.Conv:
+  """A torch ``nn.Conv2d`` equivalent on NHWC inputs; kernel is HWIO.
+
+  ``padding`` is torch's symmetric integer padding, or explicit ((top, bottom), (left, right)).
+  """
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  with nnx.use_eager_sharding(False):
+    return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), (stride, stride),
+                    padding=tuple(padding), use_bias=use_bias, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs,
+                    kernel_metadata=_meta((None, None) + tuple(axes)),
+                    bias_metadata=_meta(axes[1:]))
+
+
+def GroupNorm(num_groups: int, num_channels: int, *, eps: float = 1e-5, affine: bool = True,
+              rngs: nnx.Rngs, dtype: Dtype = None) -> nnx.GroupNorm:
+  """torch ``nn.GroupNorm`` on channels-last inputs (statistics in float32)."""
+  with nnx.use_eager_sharding(False):
+    return nnx.GroupNorm(num_channels, num_groups=num_groups, epsilon=eps, use_bias=affine,
+                         use_scale=affine, dtype=dtype, rngs=rngs, use_fast_variance=False,
+                         scale_metadata=_meta(("norm",)), bias_metadata=_meta(("norm",)))
+
+
+def LayerNorm(num_features: int, *, eps: float = 1e-5, affine: bool = True, use_bias: bool = True,
+              rngs: nnx.Rngs, dtype: Dtype = None) -> nnx.LayerNorm:
+  """torch ``nn.LayerNorm`` over the last axis (``affine=False`` is elementwise_affine=False)."""
+  with nnx.use_eager_sharding(False):
+    return nnx.LayerNorm(num_features, epsilon=eps, use_bias=affine and use_bias,
+                         use_scale=affine, dtype=dtype, rngs=rngs, use_fast_variance=False,
+                         scale_metadata=_meta(("norm",)), bias_metadata=_meta(("norm",)))
+
+
+class RMSNorm(nnx.Module):
+  """RMS normalisation over the last axis, computed in float32, scaled by ``weight``."""
+
+  def __init__(self, num_features: int, *, eps: float = 1e-6, rngs: nnx.Rngs | None = None,
+               dtype: Dtype = None):
+    del rngs
+    self.eps = eps
+    self.dtype = dtype
+    with nnx.use_eager_sharding(False):
+      self.weight = nnx.Param(jnp.ones((num_features,), jnp.float32), sharding_names=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...].astype(jnp.float32)).astype(dtype)
+
+
+def Embed(num_embeddings: int, features: int, *, rngs: nnx.Rngs, axes=("vocab", "embed"),
+          dtype: Dtype = None) -> nnx.Embed:
+  """torch ``nn.Embedding``; the table has the same (num, features) layout as torch."""
+  with nnx.use_eager_sharding(False):
+    return nnx.Embed(num_embeddings, features, dtype=dtype, rngs=rngs,
+                     embedding_metadata=_meta(axes))
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              scale: float | None = None, implementation: str | None = None) -> jax.Array:
+  """Multi-head attention on (B, T, N, H) tensors through ``jax.nn.dot_product_attention``.
+
+  ``mask`` is boolean, broadcastable to (B, N, Tq, Tk), True where attention is allowed.
+  ``implementation`` is passed through (None lets XLA choose; "cudnn" on GPUs).
+  Softmax runs in float32 whatever the input dtype (XLA's implementation does so).
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                      implementation=implementation)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding, as diffusers' ``get_timestep_embedding`` (float32)."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+  freqs = jnp.exp(exponent / (half - downscale_freq_shift))
+  args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :] * scale
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
