@@ -1,0 +1,34 @@
+"""Checkpoint conversion command.
+
+  python -m didr_jax.convert --src=/models/sdxl --dst=/models/sdxl_jax
+      Converts a local diffusers pipeline folder into an Orbax cache (configs and tokenizers are
+      copied beside it); later runs load ``--dst`` without converting.
+  python -m didr_jax.convert --src=/models/sdxl_jax --dst=/models/sdxl_out --export
+      Writes a diffusers-format folder (safetensors) from a converted or trained folder, loadable
+      by diffusers' ``from_pretrained``.
+"""
+
+from absl import app, flags
+
+from didr_jax.pipelines import registry
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("src", None, "local diffusers pipeline folder or one with an Orbax cache")
+flags.DEFINE_string("dst", None, "output folder")
+flags.DEFINE_bool("export", False, "write diffusers safetensors instead of an Orbax cache")
+flags.mark_flags_as_required(["src", "dst"])
+
+
+def main(argv):
+  del argv
+  pipe = registry.load_pipeline(FLAGS.src)
+  if FLAGS.export:
+    pipe.export_diffusers(FLAGS.dst)
+    print(f"exported diffusers-format weights to {FLAGS.dst}")
+  else:
+    pipe.save(FLAGS.dst)
+    print(f"wrote Orbax cache and configs to {FLAGS.dst}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,243 @@
+"""The SD 1.x / 2.x / SDXL backbone bundle: tokenize, encode prompts, denoise, decode.
+
+A bundle is loaded from a local diffusers pipeline folder (converted on the fly) or from the
+Orbax cache that ``python -m didr_jax.convert`` writes beside the configs. The model-calling
+pieces are pure functions of (module, inputs) so trainers can split / merge parameters and jit
+whole trajectories; ``SDPipeline.sample`` is the jitted text-to-image path.
+
+Conventions follow diffusers' pipelines: SD uses the text encoder's last hidden state; SDXL
+concatenates both encoders' penultimate hidden states, takes the pooled projection of the
+second, and conditions on time ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w);
+an empty negative prompt is all zeros when ``force_zeros_for_empty_prompt``.
+Latents are NHWC here; the ``.npy`` latents that users bring from diffusers are NCHW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from didr_jax.convert import core, orbax_io
+from didr_jax.diffusion import ddim, guidance
+from didr_jax.diffusion.schedules import VPSchedule
+from didr_jax.models import clip, unet as unet_lib, vae as vae_lib
+from didr_jax.parallel import mesh as mesh_lib
+
+PARAMS_DIR = "orbax_params"
+
+
+class Cond(NamedTuple):
+  """Prompt conditioning of the UNet: context (B, T, D); pooled (B, P) and time_ids (B, 6) for
+  SDXL (None otherwise)."""
+  context: jax.Array
+  pooled: jax.Array | None = None
+  time_ids: jax.Array | None = None
+
+
+def unet_apply(unet: nnx.Module, x: jax.Array, t: jax.Array, cond: Cond) -> jax.Array:
+  """One UNet call on NHWC latents."""
+  return unet(x, t, cond.context, text_embeds=cond.pooled, time_ids=cond.time_ids)
+
+
+def concat_cond(a: Cond, b: Cond) -> Cond:
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)
+
+
+def guided_unet(unet: nnx.Module, x: jax.Array, t: jax.Array, cond: Cond, uncond: Cond | None,
+                scale: float | jax.Array) -> jax.Array:
+  """Classifier-free guided output; cond and uncond share one batched call."""
+  if uncond is None:
+    return unet_apply(unet, x, t, cond)
+  t = jnp.broadcast_to(t, (x.shape[0],))
+  out = unet_apply(unet, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                   concat_cond(uncond, cond))
+  out_uncond, out_cond = jnp.split(out, 2)
+  return guidance.cfg(out_uncond, out_cond, scale)
+
+
+@dataclasses.dataclass
+class SDPipeline:
+  unet: nnx.Module
+  vae: nnx.Module | None
+  text_encoders: list[nnx.Module]
+  tokenizers: list[Any]
+  schedule: VPSchedule
+  kind: str  # "sd" or "sdxl"
+  force_zeros_for_empty_prompt: bool = False
+  folder: str | None = None
+
+  # ---------------------------------------------------------------------------- loading
+
+  @classmethod
+  def from_pretrained(cls, path: str, *, dtype=jnp.float32, mesh=None,
+                      rules=mesh_lib.DEFAULT_RULES) -> "SDPipeline":
+    """Loads a diffusers pipeline folder, or one that holds our Orbax cache (see ``save``)."""
+    index = core.read_json(os.path.join(path, "model_index.json"))
+    sharding_fn = (None if mesh is None else
+                   lambda v: mesh_lib.param_sharding(v, mesh, rules))
+    path_fn = None if sharding_fn is None else (lambda p, v: sharding_fn(v))
+    kind = "sdxl" if "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] else "sd"
+    te_names = ["text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
+    abstract = {
+        "unet": unet_lib.abstract_unet(os.path.join(path, "unet"), dtype=dtype),
+        "vae": vae_lib.abstract_vae(os.path.join(path, "vae"), dtype=dtype),
+    }
+    for name in te_names:
+      abstract[name] = clip.abstract_clip(os.path.join(path, name), dtype=dtype)
+    cache = os.path.join(path, PARAMS_DIR)
+    if os.path.isdir(cache):
+      modules = orbax_io.restore_modules(cache, abstract, sharding_fn)
+    else:
+      modules = {
+          "unet": unet_lib.load_unet(os.path.join(path, "unet"), dtype=dtype, shardings=path_fn),
+          "vae": vae_lib.load_vae(os.path.join(path, "vae"), dtype=dtype, shardings=path_fn),
+      }
+      for name in te_names:
+        modules[name] = clip.load_clip(os.path.join(path, name), dtype=dtype, shardings=path_fn)
+    from transformers import AutoTokenizer
+    tok_names = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
+    tokenizers = [AutoTokenizer.from_pretrained(os.path.join(path, n)) for n in tok_names]
+    sched = core.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    return cls(unet=modules["unet"], vae=modules["vae"],
+               text_encoders=[modules[n] for n in te_names], tokenizers=tokenizers,
+               schedule=VPSchedule.from_diffusers(sched), kind=kind,
+               force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
+                                                           kind == "sdxl")),
+               folder=path)
+
+  def modules(self) -> dict[str, nnx.Module]:
+    out = {"unet": self.unet, "vae": self.vae}
+    for i, te in enumerate(self.text_encoders):
+      out["text_encoder" + ("" if i == 0 else f"_{i + 1}")] = te
+    return out
+
+  def save(self, dst: str) -> None:
+    """Copies the folder's configs and tokenizers to ``dst`` and writes all parameters as an
+    Orbax checkpoint there; ``from_pretrained(dst)`` then skips conversion."""
+    _copy_configs(self.folder, dst)
+    orbax_io.save_modules(os.path.join(dst, PARAMS_DIR), self.modules())
+
+  def export_diffusers(self, dst: str) -> None:
+    """Writes a diffusers-format folder (configs + safetensors) that diffusers can load."""
+    _copy_configs(self.folder, dst)
+    exporters = {"unet": (unet_lib.export_unet, "diffusion_pytorch_model"),
+                 "vae": (vae_lib.export_vae, "diffusion_pytorch_model"),
+                 "text_encoder": (clip.export_clip, "model"),
+                 "text_encoder_2": (clip.export_clip, "model")}
+    for name, module in self.modules().items():
+      fn, stem = exporters[name]
+      os.makedirs(os.path.join(dst, name), exist_ok=True)
+      core.save_safetensors(fn(module), os.path.join(dst, name, f"{stem}.safetensors"))
+
+  # ---------------------------------------------------------------------------- prompts
+
+  def tokenize(self, prompts: Sequence[str]) -> list[np.ndarray]:
+    return [np.asarray(tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
+                           truncation=True, return_tensors="np").input_ids, np.int32)
+            for tok in self.tokenizers]
+
+  def encode(self, prompts: Sequence[str], height: int, width: int) -> Cond:
+    return _encode(self.text_encoders, self.tokenize(prompts), self.kind, height, width)
+
+  def encode_negative(self, batch: int, height: int, width: int) -> Cond:
+    if self.force_zeros_for_empty_prompt:
+      c = self.encode([""], height, width)
+      return Cond(jnp.zeros((batch,) + c.context.shape[1:], c.context.dtype),
+                  None if c.pooled is None else jnp.zeros((batch,) + c.pooled.shape[1:]),
+                  None if c.time_ids is None else jnp.repeat(c.time_ids, batch, axis=0))
+    return self.encode([""] * batch, height, width)
+
+  @property
+  def vae_scale(self) -> int:
+    return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+  @property
+  def latent_channels(self) -> int:
+    return self.unet.config.in_channels
+
+  # ---------------------------------------------------------------------------- sampling
+
+  def sample(self, prompts: Sequence[str], *, num_steps: int = 50, guidance_scale: float = 7.5,
+             eta: float = 0.0, height: int | None = None, width: int | None = None,
+             latents: np.ndarray | jax.Array | None = None, seed: int = 0,
+             negative_prompts: Sequence[str] | None = None):
+    """Text to image. ``latents`` are NHWC initial noise (drawn from ``seed`` when None).
+    Returns (images (B, H, W, 3) float in [0, 1], ddim.SampleOutput)."""
+    size = self.unet.config.sample_size * self.vae_scale
+    height, width = height or size, width or size
+    b = len(prompts)
+    cond = self.encode(prompts, height, width)
+    uncond = None
+    if guidance_scale != 1.0:
+      uncond = (self.encode(negative_prompts, height, width) if negative_prompts is not None
+                else self.encode_negative(b, height, width))
+    shape = (b, height // self.vae_scale, width // self.vae_scale, self.latent_channels)
+    if latents is None:
+      latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    latents = jnp.asarray(latents, jnp.float32)
+    if latents.shape != shape:
+      raise ValueError(f"initial latents have shape {latents.shape}, expected NHWC {shape}")
+    out = _sample(self.unet, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
+                  self.schedule, num_steps, float(guidance_scale), float(eta))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "height", "width"))
+def _encode_jit(text_encoders, ids, kind, height, width):
+  if kind == "sd":
+    return Cond(text_encoders[0](ids[0]).last_hidden_state)
+  hidden, pooled = [], None
+  for te, i in zip(text_encoders, ids):
+    out = te(i)
+    hidden.append(out.hidden_states[-2])
+    if getattr(out, "text_embeds", None) is not None:
+      pooled = out.text_embeds
+  b = ids[0].shape[0]
+  time_ids = jnp.broadcast_to(jnp.asarray([height, width, 0, 0, height, width], jnp.float32),
+                              (b, 6))
+  return Cond(jnp.concatenate(hidden, axis=-1), pooled, time_ids)
+
+
+def _encode(text_encoders, ids, kind, height, width) -> Cond:
+  return _encode_jit(text_encoders, [jnp.asarray(i) for i in ids], kind, height, width)
+
+
+@functools.partial(nnx.jit, static_argnames=("num_steps",))
+def _sample(unet, vae, cond, uncond, latents, rng, schedule, num_steps, guidance_scale, eta):
+  def denoise(x, t):
+    return guided_unet(unet, x, t, cond, uncond, guidance_scale)
+
+  traj = ddim.ddim_sample(denoise, latents, schedule, num_steps, eta=eta, rng=rng)
+  images = decode_images(vae, traj.sample)
+  return images, traj
+
+
+def decode_images(vae: nnx.Module | None, latents: jax.Array) -> jax.Array:
+  """Latents -> images in [0, 1] (pixel-space backbones pass ``vae=None``)."""
+  x = latents if vae is None else vae_lib.decode_latents(vae, latents)
+  return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _copy_configs(src: str | None, dst: str) -> None:
+  """Copies everything but weights (configs, tokenizers, scheduler) from src to dst."""
+  if src is None:
+    raise ValueError("this pipeline was not loaded from a folder; nothing to copy configs from")
+  if os.path.abspath(src) == os.path.abspath(dst):
+    return
+  skip = (".safetensors", ".bin", ".index.json", ".ckpt", ".pt")
+  for root, dirs, files in os.walk(src):
+    dirs[:] = [d for d in dirs if d != PARAMS_DIR and not d.startswith("_")]
+    rel = os.path.relpath(root, src)
+    os.makedirs(os.path.join(dst, rel), exist_ok=True)
+    for f in files:
+      if not f.endswith(skip):
+        shutil.copy2(os.path.join(root, f), os.path.join(dst, rel, f))

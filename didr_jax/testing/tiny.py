@@ -1,0 +1,134 @@
+"""Tiny random diffusers / transformers checkpoints written to local folders.
+
+Tests and benchmarks use them as "real" checkpoint folders: nothing is downloaded, and the
+PyTorch modules double as the parity reference. Requires the ``torch`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def _byte_chars() -> list[str]:
+  """GPT-2's byte -> unicode table (the alphabet of CLIP's byte-level BPE)."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1)))
+  cs, n = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return [chr(c) for c in cs]
+
+
+def write_clip_tokenizer(folder: str, words: tuple[str, ...] = (), max_length: int = 16) -> int:
+  """Writes a CLIP byte-level BPE tokenizer with single-byte tokens plus whole-word tokens for
+  ``words`` (built by merges). Returns the vocabulary size."""
+  from transformers import CLIPTokenizer
+  os.makedirs(folder, exist_ok=True)
+  vocab: dict[str, int] = {}
+  for c in _byte_chars():
+    vocab[c] = len(vocab)
+  for c in _byte_chars():
+    vocab[c + "</w>"] = len(vocab)
+  merges = []
+  for w in words:
+    parts = list(w[:-1]) + [w[-1] + "</w>"]
+    while len(parts) > 1:
+      merges.append(f"{parts[0]} {parts[1]}")
+      parts = [parts[0] + parts[1]] + parts[2:]
+      vocab.setdefault(parts[0], len(vocab))
+  vocab["<|startoftext|>"] = len(vocab)
+  vocab["<|endoftext|>"] = len(vocab)
+  tmp = os.path.join(folder, "_src")
+  os.makedirs(tmp, exist_ok=True)
+  with open(os.path.join(tmp, "vocab.json"), "w") as f:
+    json.dump(vocab, f)
+  with open(os.path.join(tmp, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "".join(m + "\n" for m in dict.fromkeys(merges)))
+  tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                      model_max_length=max_length)
+  tok.save_pretrained(folder)
+  return len(vocab)
+
+
+def _perturb(module, seed: int, scale: float = 0.05):
+  """Adds noise to every parameter so zero/one-initialised layers are exercised by parity."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.add_(scale * torch.randn(p.shape, generator=g))
+  return module
+
+
+def tiny_clip_text_config(vocab_size: int, *, hidden: int = 32, projection: int | None = None,
+                          max_len: int = 16, act: str = "quick_gelu"):
+  from transformers import CLIPTextConfig
+  return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=2, num_attention_heads=2,
+                        max_position_embeddings=max_len, hidden_act=act,
+                        projection_dim=projection or hidden, bos_token_id=vocab_size - 2,
+                        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+def save_tiny_sd(folder: str, *, kind: str = "sd", seed: int = 0, sample_size: int = 16,
+                 prediction_type: str = "epsilon"):
+  """Saves a tiny random ``StableDiffusionPipeline`` (kind="sd") or
+  ``StableDiffusionXLPipeline`` (kind="sdxl") to ``folder`` and returns the torch pipeline."""
+  import torch
+  from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                         StableDiffusionXLPipeline, UNet2DConditionModel)
+  from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+  torch.manual_seed(seed)
+  tok_dir = os.path.join(folder, "_tokenizer_src")
+  vocab = write_clip_tokenizer(tok_dir, max_length=16)
+  tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+  vae = _perturb(AutoencoderKL(
+      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+      layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=sample_size * 2),
+      seed + 1)
+  scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                            prediction_type=prediction_type)
+  if kind == "sd":
+    te = _perturb(CLIPTextModel(tiny_clip_text_config(vocab, hidden=32)), seed + 2)
+    unet = _perturb(UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8), seed + 3)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+  elif kind == "sdxl":
+    te = _perturb(CLIPTextModel(tiny_clip_text_config(vocab, hidden=32, act="gelu")), seed + 2)
+    te2 = _perturb(CLIPTextModelWithProjection(
+        tiny_clip_text_config(vocab, hidden=32, projection=32, act="gelu")), seed + 4)
+    unet = _perturb(UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=8), seed + 3)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=scheduler)
+  else:
+    raise ValueError(f"kind must be 'sd' or 'sdxl', got {kind!r}")
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return pipe
+
+
+def initial_latents(batch: int, channels: int, size: int, seed: int = 0) -> np.ndarray:
+  """Standard-normal NCHW latents (diffusers' layout) from a NumPy seed."""
+  return np.random.default_rng(seed).standard_normal((batch, channels, size, size)).astype(
+      np.float32)
