@@ -1,0 +1,71 @@
+"""Pieces every method's loss shares (METHODS.md section 5), as pure jit-able functions.
+
+- Per-prompt (group) statistics with segment sums over prompt ids.
+- EMA snapshot decay schedules and updates.
+- The stop-gradient-target loss and the mean-abs normaliser of distribution-matching methods.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def segment_mean(x: jax.Array, ids: jax.Array, num_segments: int) -> jax.Array:
+  """Mean of ``x`` (B,) within each segment id in [0, num_segments), broadcast back to (B,)."""
+  s = jax.ops.segment_sum(x, ids, num_segments)
+  n = jax.ops.segment_sum(jnp.ones_like(x), ids, num_segments)
+  return (s / jnp.maximum(n, 1))[ids]
+
+
+def group_advantages(rewards: jax.Array, ids: jax.Array, num_groups: int, *,
+                     std: str = "global", eps: float = 1e-4, clip: float | None = None) -> jax.Array:
+  """A_i = (R_i - mean_{g(i)} R) / (std + eps).
+
+  ``std="global"`` divides by the std of the whole batch (Flow-GRPO, CRD, TDM-R1),
+  ``std="group"`` by each group's own std. ``clip`` clips A to [-clip, clip].
+  """
+  centered = rewards - segment_mean(rewards, ids, num_groups)
+  if std == "global":
+    scale = jnp.std(rewards)
+  elif std == "group":
+    scale = jnp.sqrt(segment_mean(centered ** 2, ids, num_groups))
+  else:
+    raise ValueError(f"std must be 'global' or 'group', got {std!r}")
+  adv = centered / (scale + eps)
+  return adv if clip is None else jnp.clip(adv, -clip, clip)
+
+
+def center_in_groups(x: jax.Array, ids: jax.Array, num_groups: int) -> jax.Array:
+  """x_i - mean over the group of i (exact per-prompt means, not the minibatch mean)."""
+  return x - segment_mean(x, ids, num_groups)
+
+
+def ema_decay(step: jax.Array | int, *, start: float, slope: float, end: float,
+              start_step: int = 0) -> jax.Array:
+  """d(step) = start for step < start_step, else min(start + slope (step - start_step), end)."""
+  step = jnp.asarray(step, jnp.float32)
+  ramp = jnp.minimum(start + slope * (step - start_step), end)
+  return jnp.where(step < start_step, start, ramp)
+
+
+def ema_update(snapshot, params, decay: jax.Array | float):
+  """snapshot <- d snapshot + (1 - d) params, leaf-wise in the snapshot's dtype."""
+  return jax.tree.map(lambda s, p: (decay * s + (1.0 - decay) * p).astype(s.dtype),
+                      snapshot, params)
+
+
+def mean_abs(x: jax.Array) -> jax.Array:
+  """Per-sample mean |x| over non-batch dims, shaped to broadcast against x."""
+  return jnp.mean(jnp.abs(x), axis=tuple(range(1, x.ndim)), keepdims=True)
+
+
+def stop_gradient_target_loss(x: jax.Array, grad: jax.Array) -> jax.Array:
+  """0.5 * ||x - sg(x - g)||^2 summed per sample, averaged over the batch.
+
+  Its gradient with respect to x is exactly ``g`` (per sample), which is how a score-difference
+  direction is pushed through a generator with ordinary autodiff.
+  """
+  target = jax.lax.stop_gradient(x - grad)
+  per = 0.5 * jnp.sum((x - target) ** 2, axis=tuple(range(1, x.ndim)))
+  return jnp.mean(per)

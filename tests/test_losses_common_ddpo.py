@@ -1,0 +1,91 @@
+"""DDPO losses and the shared loss pieces against hand-written NumPy formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from didr_jax.losses import common, ddpo
+
+
+def _np_ppo(logp_new, logp_old, adv, eps, amax):
+  a = np.clip(adv, -amax, amax)
+  r = np.exp(logp_new - logp_old)
+  terms = np.maximum(-a * r, -a * np.clip(r, 1 - eps, 1 + eps))
+  # d/dlogp_new: the unclipped branch is active when -a r >= -a clip(r); its derivative is -a r.
+  active = (-a * r) >= (-a * np.clip(r, 1 - eps, 1 + eps))
+  grad = np.where(active, -a * r, 0.0) / len(r)
+  return terms.mean(), grad
+
+
+@pytest.mark.parametrize("eps", [1e-4, 0.2])
+def test_ppo_loss_and_gradient_match_formula(rng, eps):
+  n = 64
+  logp_old = rng.normal(size=n).astype(np.float32)
+  logp_new = (logp_old + rng.normal(scale=0.3, size=n)).astype(np.float32)
+  adv = rng.normal(scale=3.0, size=n).astype(np.float32)
+  want, want_grad = _np_ppo(logp_new.astype(np.float64), logp_old.astype(np.float64),
+                            adv.astype(np.float64), eps, 5.0)
+  f = lambda lp: ddpo.ppo_loss(lp, jnp.asarray(logp_old), jnp.asarray(adv), clip_range=eps,
+                               adv_clip_max=5.0)
+  (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp_new))
+  np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+  d = logp_new - logp_old
+  np.testing.assert_allclose(metrics["approx_kl"], 0.5 * np.mean(d ** 2), rtol=1e-5)
+  np.testing.assert_allclose(metrics["clipfrac"], np.mean(np.abs(np.exp(d) - 1) > eps), atol=1e-7)
+
+
+def test_ppo_ratio_is_one_when_logps_equal(rng):
+  lp = jnp.asarray(rng.normal(size=16).astype(np.float32))
+  adv = jnp.asarray(rng.normal(size=16).astype(np.float32))
+  loss, m = ddpo.ppo_loss(lp, lp, adv)
+  assert float(m["ratio_mean"]) == 1.0 and float(m["clipfrac"]) == 0.0
+  np.testing.assert_allclose(loss, -np.mean(np.clip(np.asarray(adv), -5, 5)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("std", ["global", "group"])
+def test_group_advantages(rng, std):
+  ids = np.repeat(np.arange(4), 6)
+  r = rng.normal(size=24).astype(np.float32) + ids
+  got = common.group_advantages(jnp.asarray(r), jnp.asarray(ids), 4, std=std, clip=None)
+  want = np.empty_like(r)
+  for g in range(4):
+    m = ids == g
+    scale = r.std() if std == "global" else r[m].std()
+    want[m] = (r[m] - r[m].mean()) / (scale + 1e-4)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ema_decay_schedule_and_update():
+  steps = np.array([0, 10, 74, 75, 76, 200, 10_000])
+  d = common.ema_decay(jnp.asarray(steps), start=0.0, slope=0.0075, end=0.999, start_step=75)
+  want = np.where(steps < 75, 0.0, np.minimum(0.0075 * (steps - 75), 0.999))
+  np.testing.assert_allclose(d, want, rtol=1e-6, atol=1e-7)
+  snap = {"w": jnp.ones(3)}
+  new = common.ema_update(snap, {"w": jnp.zeros(3)}, 0.25)
+  np.testing.assert_allclose(new["w"], 0.25)
+
+
+def test_stop_gradient_target_loss_has_gradient_g(rng):
+  x = jnp.asarray(rng.normal(size=(3, 4, 4, 2)).astype(np.float32))
+  g = jnp.asarray(rng.normal(size=(3, 4, 4, 2)).astype(np.float32))
+  grad = jax.grad(common.stop_gradient_target_loss)(x, g)
+  np.testing.assert_allclose(grad, g / 3, rtol=1e-5, atol=1e-6)  # mean over the batch of 3
+
+
+def test_kl_to_reference_matches_gaussian_kl(rng):
+  mu = rng.normal(size=(2, 5)).astype(np.float32)
+  mu_ref = rng.normal(size=(2, 5)).astype(np.float32)
+  std = np.array([0.5, 2.0], np.float32)
+  got = ddpo.kl_to_reference(jnp.asarray(mu), jnp.asarray(mu_ref), jnp.asarray(std))
+  want = ((mu - mu_ref) ** 2 / (2 * std[:, None] ** 2)).mean(1)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_rwr_weights():
+  r = jnp.asarray([0.0, 1.0, 2.0, 3.0])
+  w = ddpo.rwr_weights(r, mode="exp", temperature=1.0)
+  np.testing.assert_allclose(w, 4 * np.exp([0, 1, 2, 3]) / np.exp([0, 1, 2, 3]).sum(), rtol=1e-6)
+  w = ddpo.rwr_weights(r, mode="sparse", percentile=0.75)
+  np.testing.assert_allclose(w, [0, 0, 0, 4.0])
