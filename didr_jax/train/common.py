@@ -1,0 +1,91 @@
+"""Pieces every trainer shares: trainable networks as (graph, params), optimizers, rollouts.
+
+Trainers keep parameters as pure dicts of arrays (what optax, Orbax and jit see) and bind them
+to the static module graph inside jitted functions with ``Net.bind``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from didr_jax.diffusion import ddim
+
+
+@dataclasses.dataclass
+class Net:
+  """A module split into its static graph, its params (pure dict) and its other state."""
+  graphdef: Any
+  params: Any
+  rest: Any
+
+  @classmethod
+  def of(cls, module: nnx.Module) -> "Net":
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return cls(graphdef, nnx.to_pure_dict(params), rest)
+
+  def bind(self, params: Any) -> nnx.Module:
+    return nnx.merge(self.graphdef, nnx.State(params), self.rest)
+
+
+def make_optimizer(lr: float, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   weight_decay: float = 0.0, max_grad_norm: float | None = 1.0
+                   ) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (the optimizer of every method; betas per network)."""
+  parts = []
+  if max_grad_norm:
+    parts.append(optax.clip_by_global_norm(max_grad_norm))
+  parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+def rollout(family: str, denoise_fn: Callable, x_init: jax.Array, *, schedule, num_steps: int,
+            eta, rng) -> ddim.SampleOutput:
+  """The policy's trajectory for either backbone family (VP: DDIM with log-probs)."""
+  if family == "vp":
+    return ddim.ddim_sample(denoise_fn, x_init, schedule, num_steps, eta=eta, rng=rng)
+  if family == "flow":
+    from didr_jax.diffusion import flow
+    return flow.flow_sample(denoise_fn, x_init, schedule, a=eta, rng=rng)
+  raise ValueError(f"unknown backbone family {family!r}")
+
+
+def transition_log_prob(family: str, output: jax.Array, x_t: jax.Array, x_next: jax.Array, t,
+                        t_next, *, schedule, eta) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(log p(x_next | x_t), mean, std) of one stored transition under a model output."""
+  if family == "vp":
+    mean, std, _ = ddim.ddim_mean_std(output, x_t, t, t_next, schedule, eta)
+  elif family == "flow":
+    from didr_jax.diffusion import flow
+    mean, std = flow.sde_mean_std(output, x_t, t, t_next, eta)
+  else:
+    raise ValueError(f"unknown backbone family {family!r}")
+  return ddim.gaussian_log_prob(x_next, mean, std), mean, std
+
+
+def host_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for s in shards:
+    start = s.index[0].start or 0
+    if start not in seen:
+      seen.add(start)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
+
+
+def host_row_range(global_batch: int) -> tuple[int, int]:
+  """The [start, end) rows of a batch-sharded global batch that this process holds."""
+  n = jax.process_count()
+  per = global_batch // n
+  i = jax.process_index()
+  return i * per, (i + 1) * per
