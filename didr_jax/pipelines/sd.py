@@ -58,6 +58,7 @@ def guided_unet(unet: nnx.Module, x: jax.Array, t: jax.Array, cond: Cond, uncond
   if uncond is None:
     return unet_apply(unet, x, t, cond)
   t = jnp.broadcast_to(t, (x.shape[0],))
+  uncond = jax.tree.map(lambda u: jnp.broadcast_to(u, (x.shape[0],) + u.shape[1:]), uncond)
   out = unet_apply(unet, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                    concat_cond(uncond, cond))
   out_uncond, out_cond = jnp.split(out, 2)
@@ -74,6 +75,33 @@ class SDPipeline:
   kind: str  # "sd" or "sdxl"
   force_zeros_for_empty_prompt: bool = False
   folder: str | None = None
+  resolution: int | None = None  # default image size (pixels); the UNet's sample_size if None
+
+  family = "vp"
+  denoise = staticmethod(guided_unet)   # (model, x, t, cond, uncond, scale) -> output
+  decode = staticmethod(lambda vae, latents: decode_images(vae, latents))
+
+  # ------------------------------------------------------------- the trainers' backbone API
+
+  @property
+  def model(self) -> nnx.Module:
+    """The trainable denoiser."""
+    return self.unet
+
+  def frozen(self):
+    """Frozen modules the pure ``decode`` needs (passed into jitted functions as arguments)."""
+    return self.vae
+
+  @property
+  def size(self) -> int:
+    return self.resolution or self.unet.config.sample_size * self.vae_scale
+
+  def latent_shape(self, batch: int, height: int | None = None, width: int | None = None):
+    h, w = height or self.size, width or self.size
+    return (batch, h // self.vae_scale, w // self.vae_scale, self.latent_channels)
+
+  def negative(self, batch: int) -> "Cond":
+    return self.encode_negative(batch, self.size, self.size)
 
   # ---------------------------------------------------------------------------- loading
 
@@ -145,8 +173,10 @@ class SDPipeline:
                            truncation=True, return_tensors="np").input_ids, np.int32)
             for tok in self.tokenizers]
 
-  def encode(self, prompts: Sequence[str], height: int, width: int) -> Cond:
-    return _encode(self.text_encoders, self.tokenize(prompts), self.kind, height, width)
+  def encode(self, prompts: Sequence[str], height: int | None = None,
+             width: int | None = None) -> Cond:
+    return _encode(self.text_encoders, self.tokenize(prompts), self.kind, height or self.size,
+                   width or self.size)
 
   def encode_negative(self, batch: int, height: int, width: int) -> Cond:
     if self.force_zeros_for_empty_prompt:
@@ -172,8 +202,7 @@ class SDPipeline:
              negative_prompts: Sequence[str] | None = None):
     """Text to image. ``latents`` are NHWC initial noise (drawn from ``seed`` when None).
     Returns (images (B, H, W, 3) float in [0, 1], ddim.SampleOutput)."""
-    size = self.unet.config.sample_size * self.vae_scale
-    height, width = height or size, width or size
+    height, width = height or self.size, width or self.size
     b = len(prompts)
     cond = self.encode(prompts, height, width)
     uncond = None

@@ -11,49 +11,7 @@ import os
 
 import numpy as np
 
-
-def _byte_chars() -> list[str]:
-  """GPT-2's byte -> unicode table (the alphabet of CLIP's byte-level BPE)."""
-  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-        + list(range(ord("\xae"), ord("\xff") + 1)))
-  cs, n = bs[:], 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return [chr(c) for c in cs]
-
-
-def write_clip_tokenizer(folder: str, words: tuple[str, ...] = (), max_length: int = 16) -> int:
-  """Writes a CLIP byte-level BPE tokenizer with single-byte tokens plus whole-word tokens for
-  ``words`` (built by merges). Returns the vocabulary size."""
-  from transformers import CLIPTokenizer
-  os.makedirs(folder, exist_ok=True)
-  vocab: dict[str, int] = {}
-  for c in _byte_chars():
-    vocab[c] = len(vocab)
-  for c in _byte_chars():
-    vocab[c + "</w>"] = len(vocab)
-  merges = []
-  for w in words:
-    parts = list(w[:-1]) + [w[-1] + "</w>"]
-    while len(parts) > 1:
-      merges.append(f"{parts[0]} {parts[1]}")
-      parts = [parts[0] + parts[1]] + parts[2:]
-      vocab.setdefault(parts[0], len(vocab))
-  vocab["<|startoftext|>"] = len(vocab)
-  vocab["<|endoftext|>"] = len(vocab)
-  tmp = os.path.join(folder, "_src")
-  os.makedirs(tmp, exist_ok=True)
-  with open(os.path.join(tmp, "vocab.json"), "w") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(tmp, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(m + "\n" for m in dict.fromkeys(merges)))
-  tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
-                      model_max_length=max_length)
-  tok.save_pretrained(folder)
-  return len(vocab)
+from didr_jax.toy.tokenizer import write_clip_tokenizer
 
 
 def _perturb(module, seed: int, scale: float = 0.05):

@@ -1,0 +1,55 @@
+"""Evaluates the latest checkpoint of a run and prints one JSON line.
+
+  python -m didr_jax.evaluate --workdir=workdirs/toy_ddpo [--num_samples=256]
+
+Reads the run's ``config.json``, restores the latest checkpoint (or the base model with
+``--base``), samples deterministically on the held-out prompts and reports every configured
+reward, the toy detector score and the toy fidelity where they apply.
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+flags.DEFINE_string("workdir", None, "run directory written by didr_jax.main")
+flags.DEFINE_integer("num_samples", None, "override eval.num_samples")
+flags.DEFINE_bool("base", False, "evaluate the base model instead of the latest checkpoint")
+flags.mark_flag_as_required("workdir")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  import ml_collections
+  from didr_jax.parallel import mesh as mesh_lib
+  mesh_lib.maybe_initialize_distributed()
+  from didr_jax.train import checkpoint, config as config_lib, loop
+
+  path = os.path.join(FLAGS.workdir, "config.json")
+  if not os.path.exists(path):
+    raise app.UsageError(f"{path} not found: is {FLAGS.workdir!r} a didr_jax run directory?")
+  with open(path) as f:
+    c = ml_collections.ConfigDict(json.load(f))
+  c.mesh.axes = tuple(tuple(a) for a in c.mesh.axes)
+  c.mesh.rules = tuple(tuple(r) for r in c.mesh.rules)
+  if FLAGS.num_samples:
+    c.eval.num_samples = FLAGS.num_samples
+  config_lib.validate(c)
+  mesh = mesh_lib.make_mesh(c.mesh.axes)
+  trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
+  state = trainer.init_state()
+  step = 0
+  if not FLAGS.base:
+    ckpt = checkpoint.Checkpointer(os.path.join(FLAGS.workdir, "checkpoints"), async_save=False)
+    if ckpt.latest_step() is None:
+      raise app.UsageError(f"no checkpoint in {FLAGS.workdir}/checkpoints (use --base for the "
+                           "base model)")
+    state, _, step = ckpt.restore(checkpoint.abstract_like(state))
+    ckpt.close()
+  metrics, _ = loop.run_eval(c, trainer, state)
+  print(json.dumps({"workdir": FLAGS.workdir, "epoch": step, **metrics}))
+
+
+if __name__ == "__main__":
+  app.run(main)

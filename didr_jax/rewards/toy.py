@@ -1,0 +1,11 @@
+"""Rewards of the embedded toy world: the GenEval-like detector (host, non-differentiable)."""
+
+from didr_jax.rewards.base import Reward, register
+
+
+@register("toy_detector")
+def toy_detector() -> Reward:
+  """Fraction of the prompt's (count, colour, shape) clauses that the detector finds, divided
+  by 1 + the number of unrequested objects (see ``didr_jax.toy.detector.score``)."""
+  from didr_jax.toy import detector
+  return Reward("toy_detector", lambda images, prompts: detector.batch_score(images, prompts))
