@@ -526,8 +526,9 @@ def _ignore_fn(cls: type, d: dict) -> Callable[[str], bool]:
   """position_ids buffers always; and, when one tower is read from a full CLIPModel
   checkpoint, the other tower's tensors and logit_scale."""
   full = d.get("model_type") == "clip" or "CLIPModel" in (d.get("architectures") or ())
-  own = (("text_model.", "text_projection.") if cls in _TEXT else
-         ("vision_model.", "visual_projection.") if cls in _VISION else None)
+  own = {CLIPTextModel: ("text_model.",), CLIPVisionModel: ("vision_model.",),
+         CLIPTextModelWithProjection: ("text_model.", "text_projection."),
+         CLIPVisionModelWithProjection: ("vision_model.", "visual_projection.")}.get(cls)
 
   def ignore(k: str) -> bool:
     if k.endswith("position_ids"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 
 def _byte_chars() -> list[str]:
@@ -48,6 +49,7 @@ def write_clip_tokenizer(folder: str, words: tuple[str, ...] = (), max_length: i
   tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
                       model_max_length=max_length)
   tok.save_pretrained(folder)
+  shutil.rmtree(tmp)
   return len(vocab)
 
 

@@ -1,0 +1,226 @@
+"""Builds the toy world's shipped checkpoints (the command that regenerates the assets).
+
+  python -m didr_jax.toy.pretrain --out=didr_jax/toy/assets
+
+1. a CLIP BPE tokenizer whose words are the toy grammar's (``toy.tokenizer``);
+2. the toy CLIP (``CLIPModel`` of our CLIP port, tiny) trained contrastively on rendered shapes
+   and their prompts: the differentiable reward (scaled cosine similarity, PickScore's form) and
+   the feature extractor of the toy fidelity metric;
+3. the toy base: a pixel-space ``UNet2DConditionModel`` (32 x 32 x 3, no VAE) conditioned on the
+   frozen toy-CLIP text tower, trained by denoising score matching (epsilon prediction, DDPM
+   linear betas) with 10% prompt dropout for classifier-free guidance; EMA weights are shipped.
+
+Everything is written in diffusers / transformers formats (safetensors + config.json), so the
+toy base also loads in PyTorch. Pretraining runs on a CPU in tens of minutes; the shipped
+figures (loss, detector score of the base) are printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+
+from didr_jax.convert import core
+from didr_jax.diffusion import kernels
+from didr_jax.diffusion.schedules import VPSchedule
+from didr_jax.models import clip, unet as unet_lib
+from didr_jax.toy import shapes, tokenizer as tok_lib
+
+MAX_TOKENS = 12
+IMAGE_SIZE = 32
+
+CLIP_CONFIG = {
+    "model_type": "clip", "projection_dim": 64, "logit_scale_init_value": 2.6592,
+    "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "max_position_embeddings": MAX_TOKENS,
+                    "hidden_act": "quick_gelu", "projection_dim": 64},
+    "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                      "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": 4,
+                      "num_channels": 3, "hidden_act": "quick_gelu", "projection_dim": 64},
+}
+
+UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "sample_size": IMAGE_SIZE, "in_channels": 3,
+    "out_channels": 3, "layers_per_block": 1, "block_out_channels": [16, 32, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 8,
+}
+
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
+    "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon",
+    "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True, "steps_offset": 0,
+    "timestep_spacing": "trailing",
+}
+
+# CLIP pixel normalisation (the toy CLIP sees images in [0, 1] mapped to [-1, 1]).
+def clip_pixels(images: jax.Array) -> jax.Array:
+  return images * 2.0 - 1.0
+
+
+flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "assets"), "output folder")
+flags.DEFINE_integer("clip_steps", 1500, "contrastive training steps of the toy CLIP")
+flags.DEFINE_integer("unet_steps", 4000, "denoising training steps of the toy UNet")
+flags.DEFINE_integer("batch", 64, "batch size of both stages")
+flags.DEFINE_integer("seed", 0, "seed")
+flags.DEFINE_bool("skip_clip", False, "reuse an existing toy CLIP in --out")
+FLAGS = flags.FLAGS
+
+
+def words() -> tuple[str, ...]:
+  return tuple(sorted({w for p in shapes.all_prompts() for w in p.split()}))
+
+
+def load_tokenizer(folder: str):
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(folder)
+
+
+def tokenize(tok, prompts) -> np.ndarray:
+  return np.asarray(tok(list(prompts), padding="max_length", max_length=MAX_TOKENS,
+                        truncation=True, return_tensors="np").input_ids, np.int32)
+
+
+def _data(step: int, batch: int, seed: int):
+  images, prompts = shapes.dataset(batch, seed=seed * 1_000_003 + step)
+  return images.astype(np.float32) / 255.0, prompts
+
+
+def train_clip(out: str, tok, steps: int, batch: int, seed: int) -> clip.CLIPModel:
+  cfg = dict(CLIP_CONFIG)
+  cfg["text_config"] = {**cfg["text_config"], "vocab_size": len(tok),
+                        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                        "pad_token_id": tok.pad_token_id}
+  model = clip.CLIPModel(clip.CLIPConfig.from_hf(cfg), rngs=nnx.Rngs(seed))
+  opt = nnx.Optimizer(model, optax.adamw(optax.warmup_cosine_decay_schedule(
+      0.0, 1e-3, min(100, steps // 10 + 1), steps + 1, 1e-5), weight_decay=1e-4), wrt=nnx.Param)
+
+  @nnx.jit
+  def step_fn(model, opt, ids, pixels):
+    def loss_fn(model):
+      out = model(ids, clip_pixels(pixels))
+      # identical prompts in a batch are positives of each other
+      same = (ids[:, None, :] == ids[None, :, :]).all(-1).astype(jnp.float32)
+      target = same / same.sum(-1, keepdims=True)
+      l_i = optax.softmax_cross_entropy(out.logits_per_image, target).mean()
+      l_t = optax.softmax_cross_entropy(out.logits_per_text, target).mean()
+      return 0.5 * (l_i + l_t)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  t0 = time.time()
+  for s in range(steps):
+    images, prompts = _data(s, batch, seed)
+    loss = step_fn(model, opt, jnp.asarray(tokenize(tok, prompts)), jnp.asarray(images))
+    if s % 100 == 0 or s == steps - 1:
+      print(f"clip step {s}/{steps} loss {float(loss):.4f} ({time.time() - t0:.0f} s)", flush=True)
+  clip.save_clip(model, os.path.join(out, "toy_clip"))
+  tok.save_pretrained(os.path.join(out, "toy_clip"))
+  return model
+
+
+def train_unet(out: str, tok, text_model, steps: int, batch: int, seed: int):
+  folder = os.path.join(out, "toy_unet")
+  sched = VPSchedule.from_diffusers(SCHEDULER_CONFIG)
+  model = unet_lib.UNet2DConditionModel(UNET_CONFIG, rngs=nnx.Rngs(seed + 1))
+  ema = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+      optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(200, steps // 10 + 1), steps + 1, 1e-4), weight_decay=1e-4)),
+      wrt=nnx.Param)
+  empty = jnp.asarray(tokenize(tok, [""]))
+
+  @nnx.jit
+  def encode(text_model, ids):
+    return text_model(ids).last_hidden_state
+
+  empty_ctx = encode(text_model, empty)
+
+  @nnx.jit
+  def step_fn(model, opt, ema, ctx, x0, rng):
+    k_t, k_e, k_d = jax.random.split(rng, 3)
+    t = kernels.sample_vp_timesteps(k_t, (x0.shape[0],), sched.num_train_timesteps)
+    eps = jax.random.normal(k_e, x0.shape)
+    alpha, sigma = kernels.vp_alpha_sigma(sched, t)
+    x_t = kernels.q_sample(x0, eps, alpha, sigma)
+    drop = jax.random.uniform(k_d, (x0.shape[0], 1, 1)) < 0.1
+    ctx = jnp.where(drop, empty_ctx, ctx)
+
+    def loss_fn(model):
+      return jnp.mean((model(x_t, t, ctx) - eps) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    new = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    ema = jax.tree.map(lambda e, p: 0.999 * e + 0.001 * p, ema, new)
+    return loss, ema
+
+  t0 = time.time()
+  rng = jax.random.key(seed + 2)
+  losses = []
+  for s in range(steps):
+    images, prompts = _data(s, batch, seed + 7)
+    ctx = encode(text_model, jnp.asarray(tokenize(tok, prompts)))
+    x0 = jnp.asarray(images) * 2.0 - 1.0
+    loss, ema = step_fn(model, opt, ema, ctx, x0, jax.random.fold_in(rng, s))
+    losses.append(float(loss))
+    if s % 100 == 0 or s == steps - 1:
+      print(f"unet step {s}/{steps} loss {np.mean(losses[-100:]):.4f} "
+            f"({time.time() - t0:.0f} s)", flush=True)
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, ema)
+  nnx.update(model, state)
+  save_pipeline(folder, model, text_model, tok)
+  return model
+
+
+def save_pipeline(folder: str, unet, text_model, tok) -> None:
+  """A diffusers-layout pixel-space pipeline folder: no VAE, toy-CLIP text encoder."""
+  for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+    os.makedirs(os.path.join(folder, sub), exist_ok=True)
+  index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.36.0",
+           "unet": ["diffusers", "UNet2DConditionModel"],
+           "text_encoder": ["transformers", "CLIPTextModel"],
+           "tokenizer": ["transformers", "CLIPTokenizer"],
+           "scheduler": ["diffusers", "DDIMScheduler"], "vae": [None, None],
+           "safety_checker": [None, None], "feature_extractor": [None, None],
+           "requires_safety_checker": False}
+  with open(os.path.join(folder, "model_index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+  with open(os.path.join(folder, "unet", "config.json"), "w") as f:
+    json.dump(UNET_CONFIG, f, indent=2)
+  core.save_safetensors(unet_lib.export_unet(unet),
+                        os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+  clip.save_clip(text_model, os.path.join(folder, "text_encoder"))
+  tok.save_pretrained(os.path.join(folder, "tokenizer"))
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(SCHEDULER_CONFIG, f, indent=2)
+
+
+def main(argv):
+  del argv
+  out = FLAGS.out
+  os.makedirs(out, exist_ok=True)
+  tok_dir = os.path.join(out, "toy_clip")
+  if FLAGS.skip_clip:
+    model = clip.load_clip(tok_dir, clip.CLIPModel)
+    tok = load_tokenizer(tok_dir)
+  else:
+    tok_lib.write_clip_tokenizer(tok_dir, words(), max_length=MAX_TOKENS)
+    tok = load_tokenizer(tok_dir)
+    model = train_clip(out, tok, FLAGS.clip_steps, FLAGS.batch, FLAGS.seed)
+  text_model = model.text_model
+  train_unet(out, tok, text_model, FLAGS.unet_steps, FLAGS.batch, FLAGS.seed)
+  print(f"wrote {out}/toy_clip and {out}/toy_unet", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
