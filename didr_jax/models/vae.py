@@ -17,6 +17,7 @@ f = 2 ** (len(block_out_channels) - 1). Pipelines hand the denoiser *normalised*
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -378,7 +379,6 @@ def config_to_diffusers(config: VAEConfig) -> dict:
 def save_vae(model: AutoencoderKL, folder: str, dtype: Any = None) -> None:
   """Writes a diffusers component folder (config.json + diffusion_pytorch_model.safetensors)
   that ``AutoencoderKL.from_pretrained`` and ``load_vae`` read."""
-  import json
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config_to_diffusers(model.config), f, indent=2)
