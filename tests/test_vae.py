@@ -257,9 +257,9 @@ def test_sharded_decode_matches_single_device(cases):
 
 
 def test_bfloat16_load(cases):
-  """dtype sets the parameter dtype, compute_dtype the activations; bf16 stays close to f32."""
+  """param_dtype sets the parameter dtype, dtype the activations; bf16 stays close to f32."""
   c = cases["flux"]
-  model = vae_lib.load_vae(c.folder, dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
+  model = vae_lib.load_vae(c.folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   dec = _decode(model, jnp.asarray(c.z, jnp.bfloat16))
   assert dec.dtype == jnp.bfloat16

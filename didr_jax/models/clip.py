@@ -541,6 +541,19 @@ def _key_fn(model) -> Callable:
   return getattr(model, "torch_key", core.default_torch_key)
 
 
+def abstract_clip(folder: str, cls: type | str | None = None, *,
+                  dtype: Dtype = jnp.float32) -> nnx.Module:
+  """The shape-only model of a CLIP folder (for restoring an Orbax cache); the class comes
+  from ``cls`` or the config's ``architectures``."""
+  d = core.read_json(os.path.join(folder, "config.json"))
+  if cls is None:
+    cls = _infer_class(d, ())
+  elif isinstance(cls, str):
+    cls = CLIP_CLASSES[cls]
+  config = config_for(cls, d)
+  return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
 def load_clip(folder: str, cls: type | str | None = None, *, dtype: Dtype = jnp.float32,
               shardings: Callable | jax.sharding.Mesh | None = None) -> nnx.Module:
   """Loads a transformers CLIP folder (config.json + safetensors) into one of our classes.

@@ -344,13 +344,20 @@ def _abstract_vae(config: VAEConfig, dtype: Any, param_dtype: Any, remat: bool) 
   return nnx.merge(graphdef, state)
 
 
-def load_vae(folder: str, *, dtype: Any = jnp.float32,
+def abstract_vae(folder: str, *, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 remat: bool = False) -> AutoencoderKL:
+  """The shape-only model of a diffusers AutoencoderKL folder (for restoring an Orbax cache)."""
+  config = VAEConfig.from_diffusers(core.read_json(os.path.join(folder, "config.json")))
+  return _abstract_vae(config, dtype, param_dtype, remat)
+
+
+def load_vae(folder: str, *, dtype: Any = None,
              shardings: Mesh | Callable[[core.Path, nnx.Variable], Any] | None = None,
-             compute_dtype: Any = None, remat: bool = False) -> AutoencoderKL:
+             param_dtype: Any = jnp.float32, remat: bool = False) -> AutoencoderKL:
   """Loads a diffusers AutoencoderKL component folder (config.json + safetensors weights).
 
-  ``dtype`` is the parameter dtype; ``compute_dtype`` the activation dtype (default: that of
-  the inputs). ``shardings`` is a Mesh (parameters placed by their logical axes with the
+  ``dtype`` is the compute (activation) dtype, None meaning that of the inputs, as for every
+  other model of the package; ``param_dtype`` the parameter dtype. ``shardings`` is a Mesh (parameters placed by their logical axes with the
   default rules) or a function (path, variable) -> Sharding; None puts them on the default
   device. Every tensor must be used and every parameter found (clear error otherwise).
   """
@@ -359,7 +366,7 @@ def load_vae(folder: str, *, dtype: Any = jnp.float32,
   if isinstance(shardings, Mesh):
     mesh = shardings
     shardings = lambda path, var: mesh_lib.param_sharding(var, mesh, mesh_lib.DEFAULT_RULES)
-  abstract = _abstract_vae(config, compute_dtype, dtype, remat)
+  abstract = _abstract_vae(config, dtype, param_dtype, remat)
   return core.load_torch_weights(abstract, tensors, key_fn=vae_torch_keys, shardings=shardings,
                                  source=folder)
 

@@ -34,6 +34,10 @@ from didr_jax.parallel import mesh as mesh_lib
 
 PARAMS_DIR = "orbax_params"
 
+_LOADERS = {"unet": unet_lib.load_unet, "vae": vae_lib.load_vae, "text_encoder": clip.load_clip}
+_ABSTRACT = {"unet": unet_lib.abstract_unet, "vae": vae_lib.abstract_vae,
+             "text_encoder": clip.abstract_clip}
+
 
 class Cond(NamedTuple):
   """Prompt conditioning of the UNet: context (B, T, D); pooled (B, P) and time_ids (B, 6) for
@@ -75,7 +79,7 @@ class SDPipeline:
   kind: str  # "sd" or "sdxl"
   force_zeros_for_empty_prompt: bool = False
   folder: str | None = None
-  resolution: int | None = None  # default image size (pixels); the UNet's sample_size if None
+  resolution: int = 64  # default image size in pixels (the UNet's sample_size x VAE factor)
 
   family = "vp"
   denoise = staticmethod(guided_unet)   # (model, x, t, cond, uncond, scale) -> output
@@ -94,7 +98,7 @@ class SDPipeline:
 
   @property
   def size(self) -> int:
-    return self.resolution or self.unet.config.sample_size * self.vae_scale
+    return self.resolution
 
   def latent_shape(self, batch: int, height: int | None = None, width: int | None = None):
     h, w = height or self.size, width or self.size
@@ -107,7 +111,8 @@ class SDPipeline:
 
   @classmethod
   def from_pretrained(cls, path: str, *, dtype=jnp.float32, mesh=None,
-                      rules=mesh_lib.DEFAULT_RULES) -> "SDPipeline":
+                      rules=mesh_lib.DEFAULT_RULES, resolution: int | None = None
+                      ) -> "SDPipeline":
     """Loads a diffusers pipeline folder, or one that holds our Orbax cache (see ``save``)."""
     index = core.read_json(os.path.join(path, "model_index.json"))
     sharding_fn = (None if mesh is None else
@@ -115,35 +120,33 @@ class SDPipeline:
     path_fn = None if sharding_fn is None else (lambda p, v: sharding_fn(v))
     kind = "sdxl" if "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] else "sd"
     te_names = ["text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
-    abstract = {
-        "unet": unet_lib.abstract_unet(os.path.join(path, "unet"), dtype=dtype),
-        "vae": vae_lib.abstract_vae(os.path.join(path, "vae"), dtype=dtype),
-    }
-    for name in te_names:
-      abstract[name] = clip.abstract_clip(os.path.join(path, name), dtype=dtype)
+    # A pixel-space pipeline (the toy base) has no VAE: model_index.json says "vae": [null, null].
+    has_vae = bool(index.get("vae")) and index["vae"][0] is not None
+    names = ["unet"] + (["vae"] if has_vae else []) + te_names
     cache = os.path.join(path, PARAMS_DIR)
     if os.path.isdir(cache):
+      abstract = {n: _ABSTRACT[n.removesuffix("_2")](os.path.join(path, n), dtype=dtype)
+                  for n in names}
       modules = orbax_io.restore_modules(cache, abstract, sharding_fn)
     else:
-      modules = {
-          "unet": unet_lib.load_unet(os.path.join(path, "unet"), dtype=dtype, shardings=path_fn),
-          "vae": vae_lib.load_vae(os.path.join(path, "vae"), dtype=dtype, shardings=path_fn),
-      }
-      for name in te_names:
-        modules[name] = clip.load_clip(os.path.join(path, name), dtype=dtype, shardings=path_fn)
+      modules = {n: _LOADERS[n.removesuffix("_2")](os.path.join(path, n), dtype=dtype,
+                                             shardings=path_fn) for n in names}
     from transformers import AutoTokenizer
     tok_names = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
     tokenizers = [AutoTokenizer.from_pretrained(os.path.join(path, n)) for n in tok_names]
     sched = core.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    return cls(unet=modules["unet"], vae=modules["vae"],
+    vae = modules.get("vae")
+    scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    sample_size = core.read_json(os.path.join(path, "unet", "config.json")).get("sample_size", 64)
+    return cls(unet=modules["unet"], vae=modules.get("vae"),
                text_encoders=[modules[n] for n in te_names], tokenizers=tokenizers,
                schedule=VPSchedule.from_diffusers(sched), kind=kind,
                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
                                                            kind == "sdxl")),
-               folder=path)
+               folder=path, resolution=resolution or int(sample_size) * scale)
 
   def modules(self) -> dict[str, nnx.Module]:
-    out = {"unet": self.unet, "vae": self.vae}
+    out = {"unet": self.unet} if self.vae is None else {"unet": self.unet, "vae": self.vae}
     for i, te in enumerate(self.text_encoders):
       out["text_encoder" + ("" if i == 0 else f"_{i + 1}")] = te
     return out

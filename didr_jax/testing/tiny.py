@@ -90,3 +90,31 @@ def initial_latents(batch: int, channels: int, size: int, seed: int = 0) -> np.n
   """Standard-normal NCHW latents (diffusers' layout) from a NumPy seed."""
   return np.random.default_rng(seed).standard_normal((batch, channels, size, size)).astype(
       np.float32)
+
+
+def save_tiny_toy(folder: str, *, seed: int = 0, sample_size: int = 16) -> str:
+  """A random pixel-space toy pipeline (no VAE, toy-grammar tokenizer) in the layout of the
+  shipped toy base, small enough for trainer tests."""
+  import jax
+  from flax import nnx
+  from didr_jax.models import clip, unet as unet_lib
+  from didr_jax.toy import pretrain, tokenizer as tok_lib
+  tok_dir = os.path.join(folder, "_tok")
+  vocab = tok_lib.write_clip_tokenizer(tok_dir, pretrain.words(), max_length=pretrain.MAX_TOKENS)
+  tok = pretrain.load_tokenizer(tok_dir)
+  text_cfg = clip.CLIPTextConfig.from_hf({
+      "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "max_position_embeddings": pretrain.MAX_TOKENS,
+      "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+      "pad_token_id": tok.pad_token_id})
+  text_model = clip.CLIPTextModel(text_cfg, rngs=nnx.Rngs(seed))
+  unet_cfg = {**pretrain.UNET_CONFIG, "sample_size": sample_size, "block_out_channels": [16, 32],
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
+              "attention_head_dim": 2}
+  unet = unet_lib.UNet2DConditionModel(unet_cfg, rngs=nnx.Rngs(seed + 1))
+  # random, non-zero output layers so the policy's samples depend on its parameters
+  unet.conv_out.kernel[...] = 0.1 * jax.random.normal(jax.random.key(seed),
+                                                      unet.conv_out.kernel.shape)
+  pretrain.save_pipeline(folder, unet, text_model, tok, unet_config=unet_cfg)
+  return folder

@@ -182,7 +182,7 @@ def train_unet(out: str, tok, text_model, steps: int, batch: int, seed: int):
   return model
 
 
-def save_pipeline(folder: str, unet, text_model, tok) -> None:
+def save_pipeline(folder: str, unet, text_model, tok, unet_config: dict | None = None) -> None:
   """A diffusers-layout pixel-space pipeline folder: no VAE, toy-CLIP text encoder."""
   for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
     os.makedirs(os.path.join(folder, sub), exist_ok=True)
@@ -196,7 +196,7 @@ def save_pipeline(folder: str, unet, text_model, tok) -> None:
   with open(os.path.join(folder, "model_index.json"), "w") as f:
     json.dump(index, f, indent=2)
   with open(os.path.join(folder, "unet", "config.json"), "w") as f:
-    json.dump(UNET_CONFIG, f, indent=2)
+    json.dump(unet_config or UNET_CONFIG, f, indent=2)
   core.save_safetensors(unet_lib.export_unet(unet),
                         os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
   clip.save_clip(text_model, os.path.join(folder, "text_encoder"))
