@@ -158,7 +158,7 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str,
   offset = 0
   arrays = []
   for k in sorted(tensors):
-    a = np.ascontiguousarray(np.asarray(tensors[k]))
+    a = np.asarray(tensors[k], order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
     if a.dtype not in _ST_NAMES:
       raise ConversionError(f"tensor {k!r}: dtype {a.dtype} cannot be written to safetensors")
     header[k] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),

@@ -9,3 +9,12 @@ def toy_detector() -> Reward:
   by 1 + the number of unrequested objects (see ``didr_jax.toy.detector.score``)."""
   from didr_jax.toy import detector
   return Reward("toy_detector", lambda images, prompts: detector.batch_score(images, prompts))
+
+
+@register("toy_clip")
+def toy_clip(folder: str | None = None) -> Reward:
+  """exp(logit_scale) * cos(text, image) of the shipped toy CLIP (differentiable: ``jax_fn``
+  takes (model, images, input_ids))."""
+  from didr_jax.toy import toy_clip as tc
+  m = tc.load(folder) if folder else tc.load()
+  return Reward("toy_clip", m, differentiable=True, jax_fn=tc.score)

@@ -30,8 +30,24 @@ class Net:
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     return cls(graphdef, nnx.to_pure_dict(params), rest)
 
+  def take_params(self) -> Any:
+    """Hands the loaded parameters over (once): jitted updates donate them afterwards."""
+    if self.params is None:
+      raise RuntimeError("the parameters were already handed over to a training state")
+    params, self.params = self.params, None
+    return params
+
   def bind(self, params: Any) -> nnx.Module:
     return nnx.merge(self.graphdef, nnx.State(params), self.rest)
+
+
+def on_mesh(tree: Any, mesh) -> Any:
+  """Replicates over ``mesh`` every leaf that is not already laid out on its devices (scalars
+  such as step counters, states created on the default device); others keep their sharding."""
+  devices = set(mesh.devices.flat)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: x if set(x.sharding.device_set) == devices
+                      else jax.device_put(x, replicated), tree)
 
 
 def make_optimizer(lr: float, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,

@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1        # epochs
   c.keep_checkpoints = 3
   c.async_checkpoint = True
-  c.eval_every = 5              # epochs (0 = only at the end)
+  c.eval_every = 5              # epochs (0 = only before the first and after the last epoch)
   c.log_images = 16
 
   c.backbone = ml_collections.ConfigDict()
@@ -120,6 +120,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> di
            f"samples per epoch ({s.batch_size} x {s.num_batches} = {per_epoch}) must be a multiple "
            f"of train.batch_size x train.grad_accum = {per_step}")
   _require(0.0 < t.timestep_fraction <= 1.0, "train.timestep_fraction", "must be in (0, 1]")
+  _require(c.eval.num_samples >= 0, "eval.num_samples", "must be >= 0 (0 = no evaluation)")
   _require(c.eval.num_samples % c.eval.batch_size == 0, "eval.num_samples",
            f"{c.eval.num_samples} is not a multiple of eval.batch_size={c.eval.batch_size}")
   _require(c.eval.batch_size % num_devices == 0, "eval.batch_size",

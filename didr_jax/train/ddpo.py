@@ -68,9 +68,12 @@ class DDPOTrainer:
   # ------------------------------------------------------------------------------ state
 
   def init_state(self) -> dict:
-    params = self.net.params
-    return {"step": jnp.zeros((), jnp.int32), "params": {"policy": params},
-            "opt": {"policy": self.tx.init(params)}, "ema": {}}
+    """The initial state. It takes over the loaded parameters (updates donate the state, so
+    the trainer keeps no second reference); call it once per trainer."""
+    params = self.net.take_params()
+    state = {"step": jnp.zeros((), jnp.int32), "params": {"policy": params},
+             "opt": {"policy": self.tx.init(params)}, "ema": {}}
+    return common.on_mesh(state, self.mesh)
 
   def policy_params(self, state) -> Any:
     return state["params"]["policy"]

@@ -33,8 +33,7 @@ class RunLogger:
     self.workdir = workdir
     self.total = total_epochs
     self.history = list(history or [])
-    self.t0 = time.time()
-    self.epochs_done_at_start = None
+    self.epoch_times: list[float] = []
     self.is_main = jax.process_index() == 0
     self.writer = None
     if self.is_main:
@@ -53,21 +52,19 @@ class RunLogger:
     if self.writer is not None:
       self.writer.write_images(step, {k: image_grid(v)[None] for k, v in images.items()})
 
-  def progress(self, epoch: int, extra: Mapping[str, float]):
-    """Prints 'epoch e/N | k=v ... | rate | ETA'."""
-    if self.epochs_done_at_start is None:
-      self.epochs_done_at_start = epoch - 1
-      self.t0_epoch = self.t0
-    done = epoch - self.epochs_done_at_start
-    elapsed = time.time() - self.t0_epoch
-    rate = elapsed / max(done, 1)
+  def progress(self, epoch: int, seconds: float, extra: Mapping[str, float]):
+    """Prints 'epoch e/N | k=v ... | s/epoch | ETA'. The rate is the mean epoch time, leaving
+    out the first epoch of this process (it includes compilation) once others exist."""
+    self.epoch_times.append(seconds)
+    times = self.epoch_times[1:] or self.epoch_times
+    rate = sum(times) / len(times)
     eta = rate * (self.total - epoch)
     parts = " ".join(f"{k}={v:.4g}" for k, v in extra.items())
     if self.is_main:
-      print(f"epoch {epoch}/{self.total} | {parts} | {rate:.1f} s/epoch | ETA {eta / 60:.1f} min",
-            flush=True)
+      print(f"epoch {epoch}/{self.total} | {parts} | {seconds:.1f} s (mean {rate:.1f} s/epoch) "
+            f"| ETA {eta / 60:.1f} min", flush=True)
 
-  def flush(self, plot_keys: Sequence[str] = ("reward_mean", "eval/detector")):
+  def flush(self, plot_keys: Sequence[str] = ("reward_mean", "eval/toy_detector")):
     if not self.is_main:
       return
     if self.writer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -52,15 +53,13 @@ def make_trainer(c, backbone, mesh):
 def eval_metrics(c) -> tuple[dict, dict]:
   """Per-image metrics: every configured reward plus the toy detector for toy prompts;
   set metrics: the toy fidelity when the toy CLIP is available."""
-  per_image = {f"reward/{n}": rewards_lib.make(n) for n in c.rewards}
+  per_image = {n: rewards_lib.make(n) for n in c.rewards}
   if c.prompts.eval.startswith("toy:"):
-    per_image.setdefault("detector", rewards_lib.make("toy_detector"))
+    per_image.setdefault("toy_detector", rewards_lib.make("toy_detector"))
   set_metrics = {}
-  if c.prompts.eval.startswith("toy:"):
-    from didr_jax.toy import fidelity_metric
-    fd = fidelity_metric.maybe_toy_fidelity(TOY_ASSETS)
-    if fd is not None:
-      set_metrics["fidelity_fd"] = fd
+  from didr_jax.toy import toy_clip
+  if c.prompts.eval.startswith("toy:") and toy_clip.available():
+    set_metrics["toy_fidelity_fd"] = toy_clip.load().fidelity
   return per_image, set_metrics
 
 
@@ -117,21 +116,22 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     history = host.get("history", [])
     print(f"resumed from {ckpt.directory} at epoch {start}", flush=True)
   logger = RunLogger(workdir, c.num_epochs, history)
-  if start == 0 and c.eval_every >= 0 and c.eval.num_samples > 0:
+  if start == 0 and c.eval.num_samples > 0:
     m, images = run_eval(c, trainer, state)
     logger.scalars(0, {f"eval/{k}": v for k, v in m.items()})
     logger.images(0, {"eval_samples": images[: c.log_images]})
     print("eval (base):", json.dumps(m), flush=True)
   metrics = {}
   for epoch in range(start, c.num_epochs):
+    t0 = time.time()
     state, metrics, images = trainer.epoch(state, epoch, stream, normalizer, rewarder)
     step = epoch + 1
     logger.scalars(step, metrics)
     logger.images(step, {"train_samples": images})
-    logger.progress(step, {k: metrics[k] for k in ("reward_mean", "loss", "approx_kl")
-                           if k in metrics})
+    logger.progress(step, time.time() - t0, {k: metrics[k] for k in
+                                             ("reward_mean", "loss", "approx_kl") if k in metrics})
     last = step == c.num_epochs
-    if (c.eval_every > 0 and step % c.eval_every == 0) or last:
+    if c.eval.num_samples > 0 and ((c.eval_every > 0 and step % c.eval_every == 0) or last):
       m, images = run_eval(c, trainer, state)
       logger.scalars(step, {f"eval/{k}": v for k, v in m.items()})
       logger.images(step, {"eval_samples": images[: c.log_images]})
