@@ -69,7 +69,9 @@ def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules, mesh: Me
   a mesh axis that does not divide the dimension (when ``shape`` is given) is dropped."""
   if logical is None:
     return P()
-  table = dict(rules)
+  table: dict[str, Any] = {}
+  for name, target in rules:  # the first rule for a name wins (config rules come first)
+    table.setdefault(name, target)
   used: set[str] = set()
   out = []
   for i, name in enumerate(logical):

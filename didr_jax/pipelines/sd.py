@@ -34,6 +34,11 @@ from didr_jax.parallel import mesh as mesh_lib
 
 PARAMS_DIR = "orbax_params"
 
+def _extra(name: str, remat: bool) -> dict:
+  """Per-component loader options: remat applies to the trainable UNet only."""
+  return {"remat": True} if remat and name == "unet" else {}
+
+
 _LOADERS = {"unet": unet_lib.load_unet, "vae": vae_lib.load_vae, "text_encoder": clip.load_clip}
 _ABSTRACT = {"unet": unet_lib.abstract_unet, "vae": vae_lib.abstract_vae,
              "text_encoder": clip.abstract_clip}
@@ -111,8 +116,8 @@ class SDPipeline:
 
   @classmethod
   def from_pretrained(cls, path: str, *, dtype=jnp.float32, mesh=None,
-                      rules=mesh_lib.DEFAULT_RULES, resolution: int | None = None
-                      ) -> "SDPipeline":
+                      rules=mesh_lib.DEFAULT_RULES, resolution: int | None = None,
+                      remat: bool = False) -> "SDPipeline":
     """Loads a diffusers pipeline folder, or one that holds our Orbax cache (see ``save``)."""
     index = core.read_json(os.path.join(path, "model_index.json"))
     sharding_fn = (None if mesh is None else
@@ -125,12 +130,13 @@ class SDPipeline:
     names = ["unet"] + (["vae"] if has_vae else []) + te_names
     cache = os.path.join(path, PARAMS_DIR)
     if os.path.isdir(cache):
-      abstract = {n: _ABSTRACT[n.removesuffix("_2")](os.path.join(path, n), dtype=dtype)
-                  for n in names}
+      abstract = {n: _ABSTRACT[n.removesuffix("_2")](os.path.join(path, n), dtype=dtype,
+                                                     **_extra(n, remat)) for n in names}
       modules = orbax_io.restore_modules(cache, abstract, sharding_fn)
     else:
       modules = {n: _LOADERS[n.removesuffix("_2")](os.path.join(path, n), dtype=dtype,
-                                             shardings=path_fn) for n in names}
+                                                   shardings=path_fn, **_extra(n, remat))
+                 for n in names}
     from transformers import AutoTokenizer
     tok_names = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
     tokenizers = [AutoTokenizer.from_pretrained(os.path.join(path, n)) for n in tok_names]

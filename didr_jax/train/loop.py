@@ -40,7 +40,13 @@ def build_backbone(c: ml_collections.ConfigDict, mesh):
   if not os.path.isdir(path):
     raise config_lib.ConfigError(f"config.backbone.path: {path!r} is not a folder")
   from didr_jax.pipelines import registry
-  return registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules)
+  pipe = registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
+                                remat=c.backbone.remat)
+  if kind in ("sd", "sdxl", "toy_unet") and getattr(pipe, "kind", None) not in (
+      None, "sd" if kind == "toy_unet" else kind):
+    raise config_lib.ConfigError(f"config.backbone.kind: {kind!r}, but {path} holds a "
+                                 f"{pipe.kind!r} pipeline")
+  return pipe
 
 
 def make_trainer(c, backbone, mesh):
