@@ -5,7 +5,7 @@
 set -euo pipefail
 config=$1 workdir=$2; shift 2
 port=${PORT:-23456}
-export JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=${JAX_NUM_CPU_DEVICES:-2}
+export JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=${JAX_NUM_CPU_DEVICES:-2} JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
 export JAX_COORDINATOR_ADDRESS=127.0.0.1:$port JAX_NUM_PROCESSES=2
 JAX_PROCESS_ID=1 python -m didr_jax.main --config="$config" --workdir="$workdir" "$@" &
 JAX_PROCESS_ID=0 python -m didr_jax.main --config="$config" --workdir="$workdir" "$@"

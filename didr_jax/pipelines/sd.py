@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from didr_jax.convert import core, orbax_io
-from didr_jax.diffusion import ddim, guidance
+from didr_jax.diffusion import ddim, guidance, kernels, param
 from didr_jax.diffusion.schedules import VPSchedule
 from didr_jax.models import clip, unet as unet_lib, vae as vae_lib
 from didr_jax.parallel import mesh as mesh_lib
@@ -111,6 +111,24 @@ class SDPipeline:
 
   def negative(self, batch: int) -> "Cond":
     return self.encode_negative(batch, self.size, self.size)
+
+  def rollout(self, denoise_fn, x_init, *, num_steps: int, eta, rng) -> ddim.SampleOutput:
+    """The policy's trajectory: DDIM with per-step log-probabilities, one scan."""
+    return ddim.ddim_sample(denoise_fn, x_init, self.schedule, num_steps, eta=eta, rng=rng)
+
+  def log_prob(self, output, x_t, x_next, t, t_next, *, eta):
+    """(log p(x_next | x_t), mean, std) of a stored DDIM transition under ``output``."""
+    mean, std, _ = ddim.ddim_mean_std(output, x_t, t, t_next, self.schedule, eta)
+    return ddim.gaussian_log_prob(x_next, mean, std), mean, std
+
+  def training_pair(self, rng, x0):
+    """(x_t, t, target) of the denoising loss at a uniform random training timestep."""
+    k_t, k_e = jax.random.split(rng)
+    t = kernels.sample_vp_timesteps(k_t, (x0.shape[0],), self.schedule.num_train_timesteps)
+    eps = jax.random.normal(k_e, x0.shape, x0.dtype)
+    alpha, sigma = kernels.vp_alpha_sigma(self.schedule, t)
+    target = param.x0_eps_to_output(x0, eps, alpha, sigma, self.schedule.prediction_type)
+    return kernels.q_sample(x0, eps, alpha, sigma), t, target
 
   # ---------------------------------------------------------------------------- loading
 

@@ -15,7 +15,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from didr_jax.diffusion import ddim
 
 
 @dataclasses.dataclass
@@ -59,30 +58,6 @@ def make_optimizer(lr: float, *, b1: float = 0.9, b2: float = 0.999, eps: float 
     parts.append(optax.clip_by_global_norm(max_grad_norm))
   parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts)
-
-
-def rollout(family: str, denoise_fn: Callable, x_init: jax.Array, *, schedule, num_steps: int,
-            eta, rng) -> ddim.SampleOutput:
-  """The policy's trajectory for either backbone family (VP: DDIM with log-probs)."""
-  if family == "vp":
-    return ddim.ddim_sample(denoise_fn, x_init, schedule, num_steps, eta=eta, rng=rng)
-  if family == "flow":
-    from didr_jax.diffusion import flow
-    return flow.flow_sample(denoise_fn, x_init, schedule, a=eta, rng=rng)
-  raise ValueError(f"unknown backbone family {family!r}")
-
-
-def transition_log_prob(family: str, output: jax.Array, x_t: jax.Array, x_next: jax.Array, t,
-                        t_next, *, schedule, eta) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(log p(x_next | x_t), mean, std) of one stored transition under a model output."""
-  if family == "vp":
-    mean, std, _ = ddim.ddim_mean_std(output, x_t, t, t_next, schedule, eta)
-  elif family == "flow":
-    from didr_jax.diffusion import flow
-    mean, std = flow.sde_mean_std(output, x_t, t, t_next, eta)
-  else:
-    raise ValueError(f"unknown backbone family {family!r}")
-  return ddim.gaussian_log_prob(x_next, mean, std), mean, std
 
 
 def host_rows(x: jax.Array) -> np.ndarray:

@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from didr_jax.diffusion import kernels, param
 from didr_jax.losses import ddpo as ddpo_loss
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common
@@ -83,8 +82,7 @@ class DDPOTrainer:
   def _sample_impl(self, params, frozen, cond, uncond, x_init, rng, guidance, eta, *, num_steps):
     model = self.net.bind(params)
     denoise = lambda x, t: self.bb.denoise(model, x, t, cond, uncond, guidance)
-    traj = common.rollout(self.bb.family, denoise, x_init, schedule=self.bb.schedule,
-                          num_steps=num_steps, eta=eta, rng=rng)
+    traj = self.bb.rollout(denoise, x_init, num_steps=num_steps, eta=eta, rng=rng)
     images = self.bb.decode(frozen, traj.sample)
     return traj, images
 
@@ -139,16 +137,14 @@ class DDPOTrainer:
     unc = None if uncond is None else jax.tree.map(
         lambda u: jnp.broadcast_to(u, (x_t.shape[0],) + u.shape[1:]), uncond)
     out = self.bb.denoise(model, x_t, t, micro["cond"], unc, guidance)
-    logp, mean, std = common.transition_log_prob(
-        self.bb.family, out, x_t, micro["x_next"][:, j], t, t_next, schedule=self.bb.schedule,
-        eta=self.c.sample.eta)
+    logp, mean, std = self.bb.log_prob(out, x_t, micro["x_next"][:, j], t, t_next,
+                                       eta=self.c.sample.eta)
     loss, metrics = ddpo_loss.ppo_loss(logp, micro["logp_old"][:, j], micro["adv"],
                                        clip_range=d.clip_range, adv_clip_max=d.adv_clip_max)
     if ref_params is not None:
       ref_out = self.bb.denoise(self.net.bind(ref_params), x_t, t, micro["cond"], unc, guidance)
-      _, ref_mean, _ = common.transition_log_prob(
-          self.bb.family, ref_out, x_t, micro["x_next"][:, j], t, t_next,
-          schedule=self.bb.schedule, eta=self.c.sample.eta)
+      _, ref_mean, _ = self.bb.log_prob(ref_out, x_t, micro["x_next"][:, j], t, t_next,
+                                        eta=self.c.sample.eta)
       kl = jnp.mean(ddpo_loss.kl_to_reference(mean, jax.lax.stop_gradient(ref_mean), std))
       loss = loss + d.kl_beta * kl
       metrics = {**metrics, "kl_ref": kl}
@@ -159,14 +155,8 @@ class DDPOTrainer:
     d = self.c.ddpo
     model = self.net.bind(params)
     x0 = micro["x0"]
-    k_t, k_e = jax.random.split(rng)
-    sched = self.bb.schedule
-    t = kernels.sample_vp_timesteps(k_t, (x0.shape[0],), sched.num_train_timesteps)
-    eps = jax.random.normal(k_e, x0.shape, x0.dtype)
-    alpha, sigma = kernels.vp_alpha_sigma(sched, t)
-    x_t = kernels.q_sample(x0, eps, alpha, sigma)
+    x_t, t, target = self.bb.training_pair(rng, x0)
     out = self.bb.denoise(model, x_t, t, micro["cond"], None, 1.0)
-    target = param.x0_eps_to_output(x0, eps, alpha, sigma, sched.prediction_type)
     per = jnp.mean((out.astype(jnp.float32) - target) ** 2, axis=tuple(range(1, x0.ndim)))
     loss = ddpo_loss.rwr_loss(per, micro["rewards"], mode=d.rwr_mode,
                               temperature=d.rwr_temperature, percentile=d.rwr_percentile)
