@@ -551,7 +551,7 @@ def abstract_clip(folder: str, cls: type | str | None = None, *,
   elif isinstance(cls, str):
     cls = CLIP_CLASSES[cls]
   config = config_for(cls, d)
-  return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+  return layers.abstract_module(lambda rngs: cls(config, rngs=rngs, dtype=dtype))
 
 
 def load_clip(folder: str, cls: type | str | None = None, *, dtype: Dtype = jnp.float32,
@@ -571,7 +571,7 @@ def load_clip(folder: str, cls: type | str | None = None, *, dtype: Dtype = jnp.
   elif isinstance(cls, str):
     cls = CLIP_CLASSES[cls]
   config = config_for(cls, d)
-  abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+  abstract = layers.abstract_module(lambda rngs: cls(config, rngs=rngs, dtype=dtype))
   if isinstance(shardings, jax.sharding.Mesh):
     from didr_jax.parallel import mesh as mesh_lib
     mesh = shardings

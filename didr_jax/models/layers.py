@@ -161,3 +161,22 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool 
   if dim % 2 == 1:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
+
+
+class ShapeOnlyRngs:
+  """Stands in for ``nnx.Rngs`` when a module is built under ``nnx.eval_shape``, where no
+  initial value is computed: one fixed key serves every parameter and no counter is updated.
+  (Updating ``nnx.Rngs``' counter on a tracer makes flax ask the tracer for its sharding, and
+  jax answers with an error message built by walking everything traced so far: the cost grows
+  quadratically with the number of parameters, minutes for SDXL-sized models.)"""
+
+  def params(self) -> jax.Array:
+    return jax.random.key(0)
+
+  __call__ = params
+
+
+def abstract_module(build: Callable[[Any], nnx.Module]) -> nnx.Module:
+  """``nnx.eval_shape(lambda: build(rngs))`` with ``ShapeOnlyRngs``: the shape-only module
+  (ShapeDtypeStruct parameters) that checkpoint loaders and Orbax restores fill."""
+  return nnx.eval_shape(lambda: build(ShapeOnlyRngs()))

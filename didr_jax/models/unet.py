@@ -601,19 +601,6 @@ class UNet2DConditionModel(nnx.Module):
 # checkpoints
 
 
-class _ShapeOnlyRngs:
-  """Stands in for ``nnx.Rngs`` under ``nnx.eval_shape``, where no initial value is computed.
-
-  One fixed key serves every parameter and no counter is updated. (Updating ``nnx.Rngs``'
-  counter on a tracer makes flax ask the tracer for its sharding; jax answers with an error
-  message built by walking the whole jaxpr traced so far, so the cost grows quadratically with
-  the number of parameters: seconds for a tiny UNet, far longer for SDXL.)
-  """
-
-  def params(self) -> jax.Array:
-    return jax.random.key(0)
-
-
 def abstract_unet(source: str | os.PathLike | UNetConfig | Mapping[str, Any], *,
                   dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                   remat: bool = False, attention_impl: str | None = None,
@@ -625,8 +612,8 @@ def abstract_unet(source: str | os.PathLike | UNetConfig | Mapping[str, Any], *,
     source = core.read_json(os.path.join(source, "config.json"))
   config = (source if isinstance(source, UNetConfig)
             else UNetConfig.from_diffusers(source, strict=strict_config))
-  abstract = nnx.eval_shape(lambda: UNet2DConditionModel(
-      config, rngs=_ShapeOnlyRngs(), dtype=dtype, remat=remat, attention_impl=attention_impl))
+  abstract = layers.abstract_module(lambda rngs: UNet2DConditionModel(
+      config, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl))
   if jnp.dtype(param_dtype) != jnp.float32:
     graphdef, state = nnx.split(abstract)
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), state)

@@ -337,8 +337,8 @@ def vae_torch_keys(path: core.Path) -> list[str]:
 
 def _abstract_vae(config: VAEConfig, dtype: Any, param_dtype: Any, remat: bool) -> AutoencoderKL:
   """A shape-only model whose parameters have ``param_dtype`` (what the loader casts to)."""
-  abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                  remat=remat))
+  abstract = layers.abstract_module(lambda rngs: AutoencoderKL(config, rngs=rngs, dtype=dtype,
+                                                               remat=remat))
   graphdef, state = nnx.split(abstract)
   state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), state)
   return nnx.merge(graphdef, state)
