@@ -1,0 +1,98 @@
+"""configs/ddpo_zimage.py (Flow-GRPO-style DDPO on the flow SDE) on a tiny random Z-Image
+folder: ratio == 1, no clipping and KL-to-reference 0 at the first update; two epochs through
+the shared training loop."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.testing import tiny_zimage
+from didr_jax.train import loop
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+
+
+def load_config(**overrides):
+  spec = importlib.util.spec_from_file_location("ddpo_zimage",
+                                                os.path.join(CONFIGS, "ddpo_zimage.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("zimage"))
+  tiny_zimage.save_tiny_zimage(path, seed=5)
+  return path
+
+
+def small(folder, **kw):
+  base = {"backbone.path": folder, "backbone.dtype": "float32", "sample.num_steps": 3,
+          "sample.batch_size": 8, "sample.group_size": 4, "sample.num_batches": 2,
+          "train.batch_size": 8, "train.grad_accum": 2, "train.timestep_fraction": 1.0,
+          "num_epochs": 2, "eval.num_samples": 8, "eval.batch_size": 8, "eval.num_steps": 3,
+          "log_images": 4, "checkpoint_every": 1, "async_checkpoint": False}
+  base.update(kw)
+  return load_config(**base)
+
+
+def test_config_is_flow_grpo():
+  c = load_config()
+  assert c.backbone.kind == "zimage" and c.ddpo.advantage == "group"
+  assert c.sample.eta == 0.7 and c.sample.num_steps == 10 and c.sample.guidance_scale == 4.5
+  assert c.sample.group_size > 1 and c.ddpo.kl_beta == 0.04 and c.ddpo.clip_range == 1e-4
+  from didr_jax.train import config as config_lib
+  info = config_lib.validate(c, num_devices=8)
+  assert info["optimizer_steps_per_epoch"] == 2 and info["timesteps_trained_per_sample"] == 9
+
+
+def test_ratio_is_one_before_the_first_update(folder):
+  c = small(folder, **{"sample.num_batches": 1, "train.grad_accum": 1})
+  mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
+  assert trainer.bb.family == "flow" and trainer.ref_params is not None
+  state = trainer.init_state()
+  prompts = ["a red circle"] * 4 + ["two blue squares"] * 4
+  traj, images, cond, uncond = trainer.sample(trainer.policy_params(state), prompts,
+                                              jax.random.key(0))
+  assert images.shape == (8, 32, 32, 3) and traj.latents.shape == (4, 8, 16, 16, 16)
+  assert float(traj.timesteps[0]) == 1.0 and float(traj.next_timesteps[-1]) == 0.0
+  data = {"latents": jnp.swapaxes(traj.latents, 0, 1),
+          "log_probs": jnp.swapaxes(traj.log_probs, 0, 1), "cond": cond,
+          "timesteps": traj.timesteps, "next_timesteps": traj.next_timesteps,
+          "advantages": jnp.linspace(-1.0, 2.0, 8), "rewards": jnp.linspace(0, 1, 8)}
+  first = jax.tree.map(lambda x: x[0], trainer._prepare(jax.random.key(1), data))
+  _, m = trainer._update(state, first, uncond, trainer.ref_params,
+                         jnp.float32(c.sample.guidance_scale), jax.random.key(2))
+  print({k: float(v) for k, v in m.items()})
+  # the sampling-time parameters recompute the stored log-probabilities (a different XLA
+  # program: float32 rounding only), nothing is clipped, and the policy is the reference.
+  assert abs(float(m["ratio_mean"]) - 1.0) < 1e-6
+  assert float(m["approx_kl"]) < 1e-12
+  assert float(m["clipfrac"]) == 0.0
+  assert float(m["kl_ref"]) < 1e-12
+  assert float(m["grad_norm"]) > 0
+
+
+def test_config_runs_two_epochs(folder, tmp_path):
+  # 4 x 8 samples per epoch, 2 optimizer steps of 2 x 8: the second step is off-policy
+  metrics = loop.train(small(folder, **{"sample.num_batches": 4}), str(tmp_path / "run"))
+  print(metrics)
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["kl_ref"])
+  assert metrics["reward_mean"] < 0 and "eval/jpeg_compressibility" in metrics  # -kB of JPEG
+  assert metrics["clipfrac"] > 0  # step 2 of an epoch: some ratios left [1 - 1e-4, 1 + 1e-4]
+  assert metrics["kl_ref"] > 1e-9  # after epoch 1's updates the policy has left the reference
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[-1] == "2"
