@@ -180,3 +180,16 @@ def abstract_module(build: Callable[[Any], nnx.Module]) -> nnx.Module:
   """``nnx.eval_shape(lambda: build(rngs))`` with ``ShapeOnlyRngs``: the shape-only module
   (ShapeDtypeStruct parameters) that checkpoint loaders and Orbax restores fill."""
   return nnx.eval_shape(lambda: build(ShapeOnlyRngs()))
+
+
+def remat_call(module: nnx.Module, *args, remat: bool = True):
+  """``module(*args)``, rematerialised in the backward pass when ``remat`` (same values).
+
+  Functional on purpose: ``nnx.remat`` writes the module's variables back after the call and
+  refuses variables created in an outer trace, which is what a sampler's ``lax.scan`` body sees
+  when the model was bound outside the scan. Splitting into (graph, state) and checkpointing a
+  pure function avoids any write-back (these modules are stateless at call time)."""
+  if not remat:
+    return module(*args)
+  graphdef, state = nnx.split(module)
+  return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)

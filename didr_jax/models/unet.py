@@ -241,13 +241,6 @@ class UNetConfig:
 # modules
 
 
-def _call(module: nnx.Module, *args, remat: bool = False):
-  """``module(*args)``, rematerialised in the backward pass when ``remat`` (same values)."""
-  if not remat:
-    return module(*args)
-  return nnx.remat(lambda m, *a: m(*a))(module, *args)
-
-
 class _Identity(nnx.Module):
   """Placeholder for torch's parameterless ``nn.Dropout`` so list indices match diffusers."""
 
@@ -356,7 +349,7 @@ class Transformer2DModel(nnx.Module):
     t = self.proj_in(self.norm(x))
     t = t.reshape(b, h * w, t.shape[-1])
     for block in self.transformer_blocks:
-      t = _call(block, t, context, mask, remat=self.remat)
+      t = layers.remat_call(block, t, context, mask, remat=self.remat)
     t = self.proj_out(t.reshape(b, h, w, t.shape[-1]))
     return t + x
 
@@ -394,7 +387,7 @@ class DownBlock2D(nnx.Module):
   def __call__(self, h, temb, context, mask):
     states = []
     for j, resnet in enumerate(self.resnets):
-      h = _call(resnet, h, temb, remat=self.remat)
+      h = layers.remat_call(resnet, h, temb, remat=self.remat)
       if self.attentions is not None:
         h = self.attentions[j](h, context, mask)
       states.append(h)
@@ -418,10 +411,10 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
                       **resnet_kw) for _ in range(len(transformers) + 1)])
 
   def __call__(self, h, temb, context, mask):
-    h = _call(self.resnets[0], h, temb, remat=self.remat)
+    h = layers.remat_call(self.resnets[0], h, temb, remat=self.remat)
     for attn, resnet in zip(self.attentions, self.resnets[1:]):
       h = attn(h, context, mask)
-      h = _call(resnet, h, temb, remat=self.remat)
+      h = layers.remat_call(resnet, h, temb, remat=self.remat)
     return h
 
 
@@ -450,7 +443,7 @@ class UpBlock2D(nnx.Module):
     skips = list(skips)
     for j, resnet in enumerate(self.resnets):
       h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-      h = _call(resnet, h, temb, remat=self.remat)
+      h = layers.remat_call(resnet, h, temb, remat=self.remat)
       if self.attentions is not None:
         h = self.attentions[j](h, context, mask)
     if self.upsamplers is not None:

@@ -303,10 +303,6 @@ class FinalLayer(nnx.Module):
     return self.linear(self.norm_final(x) * scale)
 
 
-def _block_apply(block, x, mask, rope, adaln):
-  return block(x, mask, rope, adaln)
-
-
 class ZImageTransformer(nnx.Module):
   """diffusers' ``ZImageTransformer2DModel`` on batched, padded inputs (module docstring).
 
@@ -357,20 +353,17 @@ class ZImageTransformer(nnx.Module):
   # -- pieces --------------------------------------------------------------------------------
 
   def _run(self, blocks: Sequence[nnx.Module], x, mask, rope, adaln):
-    fn = nnx.remat(_block_apply) if self.remat else _block_apply
     for block in blocks:
-      x = fn(block, x, mask, rope, adaln)
+      x = layers.remat_call(block, x, mask, rope, adaln, remat=self.remat)
     return x
 
   def _run_trunk(self, x, mask, rope, adaln):
     if not self.scan_layers:
       return self._run(self.layers, x, mask, rope, adaln)
-    fn = nnx.remat(_block_apply) if self.remat else _block_apply
-
     @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def body(block, x, mask, rope, adaln):
-      return fn(block, x, mask, rope, adaln)
+      return layers.remat_call(block, x, mask, rope, adaln, remat=self.remat)
 
     return body(self.layers, x, mask, rope, adaln)
 

@@ -74,11 +74,6 @@ def dit_velocity(transformer: nnx.Module, x: jax.Array, sig: jax.Array,
                  caption: Caption) -> jax.Array:
   """v = eps - x0 (float32) at flow sigma ``sig`` (B,): -transformer(x, t, caption) with
   t = ``flow.zimage_model_time(sig)`` = (1000 - 1000 sig) / 1000."""
-  if getattr(transformer, "remat", False):
-    # The samplers call this inside lax.scan on a module bound outside it; the model's
-    # nnx.remat writes its variables back and refuses variables of an outer trace
-    # (TraceContextError). Fresh Variable objects (same arrays) live in the current trace.
-    transformer = nnx.merge(*nnx.split(transformer), copy=True)
   out = transformer(x, flow.zimage_model_time(sig), caption.embeds, caption.mask)
   return -out.astype(jnp.float32)
 
