@@ -10,7 +10,7 @@ def get_config():
   c.method = "ddpo"
   c.backbone.kind = "toy_unet"
   c.rewards = {"toy_detector": 1.0}
-  c.num_epochs = 12
+  c.num_epochs = 30
   c.eval_every = 0
   c.sample.num_steps = 10
   c.sample.guidance_scale = 3.0
