@@ -10,6 +10,8 @@ reward, the toy detector score and the toy fidelity where they apply.
 import json
 import os
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
 from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "run directory written by didr_jax.main")
@@ -52,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  FLAGS.set_default("verbosity", -1)
   app.run(main)

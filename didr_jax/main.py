@@ -9,6 +9,9 @@ runtime is initialised first.
 
 import os
 
+# TensorFlow (imported by clu's writers) logs C++ banners at INFO level; keep warnings.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -32,4 +35,6 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
+  # Orbax and clu log every checkpoint and write at INFO; --verbosity=0 brings them back.
+  FLAGS.set_default("verbosity", -1)
   app.run(main)

@@ -231,29 +231,11 @@ def test_load_errors(pair, tmp_path):
 # Z-Image prompt encoding
 
 
-def _tiny_qwen_tokenizer():
-  """A byte-level BPE (no merges) with Qwen's chat special tokens and a Qwen3-style template."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  hf = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-      additional_special_tokens=["<|im_start|>"])
-  hf.chat_template = (
-      "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-      "{% if add_generation_prompt %}<|im_start|>assistant\n"
-      "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-      "{% endif %}{% endif %}")
-  assert len(hf) <= VOCAB
-  return hf
-
-
 def test_encode_prompts_zimage_matches_pipeline(pair):
   from diffusers import ZImagePipeline
   name, tm, _, model, scanned = pair
-  tok = _tiny_qwen_tokenizer()
+  from didr_jax.testing.tiny_zimage import tiny_qwen_tokenizer
+  tok = tiny_qwen_tokenizer()
   pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=tm, tokenizer=tok,
                         transformer=None)
   prompts = ["a red cat", "", "an astronaut riding a horse on the moon, oil painting"]

@@ -151,6 +151,7 @@ class ZImagePipeline:
   text_encoder_prefix: str = ""  # "model." when the folder holds a Qwen3ForCausalLM
 
   family = "flow"
+  kind = "zimage"
   denoise = staticmethod(guided_velocity)  # (model, x, sig, cond, uncond, scale) -> v
   decode = staticmethod(lambda vae, latents: decode_images(vae, latents))
 
@@ -230,13 +231,15 @@ class ZImagePipeline:
   def from_pretrained(cls, path: str, *, dtype=jnp.float32, mesh=None,
                       rules=mesh_lib.DEFAULT_RULES, resolution: int | None = None,
                       remat: bool = False,
-                      caption_length: int = DEFAULT_CAPTION_LENGTH) -> "ZImagePipeline":
+                      caption_length: int | None = None) -> "ZImagePipeline":
     """Loads a diffusers ZImagePipeline folder, or one that holds our Orbax cache (``save``).
 
     ``dtype`` is the parameter and compute dtype of the transformer and text encoder and the
     compute dtype of the VAE (its parameters stay float32); ``remat`` applies to the
     transformer. The default ``resolution`` is the VAE config's ``sample_size`` (else
-    ``model_index.json``'s optional ``resolution``, else 1024)."""
+    ``model_index.json``'s optional ``resolution``, else 1024); ``caption_length`` (training
+    captions, tokens) defaults to ``model_index.json``'s optional ``caption_length``, else
+    ``DEFAULT_CAPTION_LENGTH``."""
     index = core.read_json(os.path.join(path, "model_index.json"))
     sharding_fn = (None if mesh is None else
                    lambda v: mesh_lib.param_sharding(v, mesh, rules))
@@ -259,7 +262,9 @@ class ZImagePipeline:
     te_class = (index.get("text_encoder") or [None, None])[1]
     return cls(transformer=modules["transformer"], vae=modules.get("vae"),
                text_encoder=modules["text_encoder"], tokenizer=tokenizer, scheduler=sched,
-               folder=path, resolution=resolution, caption_length=caption_length,
+               folder=path, resolution=resolution,
+               caption_length=int(caption_length or index.get("caption_length")
+                                  or DEFAULT_CAPTION_LENGTH),
                text_encoder_prefix="model." if te_class == "Qwen3ForCausalLM" else "")
 
   def modules(self) -> dict[str, nnx.Module]:

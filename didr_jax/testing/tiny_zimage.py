@@ -28,20 +28,8 @@ def _perturb(module, seed: int, scale: float):
 def tiny_qwen_tokenizer():
   """A byte-level BPE without merges (every UTF-8 byte is a token) with Qwen's chat special
   tokens and a Qwen3-style chat template (honouring ``enable_thinking``), built offline."""
-  import transformers
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  hf = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-      additional_special_tokens=["<|im_start|>"])
-  hf.chat_template = (
-      "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-      "{% if add_generation_prompt %}<|im_start|>assistant\n"
-      "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-      "{% endif %}{% endif %}")
+  from didr_jax.toy.tokenizer import qwen_tokenizer
+  hf = qwen_tokenizer()
   if len(hf) > VOCAB:
     raise AssertionError(f"tokenizer has {len(hf)} tokens, more than VOCAB={VOCAB}")
   return hf

@@ -31,7 +31,7 @@ from flax import nnx
 from didr_jax.convert import core
 from didr_jax.diffusion import kernels
 from didr_jax.diffusion.schedules import VPSchedule
-from didr_jax.models import clip, unet as unet_lib
+from didr_jax.models import clip, qwen3, unet as unet_lib, zimage_dit
 from didr_jax.toy import shapes, tokenizer as tok_lib
 
 MAX_TOKENS = 12
@@ -71,10 +71,11 @@ def clip_pixels(images: jax.Array) -> jax.Array:
 flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "assets"), "output folder")
 flags.DEFINE_integer("clip_steps", 1500, "contrastive training steps of the toy CLIP")
 flags.DEFINE_integer("unet_steps", 3000, "denoising training steps of the toy UNet")
+flags.DEFINE_integer("dit_steps", 3000, "flow-matching training steps of the toy DiT")
+flags.DEFINE_list("stages", ["clip", "unet", "dit"], "what to (re)build: clip, unet, dit")
 flags.DEFINE_integer("batch", 64, "batch size of the CLIP stage")
 flags.DEFINE_integer("unet_batch", 32, "batch size of the UNet stage")
 flags.DEFINE_integer("seed", 0, "seed")
-flags.DEFINE_bool("skip_clip", False, "reuse an existing toy CLIP in --out")
 FLAGS = flags.FLAGS
 
 
@@ -131,57 +132,162 @@ def train_clip(out: str, tok, steps: int, batch: int, seed: int) -> clip.CLIPMod
   return model
 
 
-def train_unet(out: str, tok, text_model, steps: int, batch: int, seed: int):
-  folder = os.path.join(out, "toy_unet")
-  sched = VPSchedule.from_diffusers(SCHEDULER_CONFIG)
-  model = unet_lib.UNet2DConditionModel(UNET_CONFIG, rngs=nnx.Rngs(seed + 1))
+def fit(model: nnx.Module, loss_fn, batch_fn, *, steps: int, lr: float, seed: int,
+        name: str, ema_decay: float = 0.999) -> list[float]:
+  """Trains every ``nnx.Param`` of ``model`` with AdamW (warmup-cosine schedule, gradient norm
+  clipped to 1) on ``loss_fn(model, batch, rng)`` with ``batch = batch_fn(step)``, then loads
+  the EMA of the weights into ``model`` (what is shipped). Returns the loss per step."""
   ema = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-      optax.warmup_cosine_decay_schedule(0.0, 2e-3, min(200, steps // 10 + 1), steps + 1, 1e-4), weight_decay=1e-4)),
-      wrt=nnx.Param)
-  empty = jnp.asarray(tokenize(tok, [""]))
+      optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10 + 1), steps + 1,
+                                         lr / 20), weight_decay=1e-4)), wrt=nnx.Param)
 
   @nnx.jit
-  def encode(text_model, ids):
-    return text_model(ids).last_hidden_state
-
-  empty_ctx = encode(text_model, empty)
-
-  @nnx.jit
-  def step_fn(model, opt, ema, ctx, x0, rng):
-    k_t, k_e, k_d = jax.random.split(rng, 3)
-    t = kernels.sample_vp_timesteps(k_t, (x0.shape[0],), sched.num_train_timesteps)
-    eps = jax.random.normal(k_e, x0.shape)
-    alpha, sigma = kernels.vp_alpha_sigma(sched, t)
-    x_t = kernels.q_sample(x0, eps, alpha, sigma)
-    drop = jax.random.uniform(k_d, (x0.shape[0], 1, 1)) < 0.1
-    ctx = jnp.where(drop, empty_ctx, ctx)
-
-    def loss_fn(model):
-      return jnp.mean((model(x_t, t, ctx) - eps) ** 2)
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
+  def step_fn(model, opt, ema, batch, rng):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, batch, rng)
     opt.update(model, grads)
     new = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    ema = jax.tree.map(lambda e, p: 0.999 * e + 0.001 * p, ema, new)
-    return loss, ema
+    return loss, jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, new)
 
   t0 = time.time()
-  rng = jax.random.key(seed + 2)
+  rng = jax.random.key(seed)
   losses = []
   for s in range(steps):
-    images, prompts = _data(s, batch, seed + 7)
-    ctx = encode(text_model, jnp.asarray(tokenize(tok, prompts)))
-    x0 = jnp.asarray(images) * 2.0 - 1.0
-    loss, ema = step_fn(model, opt, ema, ctx, x0, jax.random.fold_in(rng, s))
+    loss, ema = step_fn(model, opt, ema, batch_fn(s), jax.random.fold_in(rng, s))
     losses.append(float(loss))
     if s % 100 == 0 or s == steps - 1:
-      print(f"unet step {s}/{steps} loss {np.mean(losses[-100:]):.4f} "
+      print(f"{name} step {s}/{steps} loss {np.mean(losses[-100:]):.4f} "
             f"({time.time() - t0:.0f} s)", flush=True)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, ema)
   nnx.update(model, state)
+  return losses
+
+
+def _drop(rng, cond, uncond, p: float = 0.1):
+  """Replaces each row of the pytree ``cond`` by ``uncond``'s with probability ``p`` (prompt
+  dropout for classifier-free guidance)."""
+  b = jax.tree.leaves(cond)[0].shape[0]
+  keep = jax.random.uniform(rng, (b,)) >= p
+  return jax.tree.map(lambda c, u: jnp.where(keep.reshape((b,) + (1,) * (c.ndim - 1)), c, u),
+                      cond, uncond)
+
+
+def train_unet(out: str, tok, text_model, steps: int, batch: int, seed: int):
+  folder = os.path.join(out, "toy_unet")
+  sched = VPSchedule.from_diffusers(SCHEDULER_CONFIG)
+  model = unet_lib.UNet2DConditionModel(UNET_CONFIG, rngs=nnx.Rngs(seed + 1))
+  encode = nnx.jit(lambda text_model, ids: text_model(ids).last_hidden_state)
+  empty_ctx = encode(text_model, jnp.asarray(tokenize(tok, [""])))
+
+  def batch_fn(s):
+    images, prompts = _data(s, batch, seed + 7)
+    return encode(text_model, jnp.asarray(tokenize(tok, prompts))), jnp.asarray(images) * 2 - 1
+
+  def loss_fn(model, batch, rng):
+    ctx, x0 = batch
+    k_t, k_e, k_d = jax.random.split(rng, 3)
+    t = kernels.sample_vp_timesteps(k_t, (x0.shape[0],), sched.num_train_timesteps)
+    eps = jax.random.normal(k_e, x0.shape)
+    x_t = kernels.q_sample(x0, eps, *kernels.vp_alpha_sigma(sched, t))
+    ctx = _drop(k_d, ctx, jnp.broadcast_to(empty_ctx, ctx.shape))
+    return jnp.mean((model(x_t, t, ctx) - eps) ** 2)
+
+  fit(model, loss_fn, batch_fn, steps=steps, lr=2e-3, seed=seed + 2, name="unet")
   save_pipeline(folder, model, text_model, tok)
   return model
+
+
+# ---------------------------------------------------------------------------------------------
+# the toy DiT: a tiny Z-Image in pixel space
+
+DIT_CAPTION_LENGTH = 32  # caption tokens (the longest templated toy prompt has 15)
+
+QWEN_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+               "rope_theta": 10000.0, "max_position_embeddings": 64, "rms_norm_eps": 1e-6}
+
+DIT_CONFIG = {
+    "_class_name": "ZImageTransformer2DModel", "all_patch_size": [4], "all_f_patch_size": [1],
+    "in_channels": 3, "dim": 96, "n_layers": 4, "n_refiner_layers": 1, "n_heads": 4,
+    "n_kv_heads": 4, "cap_feat_dim": QWEN_CONFIG["hidden_size"], "axes_dims": [8, 8, 8],
+    "axes_lens": [64, 32, 32], "rope_theta": 256.0, "qk_norm": True, "norm_eps": 1e-5,
+    "t_scale": 1000.0,
+}
+
+FLOW_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                         "num_train_timesteps": 1000, "shift": 1.0,
+                         "use_dynamic_shifting": False}
+
+
+class _DiTWithText(nnx.Module):
+  """The toy DiT and its Qwen3 text encoder, trained together (the encoder is frozen later)."""
+
+  def __init__(self, tok, seed: int):
+    cfg = qwen3.Qwen3Config.from_hf({**QWEN_CONFIG, "vocab_size": len(tok),
+                                     "pad_token_id": tok.pad_token_id})
+    self.text_encoder = qwen3.Qwen3Model(cfg, rngs=nnx.Rngs(seed))
+    self.transformer = zimage_dit.ZImageTransformer(
+        zimage_dit.ZImageConfig.from_diffusers(DIT_CONFIG), rngs=nnx.Rngs(seed + 1))
+
+
+def train_dit(out: str, steps: int, batch: int, seed: int):
+  """Flow matching (x_sig = (1 - sig) x0 + sig eps, target v = eps - x0, sig ~ U[0, 1)) of the
+  DiT jointly with its text encoder, captions encoded as Z-Image does (chat template, hidden
+  state -2), 10% prompt dropout to the empty prompt."""
+  from didr_jax.pipelines import zimage as zimage_pipe
+  folder = os.path.join(out, "toy_dit")
+  tok = tok_lib.qwen_tokenizer(words() + ("user", "assistant"))
+  model = _DiTWithText(tok, seed + 11)
+
+  def ids(prompts):
+    return tuple(jnp.asarray(a) for a in qwen3.tokenize_prompts_zimage(
+        tok, prompts, max_length=DIT_CAPTION_LENGTH, bucket=DIT_CAPTION_LENGTH))
+
+  empty = ids([""])
+
+  def batch_fn(s):
+    images, prompts = _data(s, batch, seed + 17)
+    return ids(prompts), jnp.asarray(images) * 2 - 1
+
+  def loss_fn(model, batch, rng):
+    (tokens, mask), x0 = batch
+    k_t, k_e, k_d = jax.random.split(rng, 3)
+    tokens, mask = _drop(k_d, (tokens, mask),
+                         tuple(jnp.broadcast_to(e, tokens.shape) for e in empty))
+    h = model.text_encoder(tokens, mask, hidden_state_index=-2)
+    caption = zimage_pipe.Caption(h * mask[..., None], mask)
+    sig = kernels.sample_flow_sigmas(k_t, (x0.shape[0],))
+    eps = jax.random.normal(k_e, x0.shape)
+    x_t = kernels.q_sample(x0, eps, *kernels.flow_alpha_sigma(sig))
+    v = zimage_pipe.dit_velocity(model.transformer, x_t, sig, caption)
+    return jnp.mean((v - (eps - x0)) ** 2)
+
+  fit(model, loss_fn, batch_fn, steps=steps, lr=1e-3, seed=seed + 12, name="dit")
+  save_dit_pipeline(folder, model.transformer, model.text_encoder, tok)
+  return model
+
+
+def save_dit_pipeline(folder: str, transformer, text_encoder, tok) -> None:
+  """A diffusers-layout pixel-space ``ZImagePipeline`` folder: no VAE, Qwen3 text encoder."""
+  for sub in ("text_encoder", "scheduler"):
+    os.makedirs(os.path.join(folder, sub), exist_ok=True)
+  index = {"_class_name": "ZImagePipeline", "_diffusers_version": "0.36.0",
+           "transformer": ["diffusers", "ZImageTransformer2DModel"],
+           "text_encoder": ["transformers", "Qwen3Model"],
+           "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+           "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": [None, None],
+           "resolution": IMAGE_SIZE, "caption_length": DIT_CAPTION_LENGTH}
+  with open(os.path.join(folder, "model_index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+  zimage_dit.save_zimage_transformer(transformer, os.path.join(folder, "transformer"))
+  with open(os.path.join(folder, "text_encoder", "config.json"), "w") as f:
+    json.dump(text_encoder.config.to_hf(), f, indent=2)
+  core.save_safetensors(qwen3.export_qwen3(text_encoder),
+                        os.path.join(folder, "text_encoder", "model.safetensors"))
+  tok.save_pretrained(os.path.join(folder, "tokenizer"))
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(FLOW_SCHEDULER_CONFIG, f, indent=2)
 
 
 def save_pipeline(folder: str, unet, text_model, tok, unet_config: dict | None = None) -> None:
@@ -211,17 +317,22 @@ def main(argv):
   del argv
   out = FLAGS.out
   os.makedirs(out, exist_ok=True)
+  unknown = set(FLAGS.stages) - {"clip", "unet", "dit"}
+  if unknown:
+    raise app.UsageError(f"--stages: unknown stage(s) {sorted(unknown)}")
   tok_dir = os.path.join(out, "toy_clip")
-  if FLAGS.skip_clip:
-    model = clip.load_clip(tok_dir, clip.CLIPModel)
-    tok = load_tokenizer(tok_dir)
-  else:
+  if "clip" in FLAGS.stages:
     tok_lib.write_clip_tokenizer(tok_dir, words(), max_length=MAX_TOKENS)
     tok = load_tokenizer(tok_dir)
     model = train_clip(out, tok, FLAGS.clip_steps, FLAGS.batch, FLAGS.seed)
-  text_model = model.text_model
-  train_unet(out, tok, text_model, FLAGS.unet_steps, FLAGS.unet_batch, FLAGS.seed)
-  print(f"wrote {out}/toy_clip and {out}/toy_unet", flush=True)
+  elif "unet" in FLAGS.stages:
+    model = clip.load_clip(tok_dir, clip.CLIPModel)
+    tok = load_tokenizer(tok_dir)
+  if "unet" in FLAGS.stages:
+    train_unet(out, tok, model.text_model, FLAGS.unet_steps, FLAGS.unet_batch, FLAGS.seed)
+  if "dit" in FLAGS.stages:
+    train_dit(out, FLAGS.dit_steps, FLAGS.unet_batch, FLAGS.seed)
+  print(f"wrote {', '.join(FLAGS.stages)} to {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""A small CLIP byte-level BPE tokenizer written to a local folder (nothing downloaded).
+"""Small byte-level BPE tokenizers built offline (nothing downloaded): a CLIP one (the toy
+UNet's) and a Qwen3-style one with a chat template (the toy DiT's and the tiny Z-Image tests').
 
 Single bytes are tokens, and each word of ``words`` becomes one token through merges, so a
 closed grammar (the toy world's prompts) tokenizes one token per word while any other text
-still tokenizes (byte by byte). Loadable with transformers' ``AutoTokenizer``/``CLIPTokenizer``.
+still tokenizes (byte by byte). Both load with transformers' ``AutoTokenizer``.
 """
 
 from __future__ import annotations
@@ -53,13 +54,46 @@ def write_clip_tokenizer(folder: str, words: tuple[str, ...] = (), max_length: i
   return len(vocab)
 
 
-def learn_merges(words) -> list[tuple[str, str]]:
-  """Byte-pair merges learned on ``words`` (each counted once) until every word is one token.
+# Qwen3's chat template as Z-Image applies it (``enable_thinking`` honoured), reduced to the
+# fields a one-message prompt uses.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}")
+
+
+def qwen_tokenizer(words: tuple[str, ...] = ()):
+  """A Qwen3-style byte-level BPE (GPT-2 byte alphabet, no prefix space) with Qwen's special
+  tokens and chat template. Each word of ``words`` is one token, with or without a leading
+  space ("red" and " red"). Returns a transformers ``PreTrainedTokenizerFast``; vocabulary
+  size 256 + merges + 3 special tokens."""
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  space = "\u0120"  # the byte-level alphabet's symbol for " "
+  merges = learn_merges([w for w in words] + [space + w for w in words], end="")
+  vocab = {c: i for i, c in enumerate(alphabet)}
+  for a, b in merges:
+    vocab.setdefault(a + b, len(vocab))
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  hf = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+      additional_special_tokens=["<|im_start|>"])
+  hf.chat_template = QWEN_CHAT_TEMPLATE
+  return hf
+
+
+def learn_merges(words, end: str = "</w>") -> list[tuple[str, str]]:
+  """Byte-pair merges learned on ``words`` (each counted once) until every word is one token;
+  ``end`` marks a word's last symbol (CLIP's "</w>"; "" for GPT-2 / Qwen style BPE).
 
   Applying learned merges in rank order reproduces the learning-time segmentation, so each word
   of the list tokenizes to exactly one token (hand-written per-word merges would interfere:
   "an" from "and" would split "triangle")."""
-  words = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words) if w]
+  words = [list(w[:-1]) + [w[-1] + end] for w in dict.fromkeys(words) if w]
   merges = []
   while True:
     counts: dict[tuple[str, str], int] = {}

@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone.path = ""           # local diffusers folder or Orbax cache; "" = the shipped toy base
   c.backbone.dtype = "float32"   # compute dtype of the trainable network
   c.backbone.remat = False
+  c.backbone.resolution = 0      # image size in pixels; 0 = the model folder's default
 
   c.rewards = ml_collections.ConfigDict({"toy_detector": 1.0})
 
@@ -101,6 +102,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> di
            f"{c.backbone.kind!r} is not one of {BACKBONES}")
   _require(c.backbone.dtype in ("float32", "bfloat16"), "backbone.dtype",
            "must be float32 or bfloat16")
+  _require(c.backbone.resolution >= 0, "backbone.resolution",
+           f"must be >= 0 (0 = the model's default), got {c.backbone.resolution}")
   _require(len(c.rewards) > 0, "rewards", "name at least one reward")
   s, t = c.sample, c.train
   for key, v in (("sample.num_steps", s.num_steps), ("sample.batch_size", s.batch_size),

@@ -88,7 +88,7 @@ class RunLogger:
     ax.set_xlabel("epoch")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(os.path.join(self.workdir, "reward_curve.png"))
     plt.close(fig)

@@ -41,11 +41,13 @@ def build_backbone(c: ml_collections.ConfigDict, mesh):
     raise config_lib.ConfigError(f"config.backbone.path: {path!r} is not a folder")
   from didr_jax.pipelines import registry
   pipe = registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
-                                remat=c.backbone.remat)
-  if kind in ("sd", "sdxl", "toy_unet") and getattr(pipe, "kind", None) not in (
-      None, "sd" if kind == "toy_unet" else kind):
+                                remat=c.backbone.remat,
+                                resolution=c.backbone.resolution or None)
+  found = pipe.kind
+  expected = {"toy_unet": "sd", "toy_dit": "zimage"}.get(kind, kind)
+  if found != expected:
     raise config_lib.ConfigError(f"config.backbone.kind: {kind!r}, but {path} holds a "
-                                 f"{pipe.kind!r} pipeline")
+                                 f"{found!r} pipeline")
   return pipe
 
 
