@@ -22,7 +22,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -91,28 +90,13 @@ def bench_tiny_sd(args, folder):
 
 def ddpo_epoch(args, config_name, **overrides):
   """Our whole DDPO epoch (sampling, host rewards, one inner epoch of training): samples/s."""
-  import importlib.util
+  from didr_jax.testing.configs import load_config
   from didr_jax.train import loop
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("c", os.path.join(here, "configs",
-                                                                  f"{config_name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.sample.batch_size = args.batch
-  c.sample.num_batches = 2
-  c.sample.num_steps = args.steps
-  c.train.batch_size = args.batch
-  c.train.grad_accum = 1
-  c.num_epochs = 1 + args.repeats
-  c.eval.num_samples = 0
-  c.checkpoint_every = 1000
-  for k, v in overrides.items():
-    node = c
-    *ps, leaf = k.split(".")
-    for p in ps:
-      node = node[p]
-    node[leaf] = v
+  settings = {"sample.batch_size": args.batch, "sample.num_batches": 2,
+              "sample.num_steps": args.steps,
+              "train.batch_size": args.batch, "train.grad_accum": 1,
+              "num_epochs": 1 + args.repeats, "eval.num_samples": 0, "checkpoint_every": 1000}
+  c = load_config(config_name, **{**settings, **overrides})
   with tempfile.TemporaryDirectory() as d:
     loop.train(c, d)
     hist = __import__("json").load(open(os.path.join(d, "history.json")))

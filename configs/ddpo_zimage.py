@@ -9,9 +9,8 @@ and a KL penalty 0.04 ||mu_theta - mu_ref||^2 / (2 std^2) to the frozen initial 
 Evaluation samples with the deterministic ODE (eta 0).
 
 Guidance is standard CFG w (1 = off) as everywhere in didr_jax; diffusers' ZImagePipeline
-guidance_scale g is w - 1. The learning rate 3e-4 is Flow-GRPO's, which trains a rank-32 LoRA;
-this trainer updates every transformer weight, for which a much smaller rate (about 1e-5) is
-the usual choice: --config.train.learning_rate=1e-5. Reward: JPEG compressibility (dense, no
+guidance_scale g is w - 1. The learning rate is 1e-5: this trainer updates every transformer
+weight (Flow-GRPO's 3e-4 is for its rank-32 LoRA). Reward: JPEG compressibility (dense, no
 model needed), e.g. --config.rewards='{"toy_detector": 1.0}' for the GenEval-like toy detector;
 prompts: a text file, one per line (--config.prompts.train=/data/prompts.txt).
 Images are trained at the pipeline's default resolution (the VAE config's sample_size).
@@ -43,7 +42,7 @@ def get_config():
   c.train.batch_size = 16
   c.train.grad_accum = 4          # -> 2 optimizer steps per epoch of 128 samples
   c.train.timestep_fraction = 0.9  # Flow-GRPO trains on int(10 * 0.99) = 9 of the 10 steps
-  c.train.learning_rate = 3e-4
+  c.train.learning_rate = 1e-5     # full fine-tuning (Flow-GRPO: 3e-4 with LoRA)
   c.train.weight_decay = 1e-4
   c.train.max_grad_norm = 1.0
   c.train.cfg = True

@@ -1,5 +1,9 @@
 """The embedded default: DDPO on the toy shapes world with the shipped pixel-space UNet base,
-rewarded by the toy detector (GenEval-like, non-differentiable). Runs on a laptop CPU."""
+rewarded by the toy detector (GenEval-like, non-differentiable). Runs on a laptop CPU.
+
+Groups of 8 images per prompt with group-relative advantages (the toy has 288 training prompts,
+so a per-prompt buffer would rarely fill); four optimizer steps per epoch. The policy is the
+eta = 1 DDIM sampler it is trained as, so evaluation samples with it too."""
 
 from didr_jax.train import config as config_lib
 from didr_jax.train.ddpo import ddpo_section
@@ -10,22 +14,23 @@ def get_config():
   c.method = "ddpo"
   c.backbone.kind = "toy_unet"
   c.rewards = {"toy_detector": 1.0}
-  c.num_epochs = 30
+  c.num_epochs = 40
   c.eval_every = 0
   c.sample.num_steps = 10
   c.sample.guidance_scale = 3.0
   c.sample.eta = 1.0
   c.sample.batch_size = 32
   c.sample.num_batches = 2
-  c.train.batch_size = 32
+  c.sample.group_size = 8
+  c.train.batch_size = 16
   c.train.grad_accum = 1
   c.train.num_inner_epochs = 1
   c.train.timestep_fraction = 0.5
-  c.train.learning_rate = 3e-4
+  c.train.learning_rate = 1e-4
   c.ddpo = ddpo_section()
-  c.ddpo.clip_range = 1e-3
-  c.ddpo.buffer_size = 16
-  c.ddpo.min_count = 4
+  c.ddpo.clip_range = 1e-4
+  c.ddpo.advantage = "group"
   c.eval.num_samples = 256
   c.eval.batch_size = 64
+  c.eval.eta = 1.0
   return config_lib.finalize(c)

@@ -10,9 +10,10 @@ reward, the toy detector score and the toy fidelity where they apply.
 import json
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 from absl import app, flags
+
+from didr_jax.cli_util import quiet_logs
+
 
 flags.DEFINE_string("workdir", None, "run directory written by didr_jax.main")
 flags.DEFINE_integer("num_samples", None, "override eval.num_samples")
@@ -22,6 +23,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  quiet_logs()
   del argv
   import ml_collections
   from didr_jax.parallel import mesh as mesh_lib
@@ -54,5 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  FLAGS.set_default("verbosity", -1)
   app.run(main)

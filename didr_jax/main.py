@@ -9,11 +9,11 @@ runtime is initialised first.
 
 import os
 
-# TensorFlow (imported by clu's writers) logs C++ banners at INFO level; keep warnings.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 from absl import app, flags
+
 from ml_collections import config_flags
+
+from didr_jax.cli_util import quiet_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
                                           lock_config=True)
@@ -23,6 +23,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from didr_jax.parallel import mesh as mesh_lib
@@ -35,6 +36,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  # Orbax and clu log every checkpoint and write at INFO; --verbosity=0 brings them back.
-  FLAGS.set_default("verbosity", -1)
   app.run(main)

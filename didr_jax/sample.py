@@ -13,6 +13,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from didr_jax.cli_util import quiet_logs
 from didr_jax.pipelines import registry
 
 FLAGS = flags.FLAGS
@@ -41,6 +42,7 @@ def read_prompts() -> list[str]:
 
 
 def main(argv):
+  quiet_logs()
   del argv
   prompts = read_prompts()
   pipe = registry.load_pipeline(FLAGS.model)

@@ -2,7 +2,6 @@
 ratio == 1 before the first update, sharded step == single-device step, resume ==
 uninterrupted, config validation, the SDXL config on a tiny random SDXL folder."""
 
-import importlib.util
 import json
 import os
 
@@ -13,24 +12,8 @@ import pytest
 
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.testing import tiny
+from didr_jax.testing.configs import load_config
 from didr_jax.train import config as config_lib, loop
-
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
-
-
-def load_config(name, **overrides):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
 
 @pytest.fixture(scope="module")
 def toy_folder(tmp_path_factory):

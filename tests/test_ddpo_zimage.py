@@ -2,7 +2,6 @@
 folder: ratio == 1, no clipping and KL-to-reference 0 at the first update; two epochs through
 the shared training loop."""
 
-import importlib.util
 import os
 
 import jax
@@ -11,25 +10,11 @@ import numpy as np
 import pytest
 
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.testing import tiny_zimage
+from didr_jax.testing import configs, tiny_zimage
 from didr_jax.train import loop
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
-
-
 def load_config(**overrides):
-  spec = importlib.util.spec_from_file_location("ddpo_zimage",
-                                                os.path.join(CONFIGS, "ddpo_zimage.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return configs.load_config("ddpo_zimage", **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +29,8 @@ def small(folder, **kw):
           "sample.batch_size": 8, "sample.group_size": 4, "sample.num_batches": 2,
           "train.batch_size": 8, "train.grad_accum": 2, "train.timestep_fraction": 1.0,
           "num_epochs": 2, "eval.num_samples": 8, "eval.batch_size": 8, "eval.num_steps": 3,
-          "log_images": 4, "checkpoint_every": 1, "async_checkpoint": False}
+          "log_images": 4, "checkpoint_every": 1, "async_checkpoint": False,
+          "train.learning_rate": 3e-4}  # a tiny random model: move it enough to see clipping
   base.update(kw)
   return load_config(**base)
 

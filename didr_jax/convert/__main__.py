@@ -10,6 +10,7 @@
 
 from absl import app, flags
 
+from didr_jax.cli_util import quiet_logs
 from didr_jax.pipelines import registry
 
 FLAGS = flags.FLAGS
@@ -20,6 +21,7 @@ flags.mark_flags_as_required(["src", "dst"])
 
 
 def main(argv):
+  quiet_logs()
   del argv
   pipe = registry.load_pipeline(FLAGS.src)
   if FLAGS.export:

@@ -7,9 +7,17 @@ have the batch as leading axis (so trainers can concatenate, shuffle and shard t
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+import os
+import shutil
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from didr_jax.convert import core, orbax_io
+
+PARAMS_DIR = "orbax_params"  # the Orbax cache of a converted folder, beside its configs
 
 
 class Backbone(Protocol):
@@ -45,3 +53,89 @@ class Backbone(Protocol):
 
   def training_pair(self, rng: jax.Array, x0: jax.Array):
     """(x_t, t, target) for a denoising / flow-matching loss on clean latents ``x0``."""
+
+
+class PipelineBase:
+  """What the pipeline classes share: the frozen VAE (None in pixel space), image sizes, and
+  the Orbax cache. Subclasses are dataclasses with ``vae``, ``folder`` and ``resolution``
+  fields and a ``modules()`` dict of every component with weights."""
+
+  vae: Any
+  folder: str | None
+  resolution: int
+
+  def frozen(self):
+    """Frozen modules the pure ``decode`` needs (passed into jitted functions as arguments)."""
+    return self.vae
+
+  @property
+  def size(self) -> int:
+    """The default image size in pixels."""
+    return self.resolution
+
+  @property
+  def vae_scale(self) -> int:
+    return 1 if self.vae is None else self.vae.config.downsample_factor
+
+  def modules(self) -> dict[str, nnx.Module]:
+    raise NotImplementedError
+
+  def save(self, dst: str) -> None:
+    """Copies the folder's configs and tokenizers to ``dst`` and writes all parameters as an
+    Orbax checkpoint there; ``from_pretrained(dst)`` then skips conversion."""
+    copy_configs(self.folder, dst)
+    orbax_io.save_modules(os.path.join(dst, PARAMS_DIR), self.modules())
+
+  def write_component(self, dst: str, name: str, stem: str, tensors: Mapping[str, Any]) -> None:
+    """Writes ``dst/name/stem.safetensors`` (a diffusers / transformers component file)."""
+    os.makedirs(os.path.join(dst, name), exist_ok=True)
+    core.save_safetensors(tensors, os.path.join(dst, name, f"{stem}.safetensors"),
+                          metadata={"format": "pt"})
+
+
+def has_vae(index: Mapping[str, Any]) -> bool:
+  """False for a pixel-space pipeline (the toy bases): ``"vae": [null, null]`` or none."""
+  return bool(index.get("vae")) and index["vae"][0] is not None
+
+
+def load_components(path: str, names: Sequence[str], *,
+                    loaders: Mapping[str, Callable], abstract: Mapping[str, Callable],
+                    mesh=None, rules=None) -> dict[str, nnx.Module]:
+  """The named components of a pipeline folder, from its Orbax cache when it has one (written
+  by ``save``), else converted from the component folders' safetensors.
+
+  ``loaders[name](folder, shardings)`` converts; ``abstract[name](folder)`` gives the abstract
+  module the cache restores into; parameters are placed by ``mesh`` and the logical ``rules``.
+  """
+  from didr_jax.parallel import mesh as mesh_lib
+  sharding_fn = (None if mesh is None else
+                 lambda v: mesh_lib.param_sharding(v, mesh, rules or mesh_lib.DEFAULT_RULES))
+  cache = os.path.join(path, PARAMS_DIR)
+  if os.path.isdir(cache):
+    return orbax_io.restore_modules(
+        cache, {n: abstract[n](os.path.join(path, n)) for n in names}, sharding_fn)
+  path_fn = None if sharding_fn is None else (lambda p, v: sharding_fn(v))
+  return {n: loaders[n](os.path.join(path, n), path_fn) for n in names}
+
+
+def decode_images(vae: nnx.Module | None, latents: jax.Array) -> jax.Array:
+  """Latents -> images in [0, 1] (pixel-space backbones pass ``vae=None``)."""
+  from didr_jax.models import vae as vae_lib
+  x = latents if vae is None else vae_lib.decode_latents(vae, latents)
+  return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def copy_configs(src: str | None, dst: str) -> None:
+  """Copies everything but weights (configs, tokenizers, scheduler) from src to dst."""
+  if src is None:
+    raise ValueError("this pipeline was not loaded from a folder; nothing to copy configs from")
+  if os.path.abspath(src) == os.path.abspath(dst):
+    return
+  skip = (".safetensors", ".bin", ".index.json", ".ckpt", ".pt")
+  for root, dirs, files in os.walk(src):
+    dirs[:] = [d for d in dirs if d != PARAMS_DIR and not d.startswith("_")]
+    rel = os.path.relpath(root, src)
+    os.makedirs(os.path.join(dst, rel), exist_ok=True)
+    for f in files:
+      if not f.endswith(skip):
+        shutil.copy2(os.path.join(root, f), os.path.join(dst, rel, f))

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import shutil
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -26,22 +24,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from didr_jax.convert import core, orbax_io
+from didr_jax.convert import core
 from didr_jax.diffusion import ddim, guidance, kernels, param
 from didr_jax.diffusion.schedules import VPSchedule
 from didr_jax.models import clip, unet as unet_lib, vae as vae_lib
 from didr_jax.parallel import mesh as mesh_lib
-
-PARAMS_DIR = "orbax_params"
-
-def _extra(name: str, remat: bool) -> dict:
-  """Per-component loader options: remat applies to the trainable UNet only."""
-  return {"remat": True} if remat and name == "unet" else {}
-
+from didr_jax.pipelines.base import (PipelineBase, copy_configs, decode_images, has_vae,
+                                     load_components)
 
 _LOADERS = {"unet": unet_lib.load_unet, "vae": vae_lib.load_vae, "text_encoder": clip.load_clip}
 _ABSTRACT = {"unet": unet_lib.abstract_unet, "vae": vae_lib.abstract_vae,
              "text_encoder": clip.abstract_clip}
+
+
+def _component_fns(dtype, remat: bool):
+  """(loaders, abstract builders) by component name for ``base.load_components``; remat
+  applies to the trainable UNet only."""
+  def opts(name):
+    return {"dtype": dtype, **({"remat": True} if remat and name == "unet" else {})}
+  names = ("unet", "vae", "text_encoder", "text_encoder_2")
+  loaders = {n: (lambda f, shardings, n=n: _LOADERS[n.removesuffix("_2")](
+      f, shardings=shardings, **opts(n))) for n in names}
+  abstract = {n: (lambda f, n=n: _ABSTRACT[n.removesuffix("_2")](f, **opts(n))) for n in names}
+  return loaders, abstract
 
 
 class Cond(NamedTuple):
@@ -75,7 +80,7 @@ def guided_unet(unet: nnx.Module, x: jax.Array, t: jax.Array, cond: Cond, uncond
 
 
 @dataclasses.dataclass
-class SDPipeline:
+class SDPipeline(PipelineBase):
   unet: nnx.Module
   vae: nnx.Module | None
   text_encoders: list[nnx.Module]
@@ -96,14 +101,6 @@ class SDPipeline:
   def model(self) -> nnx.Module:
     """The trainable denoiser."""
     return self.unet
-
-  def frozen(self):
-    """Frozen modules the pure ``decode`` needs (passed into jitted functions as arguments)."""
-    return self.vae
-
-  @property
-  def size(self) -> int:
-    return self.resolution
 
   def latent_shape(self, batch: int, height: int | None = None, width: int | None = None):
     h, w = height or self.size, width or self.size
@@ -138,29 +135,18 @@ class SDPipeline:
                       remat: bool = False) -> "SDPipeline":
     """Loads a diffusers pipeline folder, or one that holds our Orbax cache (see ``save``)."""
     index = core.read_json(os.path.join(path, "model_index.json"))
-    sharding_fn = (None if mesh is None else
-                   lambda v: mesh_lib.param_sharding(v, mesh, rules))
-    path_fn = None if sharding_fn is None else (lambda p, v: sharding_fn(v))
     kind = "sdxl" if "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] else "sd"
     te_names = ["text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
-    # A pixel-space pipeline (the toy base) has no VAE: model_index.json says "vae": [null, null].
-    has_vae = bool(index.get("vae")) and index["vae"][0] is not None
-    names = ["unet"] + (["vae"] if has_vae else []) + te_names
-    cache = os.path.join(path, PARAMS_DIR)
-    if os.path.isdir(cache):
-      abstract = {n: _ABSTRACT[n.removesuffix("_2")](os.path.join(path, n), dtype=dtype,
-                                                     **_extra(n, remat)) for n in names}
-      modules = orbax_io.restore_modules(cache, abstract, sharding_fn)
-    else:
-      modules = {n: _LOADERS[n.removesuffix("_2")](os.path.join(path, n), dtype=dtype,
-                                                   shardings=path_fn, **_extra(n, remat))
-                 for n in names}
+    names = ["unet"] + (["vae"] if has_vae(index) else []) + te_names
+    loaders, abstract = _component_fns(dtype, remat)
+    modules = load_components(path, names, loaders=loaders, abstract=abstract, mesh=mesh,
+                              rules=rules)
     from transformers import AutoTokenizer
     tok_names = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
     tokenizers = [AutoTokenizer.from_pretrained(os.path.join(path, n)) for n in tok_names]
     sched = core.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     vae = modules.get("vae")
-    scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = 1 if vae is None else vae.config.downsample_factor
     sample_size = core.read_json(os.path.join(path, "unet", "config.json")).get("sample_size", 64)
     return cls(unet=modules["unet"], vae=modules.get("vae"),
                text_encoders=[modules[n] for n in te_names], tokenizers=tokenizers,
@@ -175,23 +161,16 @@ class SDPipeline:
       out["text_encoder" + ("" if i == 0 else f"_{i + 1}")] = te
     return out
 
-  def save(self, dst: str) -> None:
-    """Copies the folder's configs and tokenizers to ``dst`` and writes all parameters as an
-    Orbax checkpoint there; ``from_pretrained(dst)`` then skips conversion."""
-    _copy_configs(self.folder, dst)
-    orbax_io.save_modules(os.path.join(dst, PARAMS_DIR), self.modules())
-
   def export_diffusers(self, dst: str) -> None:
     """Writes a diffusers-format folder (configs + safetensors) that diffusers can load."""
-    _copy_configs(self.folder, dst)
+    copy_configs(self.folder, dst)
     exporters = {"unet": (unet_lib.export_unet, "diffusion_pytorch_model"),
                  "vae": (vae_lib.export_vae, "diffusion_pytorch_model"),
                  "text_encoder": (clip.export_clip, "model"),
                  "text_encoder_2": (clip.export_clip, "model")}
     for name, module in self.modules().items():
       fn, stem = exporters[name]
-      os.makedirs(os.path.join(dst, name), exist_ok=True)
-      core.save_safetensors(fn(module), os.path.join(dst, name, f"{stem}.safetensors"))
+      self.write_component(dst, name, stem, fn(module))
 
   # ---------------------------------------------------------------------------- prompts
 
@@ -212,10 +191,6 @@ class SDPipeline:
                   None if c.pooled is None else jnp.zeros((batch,) + c.pooled.shape[1:]),
                   None if c.time_ids is None else jnp.repeat(c.time_ids, batch, axis=0))
     return self.encode([""] * batch, height, width)
-
-  @property
-  def vae_scale(self) -> int:
-    return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
   @property
   def latent_channels(self) -> int:
@@ -277,23 +252,3 @@ def _sample(unet, vae, cond, uncond, latents, rng, schedule, num_steps, guidance
   return images, traj
 
 
-def decode_images(vae: nnx.Module | None, latents: jax.Array) -> jax.Array:
-  """Latents -> images in [0, 1] (pixel-space backbones pass ``vae=None``)."""
-  x = latents if vae is None else vae_lib.decode_latents(vae, latents)
-  return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-
-
-def _copy_configs(src: str | None, dst: str) -> None:
-  """Copies everything but weights (configs, tokenizers, scheduler) from src to dst."""
-  if src is None:
-    raise ValueError("this pipeline was not loaded from a folder; nothing to copy configs from")
-  if os.path.abspath(src) == os.path.abspath(dst):
-    return
-  skip = (".safetensors", ".bin", ".index.json", ".ckpt", ".pt")
-  for root, dirs, files in os.walk(src):
-    dirs[:] = [d for d in dirs if d != PARAMS_DIR and not d.startswith("_")]
-    rel = os.path.relpath(root, src)
-    os.makedirs(os.path.join(dst, rel), exist_ok=True)
-    for f in files:
-      if not f.endswith(skip):
-        shutil.copy2(os.path.join(root, f), os.path.join(dst, rel, f))

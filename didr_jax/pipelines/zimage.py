@@ -36,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from didr_jax.convert import core, orbax_io
+from didr_jax.convert import core
 from didr_jax.diffusion import ddim, flow, guidance, kernels
 from didr_jax.models import layers, qwen3, vae as vae_lib, zimage_dit
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.pipelines.sd import PARAMS_DIR, _copy_configs, decode_images
+from didr_jax.pipelines.base import (PipelineBase, copy_configs, decode_images, has_vae,
+                                     load_components)
 
 DEFAULT_CAPTION_LENGTH = 256  # tokens per caption in training batches (encode / negative)
 MAX_SEQUENCE_LENGTH = 512     # diffusers' max_sequence_length: prompts are truncated there
@@ -109,36 +110,29 @@ def _abstract_transformer(folder: str, dtype, remat: bool) -> zimage_dit.ZImageT
       config, rngs=rngs, remat=remat, dtype=dtype, param_dtype=dtype))
 
 
-def _abstract_qwen3(folder: str, dtype, remat: bool) -> qwen3.Qwen3Model:
-  del remat  # the text encoder is frozen
+def _abstract_qwen3(folder: str, dtype) -> qwen3.Qwen3Model:
   config = qwen3.Qwen3Config.from_hf(core.read_json(os.path.join(folder, "config.json")))
   return layers.abstract_module(lambda rngs: qwen3.Qwen3Model(config, rngs=rngs, dtype=dtype,
                                                               param_dtype=dtype))
 
 
-def _load_transformer(folder, dtype, shardings, remat):
-  return zimage_dit.load_zimage_transformer(folder, dtype=dtype, shardings=shardings,
-                                            remat=remat)
-
-
-def _load_vae(folder, dtype, shardings, remat):
-  del remat
-  return vae_lib.load_vae(folder, dtype=dtype, shardings=shardings)
-
-
-def _load_qwen3(folder, dtype, shardings, remat):
-  del remat
-  return qwen3.load_qwen3(folder, dtype=dtype, shardings=shardings)
-
-
-_LOADERS = {"transformer": _load_transformer, "vae": _load_vae, "text_encoder": _load_qwen3}
-_ABSTRACT = {"transformer": _abstract_transformer,
-             "vae": lambda f, dtype, remat: vae_lib.abstract_vae(f, dtype=dtype),
-             "text_encoder": _abstract_qwen3}
+def _component_fns(dtype, remat: bool):
+  """(loaders, abstract builders) by component name for ``base.load_components``; remat
+  applies to the trainable transformer only."""
+  loaders = {
+      "transformer": lambda f, shardings: zimage_dit.load_zimage_transformer(
+          f, dtype=dtype, shardings=shardings, remat=remat),
+      "vae": lambda f, shardings: vae_lib.load_vae(f, dtype=dtype, shardings=shardings),
+      "text_encoder": lambda f, shardings: qwen3.load_qwen3(f, dtype=dtype,
+                                                            shardings=shardings)}
+  abstract = {"transformer": lambda f: _abstract_transformer(f, dtype, remat),
+              "vae": lambda f: vae_lib.abstract_vae(f, dtype=dtype),
+              "text_encoder": lambda f: _abstract_qwen3(f, dtype)}
+  return loaders, abstract
 
 
 @dataclasses.dataclass
-class ZImagePipeline:
+class ZImagePipeline(PipelineBase):
   transformer: nnx.Module
   vae: nnx.Module | None
   text_encoder: nnx.Module
@@ -161,18 +155,6 @@ class ZImagePipeline:
   def model(self) -> nnx.Module:
     """The trainable denoiser."""
     return self.transformer
-
-  def frozen(self):
-    """Frozen modules the pure ``decode`` needs (passed into jitted functions as arguments)."""
-    return self.vae
-
-  @property
-  def size(self) -> int:
-    return self.resolution
-
-  @property
-  def vae_scale(self) -> int:
-    return 1 if self.vae is None else self.vae.config.downsample_factor
 
   @property
   def latent_channels(self) -> int:
@@ -241,23 +223,17 @@ class ZImagePipeline:
     captions, tokens) defaults to ``model_index.json``'s optional ``caption_length``, else
     ``DEFAULT_CAPTION_LENGTH``."""
     index = core.read_json(os.path.join(path, "model_index.json"))
-    sharding_fn = (None if mesh is None else
-                   lambda v: mesh_lib.param_sharding(v, mesh, rules))
-    path_fn = None if sharding_fn is None else (lambda p, v: sharding_fn(v))
-    has_vae = bool(index.get("vae")) and index["vae"][0] is not None
-    names = ["transformer"] + (["vae"] if has_vae else []) + ["text_encoder"]
-    cache = os.path.join(path, PARAMS_DIR)
-    if os.path.isdir(cache):
-      abstract = {n: _ABSTRACT[n](os.path.join(path, n), dtype, remat) for n in names}
-      modules = orbax_io.restore_modules(cache, abstract, sharding_fn)
-    else:
-      modules = {n: _LOADERS[n](os.path.join(path, n), dtype, path_fn, remat) for n in names}
+    with_vae = has_vae(index)
+    names = ["transformer"] + (["vae"] if with_vae else []) + ["text_encoder"]
+    loaders, abstract = _component_fns(dtype, remat)
+    modules = load_components(path, names, loaders=loaders, abstract=abstract, mesh=mesh,
+                              rules=rules)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
     sched = flow.FlowMatchConfig.from_diffusers(
         core.read_json(os.path.join(path, "scheduler", "scheduler_config.json")))
     if resolution is None:
-      vae_cfg = (core.read_json(os.path.join(path, "vae", "config.json")) if has_vae else {})
+      vae_cfg = (core.read_json(os.path.join(path, "vae", "config.json")) if with_vae else {})
       resolution = int(vae_cfg.get("sample_size") or index.get("resolution") or 1024)
     te_class = (index.get("text_encoder") or [None, None])[1]
     return cls(transformer=modules["transformer"], vae=modules.get("vae"),
@@ -273,16 +249,10 @@ class ZImagePipeline:
       out["vae"] = self.vae
     return out
 
-  def save(self, dst: str) -> None:
-    """Copies the folder's configs and tokenizer to ``dst`` and writes all parameters as an
-    Orbax checkpoint there; ``from_pretrained(dst)`` then skips conversion."""
-    _copy_configs(self.folder, dst)
-    orbax_io.save_modules(os.path.join(dst, PARAMS_DIR), self.modules())
-
   def export_diffusers(self, dst: str) -> None:
     """Writes a diffusers-format folder (configs + safetensors) that diffusers' ZImagePipeline
     loads; weights keep their dtype."""
-    _copy_configs(self.folder, dst)
+    copy_configs(self.folder, dst)
     tensors = {
         ("transformer", "diffusion_pytorch_model"):
             lambda: zimage_dit.export_zimage_transformer(self.transformer),
@@ -292,9 +262,7 @@ class ZImagePipeline:
     if self.vae is not None:
       tensors[("vae", "diffusion_pytorch_model")] = lambda: vae_lib.export_vae(self.vae)
     for (name, stem), fn in tensors.items():
-      os.makedirs(os.path.join(dst, name), exist_ok=True)
-      core.save_safetensors(fn(), os.path.join(dst, name, f"{stem}.safetensors"),
-                            metadata={"format": "pt"})
+      self.write_component(dst, name, stem, fn())
 
   # ---------------------------------------------------------------------------- prompts
 

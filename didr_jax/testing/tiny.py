@@ -6,7 +6,6 @@ PyTorch modules double as the parity reference. Requires the ``torch`` extra.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np

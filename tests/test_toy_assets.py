@@ -1,0 +1,89 @@
+"""The shipped toy checkpoints (``didr_jax/toy/assets``): small, loadable by the PyTorch
+libraries they claim the format of (same outputs as our modules), tokenizers that keep every
+toy word whole, base models that already draw the shapes world, and the embedded toy configs
+running one DDPO epoch on each base."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.testing.configs import load_config
+from didr_jax.toy import detector, pretrain, shapes
+from didr_jax.train import loop
+
+ASSETS = loop.TOY_ASSETS
+
+
+def test_assets_are_small():
+  total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ASSETS) for f in fs)
+  assert total < 12e6, f"shipped toy assets are {total / 1e6:.1f} MB"
+
+
+def test_qwen_tokenizer_keeps_toy_words_whole():
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(os.path.join(ASSETS, "toy_dit", "tokenizer"))
+  for w in pretrain.words():
+    assert len(tok(w).input_ids) == 1 and len(tok(" " + w).input_ids) == 1, w
+  prompt = "two red circles and a blue square"
+  assert len(tok(prompt).input_ids) == len(prompt.split())
+  text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                 add_generation_prompt=True, enable_thinking=True)
+  assert text == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+  assert len(tok(text).input_ids) <= pretrain.DIT_CAPTION_LENGTH
+  # anything else still tokenizes, byte by byte
+  assert tok.decode(tok("a purple zebra!").input_ids) == "a purple zebra!"
+
+
+def test_toy_dit_matches_the_pytorch_modules():
+  """The shipped DiT and text encoder are real diffusers / transformers checkpoints: the torch
+  modules loaded from them give our outputs."""
+  from diffusers import ZImageTransformer2DModel
+  from transformers import Qwen3Model
+  from didr_jax.pipelines import registry
+  folder = os.path.join(ASSETS, "toy_dit")
+  pipe = registry.load_pipeline(folder)
+  ids = pipe.tokenizer(["<|im_start|>user\nthree green triangles<|im_end|>"],
+                       return_tensors="np").input_ids
+  ours_h = np.asarray(pipe.text_encoder(jnp.asarray(ids), None, hidden_state_index=-2))
+  te = Qwen3Model.from_pretrained(os.path.join(folder, "text_encoder")).eval()
+  with torch.no_grad():
+    ref_h = te(torch.from_numpy(ids.astype(np.int64)),
+               output_hidden_states=True).hidden_states[-2].numpy()
+  np.testing.assert_allclose(ours_h, ref_h, rtol=1e-4, atol=1e-4 * np.abs(ref_h).max())
+
+  tr = ZImageTransformer2DModel.from_pretrained(os.path.join(folder, "transformer")).eval()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+  cap = rng.standard_normal((2, 16, ours_h.shape[-1])).astype(np.float32)
+  t = np.array([0.3, 0.8], np.float32)
+  ours = np.asarray(pipe.transformer(jnp.asarray(x), jnp.asarray(t), jnp.asarray(cap),
+                                     jnp.ones((2, 16), bool)))
+  with torch.no_grad():
+    ref = tr([torch.from_numpy(xi.transpose(2, 0, 1)[:, None]) for xi in x],
+             torch.from_numpy(t), [torch.from_numpy(c) for c in cap],
+             patch_size=tr.config.all_patch_size[0], f_patch_size=1, return_dict=False)[0]
+  ref = np.stack([r[:, 0].numpy().transpose(1, 2, 0) for r in ref])
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["toy_ddpo", "toy_ddpo_dit"])
+def test_base_draws_the_shapes_world_and_one_epoch_runs(name, tmp_path):
+  """The base model's samples already score on the detector (random images score ~0), and the
+  embedded config runs a (shrunk) DDPO epoch on it."""
+  c = load_config(name, **{"sample.batch_size": 16, "sample.num_batches": 1,
+                           "train.batch_size": 16, "num_epochs": 1, "eval.num_samples": 0,
+                           "log_images": 4, "async_checkpoint": False})
+  mesh = mesh_lib.make_mesh([("data", 1)])
+  trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
+  state = trainer.init_state()
+  prompts = list(shapes.train_prompts()[:64])
+  _, images, _, _ = trainer.sample(trainer.policy_params(state), prompts, jax.random.key(0))
+  score = float(detector.batch_score(np.asarray(images), prompts).mean())
+  assert score > 0.05, f"{name} base scores {score:.3f} on the detector"
+  metrics = loop.train(c, str(tmp_path / "run"))
+  assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["reward_mean"] <= 1.0
