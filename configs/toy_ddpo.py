@@ -3,22 +3,28 @@ rewarded by the toy detector (GenEval-like, non-differentiable). Runs on a lapto
 
 Groups of 8 images per prompt with group-relative advantages (the toy has 288 training prompts,
 so a per-prompt buffer would rarely fill); four optimizer steps per epoch. The policy is the
-eta = 1 DDIM sampler it is trained as, so evaluation samples with it too."""
+eta = 1 DDIM sampler it is trained as, so evaluation samples with it too.
+
+``get_config("dit")`` (``--config=configs/toy_ddpo.py:dit``, or ``configs/toy_ddpo_dit.py``) is
+the same recipe on the shipped toy DiT: a tiny Z-Image with the flow SDE policy (Flow-GRPO's
+noise level a = 0.7, also used for evaluation)."""
 
 from didr_jax.train import config as config_lib
 from didr_jax.train.ddpo import ddpo_section
 
 
-def get_config():
+def get_config(base: str = "unet"):
+  if base not in ("unet", "dit"):
+    raise ValueError(f"toy_ddpo.py:{base}: the toy bases are 'unet' and 'dit'")
   c = config_lib.base_config()
   c.method = "ddpo"
-  c.backbone.kind = "toy_unet"
+  c.backbone.kind = f"toy_{base}"
   c.rewards = {"toy_detector": 1.0}
   c.num_epochs = 40
   c.eval_every = 0
   c.sample.num_steps = 10
   c.sample.guidance_scale = 3.0
-  c.sample.eta = 1.0
+  c.sample.eta = 1.0 if base == "unet" else 0.7  # DDIM eta / flow SDE noise level a
   c.sample.batch_size = 32
   c.sample.num_batches = 2
   c.sample.group_size = 8
@@ -32,5 +38,5 @@ def get_config():
   c.ddpo.advantage = "group"
   c.eval.num_samples = 256
   c.eval.batch_size = 64
-  c.eval.eta = 1.0
+  c.eval.eta = c.sample.eta
   return config_lib.finalize(c)

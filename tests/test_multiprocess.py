@@ -40,3 +40,5 @@ def test_two_processes_gather_advantage_statistics():
       want = advantages.AdvantageNormalizer(mode, buffer_size=8, min_count=2)(prompts, rewards)
       np.testing.assert_allclose(o[mode], want, rtol=1e-6)
   assert outs[0]["group"] == outs[1]["group"]
+  for o in outs:
+    np.testing.assert_array_equal(np.float32(o["all_rows"])[:, 0], np.arange(12))

@@ -74,6 +74,15 @@ def host_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate(rows)
 
 
+def all_rows(x: jax.Array) -> np.ndarray:
+  """Every row of a batch-sharded global array on every process (evaluation metrics are
+  computed on the whole held-out set, identically on each host)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def host_row_range(global_batch: int) -> tuple[int, int]:
   """The [start, end) rows of a batch-sharded global batch that this process holds."""
   n = jax.process_count()

@@ -19,12 +19,13 @@ def evaluate(sample_fn: Callable, prompts: Sequence[str],
   """``sample_fn(prompts, rng) -> images (B, H, W, 3) in [0, 1]``; prompt i of the evaluation is
   ``prompts[i % len(prompts)]`` and its noise comes from ``seed``, so every run and checkpoint
   is judged on the same prompts and noise. ``metrics`` are per-image scores (means reported);
-  ``set_metrics`` see all images at once (e.g. a Frechet distance)."""
+  ``set_metrics`` see all images at once (e.g. a Frechet distance). On several hosts every
+  host gathers all images, so all report the same metrics."""
   all_images, all_prompts = [], []
   for b in range(num_samples // batch_size):
     ps = [prompts[(b * batch_size + i) % len(prompts)] for i in range(batch_size)]
     images = sample_fn(ps, jax.random.fold_in(jax.random.key(seed), b))
-    all_images.append(common.host_rows(images))
+    all_images.append(common.all_rows(images))
     all_prompts += ps
   images = np.concatenate(all_images)
   out = {}

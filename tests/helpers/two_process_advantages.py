@@ -1,7 +1,8 @@
 """Worker of test_multiprocess: one of two jax.distributed CPU processes on localhost.
 
 Each process holds its own slice of the epoch's prompts and rewards; the advantage statistics
-must be computed from the gathered global batch, identically on both processes."""
+must be computed from the gathered global batch, identically on both processes; evaluation
+images sharded over the processes are gathered whole on each."""
 
 import json
 import sys
@@ -26,5 +27,12 @@ out = {}
 for mode in ("per_prompt", "group"):
   norm = advantages.AdvantageNormalizer(mode, buffer_size=8, min_count=2)
   out[mode] = norm(prompts, glob).tolist()
+# evaluation gathers a batch-sharded global array (one row block per process) on every host
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from didr_jax.train import common  # noqa: E402
+mesh = Mesh(np.array(jax.devices()), ("data",))
+local = np.arange(lo, hi, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+images = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
+out["all_rows"] = common.all_rows(images).tolist()
 print(json.dumps({"pid": pid, "processes": jax.process_count(), "gathered": glob.tolist(),
                   **out}), flush=True)
