@@ -28,10 +28,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from didr_jax.parallel import mesh as mesh_lib
   mesh_lib.maybe_initialize_distributed()
-  from didr_jax.train import loop
+  from didr_jax.train import config as config_lib, loop
   workdir = FLAGS.workdir or os.path.join(
       "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
-  loop.train(_CONFIG.value, workdir)
+  try:
+    loop.train(_CONFIG.value, workdir)
+  except config_lib.ConfigError as e:  # a bad setting: say which, without a traceback
+    raise app.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -87,3 +87,15 @@ def test_base_draws_the_shapes_world_and_one_epoch_runs(name, tmp_path):
   assert score > 0.05, f"{name} base scores {score:.3f} on the detector"
   metrics = loop.train(c, str(tmp_path / "run"))
   assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["reward_mean"] <= 1.0
+
+
+def test_dit_pretraining_writes_a_loadable_pipeline(tmp_path):
+  """The regenerating command's DiT stage (two steps): loss finite, the folder loads back as a
+  pixel-space Z-Image pipeline with the shipped layout."""
+  from didr_jax.pipelines import registry
+  pretrain.train_dit(str(tmp_path), steps=2, batch=4, seed=3)
+  pipe = registry.load_pipeline(str(tmp_path / "toy_dit"))
+  assert pipe.kind == "zimage" and pipe.vae is None
+  assert (pipe.resolution, pipe.caption_length) == (32, pretrain.DIT_CAPTION_LENGTH)
+  shipped = sorted(os.listdir(os.path.join(ASSETS, "toy_dit")))
+  assert sorted(os.listdir(tmp_path / "toy_dit")) == shipped
