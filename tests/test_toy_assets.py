@@ -78,7 +78,7 @@ def test_base_draws_the_shapes_world_and_one_epoch_runs(name, tmp_path):
   c = load_config(name, **{"sample.batch_size": 16, "sample.num_batches": 1,
                            "train.batch_size": 16, "num_epochs": 1, "eval.num_samples": 0,
                            "log_images": 4, "async_checkpoint": False})
-  mesh = mesh_lib.make_mesh([("data", 1)])
+  mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
   state = trainer.init_state()
   prompts = list(shapes.train_prompts()[:64])
