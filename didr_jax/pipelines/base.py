@@ -77,20 +77,18 @@ class PipelineBase:
   def vae_scale(self) -> int:
     return 1 if self.vae is None else self.vae.config.downsample_factor
 
-  def modules(self) -> dict[str, nnx.Module]:
-    raise NotImplementedError
-
   def save(self, dst: str) -> None:
     """Copies the folder's configs and tokenizers to ``dst`` and writes all parameters as an
     Orbax checkpoint there; ``from_pretrained(dst)`` then skips conversion."""
     copy_configs(self.folder, dst)
     orbax_io.save_modules(os.path.join(dst, PARAMS_DIR), self.modules())
 
-  def write_component(self, dst: str, name: str, stem: str, tensors: Mapping[str, Any]) -> None:
-    """Writes ``dst/name/stem.safetensors`` (a diffusers / transformers component file)."""
-    os.makedirs(os.path.join(dst, name), exist_ok=True)
-    core.save_safetensors(tensors, os.path.join(dst, name, f"{stem}.safetensors"),
-                          metadata={"format": "pt"})
+
+def write_component(dst: str, name: str, stem: str, tensors: Mapping[str, Any]) -> None:
+  """Writes ``dst/name/stem.safetensors`` (a diffusers / transformers component file)."""
+  os.makedirs(os.path.join(dst, name), exist_ok=True)
+  core.save_safetensors(tensors, os.path.join(dst, name, f"{stem}.safetensors"),
+                        metadata={"format": "pt"})
 
 
 def has_vae(index: Mapping[str, Any]) -> bool:

@@ -30,7 +30,7 @@ from didr_jax.diffusion.schedules import VPSchedule
 from didr_jax.models import clip, unet as unet_lib, vae as vae_lib
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.pipelines.base import (PipelineBase, copy_configs, decode_images, has_vae,
-                                     load_components)
+                                     load_components, write_component)
 
 _LOADERS = {"unet": unet_lib.load_unet, "vae": vae_lib.load_vae, "text_encoder": clip.load_clip}
 _ABSTRACT = {"unet": unet_lib.abstract_unet, "vae": vae_lib.abstract_vae,
@@ -170,7 +170,7 @@ class SDPipeline(PipelineBase):
                  "text_encoder_2": (clip.export_clip, "model")}
     for name, module in self.modules().items():
       fn, stem = exporters[name]
-      self.write_component(dst, name, stem, fn(module))
+      write_component(dst, name, stem, fn(module))
 
   # ---------------------------------------------------------------------------- prompts
 

@@ -41,7 +41,7 @@ from didr_jax.diffusion import ddim, flow, guidance, kernels
 from didr_jax.models import layers, qwen3, vae as vae_lib, zimage_dit
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.pipelines.base import (PipelineBase, copy_configs, decode_images, has_vae,
-                                     load_components)
+                                     load_components, write_component)
 
 DEFAULT_CAPTION_LENGTH = 256  # tokens per caption in training batches (encode / negative)
 MAX_SEQUENCE_LENGTH = 512     # diffusers' max_sequence_length: prompts are truncated there
@@ -262,7 +262,7 @@ class ZImagePipeline(PipelineBase):
     if self.vae is not None:
       tensors[("vae", "diffusion_pytorch_model")] = lambda: vae_lib.export_vae(self.vae)
     for (name, stem), fn in tensors.items():
-      self.write_component(dst, name, stem, fn())
+      write_component(dst, name, stem, fn())
 
   # ---------------------------------------------------------------------------- prompts
 
