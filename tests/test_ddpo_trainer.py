@@ -131,9 +131,18 @@ def test_config_validation_names_the_key(toy_folder):
     config_lib.validate(c, num_devices=1)
   with pytest.raises(AttributeError):  # locked: an unknown key cannot be set
     c.train.learnin_rate = 1.0
+  c = small(toy_folder, **{"backbone.resolution": -32})
+  with pytest.raises(config_lib.ConfigError, match="config.backbone.resolution"):
+    config_lib.validate(c, num_devices=1)
+  one = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   c = small(toy_folder, **{"backbone.path": "/nonexistent"})
   with pytest.raises(config_lib.ConfigError, match="config.backbone.path"):
-    loop.build_backbone(c, mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1]))
+    loop.build_backbone(c, one)
+  c = small(toy_folder, **{"backbone.kind": "toy_dit"})  # a UNet folder named as a DiT
+  with pytest.raises(config_lib.ConfigError, match="config.backbone.kind"):
+    loop.build_backbone(c, one)
+  c = small(toy_folder, **{"backbone.resolution": 16})
+  assert loop.build_backbone(c, one).latent_shape(2) == (2, 16, 16, 3)
 
 
 def test_ddpo_sdxl_config_runs_two_epochs(tmp_path):
