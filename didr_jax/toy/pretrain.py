@@ -81,7 +81,7 @@ flags.DEFINE_integer("unet_steps", 3000, "denoising training steps of the toy UN
 flags.DEFINE_integer("dit_steps", 6000, "flow-matching training steps of the toy DiT")
 flags.DEFINE_list("stages", ["clip", "unet", "dit"], "what to (re)build: clip, unet, dit")
 flags.DEFINE_integer("batch", 64, "batch size of the CLIP stage")
-flags.DEFINE_integer("unet_batch", 32, "batch size of the UNet stage")
+flags.DEFINE_integer("unet_batch", 32, "batch size of the UNet and DiT stages")
 flags.DEFINE_integer("seed", 0, "seed")
 FLAGS = flags.FLAGS
 
@@ -285,16 +285,18 @@ def save_dit_pipeline(folder: str, transformer, text_encoder, tok) -> None:
            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": [None, None],
            "resolution": IMAGE_SIZE, "caption_length": DIT_CAPTION_LENGTH}
-  with open(os.path.join(folder, "model_index.json"), "w") as f:
-    json.dump(index, f, indent=2)
+  _write_json(os.path.join(folder, "model_index.json"), index)
   zimage_dit.save_zimage_transformer(transformer, os.path.join(folder, "transformer"))
-  with open(os.path.join(folder, "text_encoder", "config.json"), "w") as f:
-    json.dump(text_encoder.config.to_hf(), f, indent=2)
+  _write_json(os.path.join(folder, "text_encoder", "config.json"), text_encoder.config.to_hf())
   core.save_safetensors(qwen3.export_qwen3(text_encoder),
                         os.path.join(folder, "text_encoder", "model.safetensors"))
   tok.save_pretrained(os.path.join(folder, "tokenizer"))
-  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-    json.dump(FLOW_SCHEDULER_CONFIG, f, indent=2)
+  _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), FLOW_SCHEDULER_CONFIG)
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
 
 
 def save_pipeline(folder: str, unet, text_model, tok, unet_config: dict | None = None) -> None:
@@ -308,16 +310,13 @@ def save_pipeline(folder: str, unet, text_model, tok, unet_config: dict | None =
            "scheduler": ["diffusers", "DDIMScheduler"], "vae": [None, None],
            "safety_checker": [None, None], "feature_extractor": [None, None],
            "requires_safety_checker": False}
-  with open(os.path.join(folder, "model_index.json"), "w") as f:
-    json.dump(index, f, indent=2)
-  with open(os.path.join(folder, "unet", "config.json"), "w") as f:
-    json.dump(unet_config or UNET_CONFIG, f, indent=2)
+  _write_json(os.path.join(folder, "model_index.json"), index)
+  _write_json(os.path.join(folder, "unet", "config.json"), unet_config or UNET_CONFIG)
   core.save_safetensors(unet_lib.export_unet(unet),
                         os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
   clip.save_clip(text_model, os.path.join(folder, "text_encoder"))
   tok.save_pretrained(os.path.join(folder, "tokenizer"))
-  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-    json.dump(SCHEDULER_CONFIG, f, indent=2)
+  _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
 
 
 def main(argv):
