@@ -2,15 +2,20 @@
 
   python benchmarks/ddpo_throughput.py [--batch=16] [--steps=10] [--repeats=3]
 
-Two workloads, each sampled by both implementations with the same architecture, weights, steps,
-batch and CFG:
+Three workloads, each sampled by both implementations with the same architecture, weights,
+steps, batch and CFG:
   toy      the shipped pixel-space toy UNet (32 x 32 x 3) with its toy-CLIP text encoder;
            the PyTorch peer is diffusers' UNet2DConditionModel + DDIMScheduler in a plain loop
            (diffusers has no pipeline class for a VAE-less UNet).
+  toy_dit  the shipped pixel-space toy DiT (a tiny Z-Image with a Qwen3 text encoder), Euler
+           flow sampling; the peer is diffusers' ZImagePipeline.__call__ on the same folder
+           (output_type "latent": the toy has no VAE), given the same initial noise; the final
+           images of the two are compared and the largest difference printed.
   tiny_sd  a tiny random StableDiffusionPipeline (UNet + VAE + CLIP, 32 px images);
            the peer is diffusers' StableDiffusionPipeline.__call__.
 Printed: sampling samples/s of each, their ratio (JAX / PyTorch, > 1 means faster), and our
-full DDPO epoch (sampling + rewards + training) samples/s. Compilation is excluded (one warm-up
+full DDPO epoch (sampling + rewards + training) samples/s on the toy UNet, the toy DiT and the
+tiny SD. Compilation is excluded (one warm-up
 call), as is PyTorch's first call. Timings are wall clock on whatever machine runs it.
 """
 
@@ -74,6 +79,29 @@ def bench_toy(args):
   return _time(ours, args.repeats), _time(peer, args.repeats)
 
 
+def bench_toy_dit(args):
+  """(ours s/batch, diffusers s/batch, max |image difference|) on the shipped toy DiT."""
+  from diffusers import ZImagePipeline
+  from didr_jax.pipelines.zimage import ZImagePipeline as OurZImage
+  from didr_jax.train import loop
+  folder = loop.TOY_ASSETS + "/toy_dit"
+  prompts = ["two red circles", "a blue square and a yellow triangle"] * (args.batch // 2)
+  pipe = OurZImage.from_pretrained(folder)
+  noise = np.random.default_rng(0).standard_normal((args.batch, pipe.size, pipe.size, 3))
+  noise = noise.astype(np.float32)
+  ours = lambda: np.asarray(pipe.sample(prompts, num_steps=args.steps, guidance_scale=3.0,
+                                        latents=noise)[0])
+  ref = ZImagePipeline.from_pretrained(folder, vae=None)
+  ref.set_progress_bar_config(disable=True)
+  # diffusers' guidance_scale is w - 1; a VAE-less pipeline takes 8 x the latent size as its height and width
+  peer = lambda: ref(prompts, height=8 * pipe.size, width=8 * pipe.size,
+                     num_inference_steps=args.steps, guidance_scale=2.0, output_type="latent",
+                     latents=torch.from_numpy(noise.transpose(0, 3, 1, 2))).images
+  peer_images = np.clip((peer().numpy().transpose(0, 2, 3, 1) + 1) / 2, 0, 1)
+  diff = float(np.abs(ours() - peer_images).max())
+  return _time(ours, args.repeats), _time(peer, args.repeats), diff
+
+
 def bench_tiny_sd(args, folder):
   from didr_jax.pipelines.sd import SDPipeline
   from diffusers import StableDiffusionPipeline
@@ -112,11 +140,14 @@ def main():
   args = p.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU threads for torch; "
-        f"batch {args.batch}, {args.steps} DDIM steps, CFG on")
+        f"batch {args.batch}, {args.steps} sampling steps, CFG on")
   jt, tt = bench_toy(args)
   b = args.batch
   print(f"toy sampling      jax {b / jt:8.2f} samples/s | diffusers torch {b / tt:8.2f} "
         f"samples/s | ratio {tt / jt:5.2f}x")
+  jt, tt, diff = bench_toy_dit(args)
+  print(f"toy_dit sampling  jax {b / jt:8.2f} samples/s | diffusers torch {b / tt:8.2f} "
+        f"samples/s | ratio {tt / jt:5.2f}x | max |image diff| {diff:.1e}")
   with tempfile.TemporaryDirectory() as d:
     from didr_jax.testing import tiny
     tiny.save_tiny_sd(d, kind="sd", seed=0)
@@ -128,6 +159,8 @@ def main():
     print(f"tiny_sd DDPO epoch (sample + reward + train) jax {rate:8.2f} samples/s")
   rate = ddpo_epoch(args, "toy_ddpo")
   print(f"toy DDPO epoch (sample + reward + train)     jax {rate:8.2f} samples/s")
+  rate = ddpo_epoch(args, "toy_ddpo_dit")
+  print(f"toy DiT DDPO epoch (flow SDE, a = 0.7)       jax {rate:8.2f} samples/s")
 
 
 if __name__ == "__main__":
