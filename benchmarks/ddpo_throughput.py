@@ -94,7 +94,8 @@ def bench_toy_dit(args):
   ref = ZImagePipeline.from_pretrained(folder, vae=None)
   ref.set_progress_bar_config(disable=True)
   # diffusers' guidance_scale is w - 1; a VAE-less pipeline takes 8 x the latent size as its height and width
-  peer = lambda: ref(prompts, height=8 * pipe.size, width=8 * pipe.size,
+  # a fresh list each call: diffusers' encode_prompt writes the chat template into the list
+  peer = lambda: ref(list(prompts), height=8 * pipe.size, width=8 * pipe.size,
                      num_inference_steps=args.steps, guidance_scale=2.0, output_type="latent",
                      latents=torch.from_numpy(noise.transpose(0, 3, 1, 2))).images
   peer_images = np.clip((peer().numpy().transpose(0, 2, 3, 1) + 1) / 2, 0, 1)
