@@ -15,8 +15,7 @@ steps, batch and CFG:
            the peer is diffusers' StableDiffusionPipeline.__call__.
 Printed: sampling samples/s of each, their ratio (JAX / PyTorch, > 1 means faster), and our
 full DDPO epoch (sampling + rewards + training) samples/s on the toy UNet, the toy DiT and the
-tiny SD. Compilation is excluded (one warm-up
-call), as is PyTorch's first call. Timings are wall clock on whatever machine runs it.
+tiny SD. Compilation is excluded (one warm-up call), as is PyTorch's first call. Timings are wall clock on whatever machine runs it.
 """
 
 from __future__ import annotations
@@ -81,8 +80,8 @@ def bench_toy(args):
 
 def bench_toy_dit(args):
   """(ours s/batch, diffusers s/batch, max |image difference|) on the shipped toy DiT."""
-  from diffusers import ZImagePipeline
   from didr_jax.pipelines.zimage import ZImagePipeline as OurZImage
+  from didr_jax.testing import tiny_zimage
   from didr_jax.train import loop
   folder = loop.TOY_ASSETS + "/toy_dit"
   prompts = ["two red circles", "a blue square and a yellow triangle"] * (args.batch // 2)
@@ -91,15 +90,9 @@ def bench_toy_dit(args):
   noise = noise.astype(np.float32)
   ours = lambda: np.asarray(pipe.sample(prompts, num_steps=args.steps, guidance_scale=3.0,
                                         latents=noise)[0])
-  ref = ZImagePipeline.from_pretrained(folder, vae=None)
-  ref.set_progress_bar_config(disable=True)
-  # diffusers' guidance_scale is w - 1; a VAE-less pipeline takes 8 x the latent size as its height and width
-  # a fresh list each call: diffusers' encode_prompt writes the chat template into the list
-  peer = lambda: ref(list(prompts), height=8 * pipe.size, width=8 * pipe.size,
-                     num_inference_steps=args.steps, guidance_scale=2.0, output_type="latent",
-                     latents=torch.from_numpy(noise.transpose(0, 3, 1, 2))).images
-  peer_images = np.clip((peer().numpy().transpose(0, 2, 3, 1) + 1) / 2, 0, 1)
-  diff = float(np.abs(ours() - peer_images).max())
+  ref = tiny_zimage.diffusers_pixel_sampler(folder)
+  peer = lambda: ref(prompts, noise, args.steps, 3.0)
+  diff = float(np.abs(ours() - peer()).max())
   return _time(ours, args.repeats), _time(peer, args.repeats), diff
 
 

@@ -67,3 +67,25 @@ def save_tiny_zimage(folder: str, seed: int = 0, *, image_size: int = 32):
                         tokenizer=tiny_qwen_tokenizer(), transformer=transformer)
   pipe.save_pretrained(folder, safe_serialization=True)
   return pipe
+
+
+def diffusers_pixel_sampler(folder: str):
+  """diffusers' own ``ZImagePipeline`` on a VAE-less (pixel-space) Z-Image folder such as the
+  toy DiT, as ``fn(prompts, noise NHWC, num_steps, guidance_scale) -> images NHWC in [0, 1]``
+  with our conventions: ``guidance_scale`` is the standard CFG w (diffusers takes w - 1), and
+  output_type "latent" returns the pixels (a VAE-less pipeline takes 8 x their size as its
+  height and width)."""
+  import numpy as np
+  import torch
+  from diffusers import ZImagePipeline
+  pipe = ZImagePipeline.from_pretrained(folder, vae=None)
+  pipe.set_progress_bar_config(disable=True)
+
+  def sample(prompts, noise, num_steps: int, guidance_scale: float) -> np.ndarray:
+    b, h, w, _ = noise.shape
+    # a fresh list: diffusers' encode_prompt writes the chat template into the caller's list
+    out = pipe(list(prompts), height=8 * h, width=8 * w, num_inference_steps=num_steps,
+               guidance_scale=guidance_scale - 1.0, output_type="latent",
+               latents=torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2))).images
+    return np.clip((out.numpy().transpose(0, 2, 3, 1) + 1) / 2, 0, 1)
+  return sample
