@@ -15,7 +15,8 @@ steps, batch and CFG:
            the peer is diffusers' StableDiffusionPipeline.__call__.
 Printed: sampling samples/s of each, their ratio (JAX / PyTorch, > 1 means faster), and our
 full DDPO epoch (sampling + rewards + training) samples/s on the toy UNet, the toy DiT and the
-tiny SD. Compilation is excluded (one warm-up call), as is PyTorch's first call. Timings are wall clock on whatever machine runs it.
+tiny SD. Compilation is excluded (one warm-up call), as is PyTorch's first call. Timings are
+wall clock on whatever machine runs it.
 """
 
 from __future__ import annotations

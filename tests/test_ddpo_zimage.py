@@ -45,22 +45,29 @@ def test_config_is_flow_grpo():
   assert info["optimizer_steps_per_epoch"] == 2 and info["timesteps_trained_per_sample"] == 9
 
 
-def test_ratio_is_one_before_the_first_update(folder):
-  c = small(folder, **{"sample.num_batches": 1, "train.grad_accum": 1})
+def _first_minibatch(c, advantages):
+  """A single-device trainer, its state, one sampled epoch (4 + 4 images of two prompts) with
+  the given advantages, and that epoch's first training minibatch."""
   mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
-  assert trainer.bb.family == "flow" and trainer.ref_params is not None
   state = trainer.init_state()
   prompts = ["a red circle"] * 4 + ["two blue squares"] * 4
   traj, images, cond, uncond = trainer.sample(trainer.policy_params(state), prompts,
                                               jax.random.key(0))
-  assert images.shape == (8, 32, 32, 3) and traj.latents.shape == (4, 8, 16, 16, 16)
-  assert float(traj.timesteps[0]) == 1.0 and float(traj.next_timesteps[-1]) == 0.0
   data = {"latents": jnp.swapaxes(traj.latents, 0, 1),
           "log_probs": jnp.swapaxes(traj.log_probs, 0, 1), "cond": cond,
           "timesteps": traj.timesteps, "next_timesteps": traj.next_timesteps,
-          "advantages": jnp.linspace(-1.0, 2.0, 8), "rewards": jnp.linspace(0, 1, 8)}
+          "advantages": advantages, "rewards": jnp.linspace(0, 1, 8)}
   first = jax.tree.map(lambda x: x[0], trainer._prepare(jax.random.key(1), data))
+  return trainer, state, traj, images, first, uncond
+
+
+def test_ratio_is_one_before_the_first_update(folder):
+  c = small(folder, **{"sample.num_batches": 1, "train.grad_accum": 1})
+  trainer, state, traj, images, first, uncond = _first_minibatch(c, jnp.linspace(-1.0, 2.0, 8))
+  assert trainer.bb.family == "flow" and trainer.ref_params is not None
+  assert images.shape == (8, 32, 32, 3) and traj.latents.shape == (4, 8, 16, 16, 16)
+  assert float(traj.timesteps[0]) == 1.0 and float(traj.next_timesteps[-1]) == 0.0
   _, m = trainer._update(state, first, uncond, trainer.ref_params,
                          jnp.float32(c.sample.guidance_scale), jax.random.key(2))
   print({k: float(v) for k, v in m.items()})
@@ -80,16 +87,7 @@ def test_update_raises_the_advantage_weighted_log_prob(folder):
   c = small(folder, **{"sample.num_batches": 1, "train.grad_accum": 1, "ddpo.kl_beta": 0.0,
                        "ddpo.clip_range": 1e6, "train.learning_rate": 1e-5,
                        "train.timestep_fraction": 1 / 3})
-  mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
-  trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
-  state = trainer.init_state()
-  prompts = ["a red circle"] * 4 + ["two blue squares"] * 4
-  traj, _, cond, uncond = trainer.sample(trainer.policy_params(state), prompts, jax.random.key(0))
-  data = {"latents": jnp.swapaxes(traj.latents, 0, 1),
-          "log_probs": jnp.swapaxes(traj.log_probs, 0, 1), "cond": cond,
-          "timesteps": traj.timesteps, "next_timesteps": traj.next_timesteps,
-          "advantages": jnp.array([1.0, -1.0] * 4), "rewards": jnp.zeros(8)}
-  first = jax.tree.map(lambda x: x[0], trainer._prepare(jax.random.key(1), data))
+  trainer, state, _, _, first, uncond = _first_minibatch(c, jnp.array([1.0, -1.0] * 4))
   micro = jax.tree.map(lambda x: x[0], first)
   guidance = jnp.float32(c.sample.guidance_scale)
   surrogate = lambda params: float(trainer._ppo_loss(params, micro, 0, uncond, None, guidance)[0])

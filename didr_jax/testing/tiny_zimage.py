@@ -82,7 +82,7 @@ def diffusers_pixel_sampler(folder: str):
   pipe.set_progress_bar_config(disable=True)
 
   def sample(prompts, noise, num_steps: int, guidance_scale: float) -> np.ndarray:
-    b, h, w, _ = noise.shape
+    _, h, w, _ = noise.shape
     # a fresh list: diffusers' encode_prompt writes the chat template into the caller's list
     out = pipe(list(prompts), height=8 * h, width=8 * w, num_inference_steps=num_steps,
                guidance_scale=guidance_scale - 1.0, output_type="latent",
