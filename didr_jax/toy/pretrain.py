@@ -15,7 +15,9 @@
    uniform sigma, shift 1) with 10% prompt dropout; EMA weights are shipped.
 
 Shipped runs (2-core CPU, the flag defaults): CLIP 1500 steps x 64, UNet 3000 steps x 32 (about
-40 minutes), DiT 4000 steps x 32 (48 minutes, final loss 0.075).
+40 minutes), DiT 4000 steps x 32 (48 minutes, final loss 0.075). ``--dit_init=FOLDER`` continues
+the DiT stage from a toy_dit folder (e.g. ``--stages=dit --dit_init=didr_jax/toy/assets/toy_dit
+--out=/tmp/longer --dit_lr=3e-4``), so a longer run can be done in pieces.
 
 Everything is written in diffusers / transformers formats (safetensors + config.json), so the
 toy bases also load in PyTorch (``tests/test_toy_assets.py`` checks the DiT's outputs there).
@@ -78,6 +80,9 @@ flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "assets"), "o
 flags.DEFINE_integer("clip_steps", 1500, "contrastive training steps of the toy CLIP")
 flags.DEFINE_integer("unet_steps", 3000, "denoising training steps of the toy UNet")
 flags.DEFINE_integer("dit_steps", 4000, "flow-matching training steps of the toy DiT")
+flags.DEFINE_float("dit_lr", 1e-3, "peak learning rate of the toy DiT stage")
+flags.DEFINE_string("dit_init", "", "a toy_dit folder to continue training from (its transformer, "
+                    "text encoder and tokenizer) instead of a random init: long runs in pieces")
 flags.DEFINE_list("stages", ["clip", "unet", "dit"], "what to (re)build: clip, unet, dit")
 flags.DEFINE_integer("batch", 64, "batch size of the CLIP stage")
 flags.DEFINE_integer("unet_batch", 32, "batch size of the UNet and DiT stages")
@@ -229,9 +234,14 @@ FLOW_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler",
 
 
 class _DiTWithText(nnx.Module):
-  """The toy DiT and its Qwen3 text encoder, trained together (the encoder is frozen later)."""
+  """The toy DiT and its Qwen3 text encoder, trained together (the encoder is frozen later):
+  random (``seed``) or loaded from a toy_dit folder ``init``."""
 
-  def __init__(self, tok, seed: int):
+  def __init__(self, tok, seed: int, init: str = ""):
+    if init:
+      self.text_encoder = qwen3.load_qwen3(os.path.join(init, "text_encoder"))
+      self.transformer = zimage_dit.load_zimage_transformer(os.path.join(init, "transformer"))
+      return
     cfg = qwen3.Qwen3Config.from_hf({**QWEN_CONFIG, "vocab_size": len(tok),
                                      "pad_token_id": tok.pad_token_id})
     self.text_encoder = qwen3.Qwen3Model(cfg, rngs=nnx.Rngs(seed))
@@ -239,14 +249,17 @@ class _DiTWithText(nnx.Module):
         zimage_dit.ZImageConfig.from_diffusers(DIT_CONFIG), rngs=nnx.Rngs(seed + 1))
 
 
-def train_dit(out: str, steps: int, batch: int, seed: int):
+def train_dit(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-3, init: str = ""):
   """Flow matching (x_sig = (1 - sig) x0 + sig eps, target v = eps - x0, sig ~ U[0, 1)) of the
   DiT jointly with its text encoder, captions encoded as Z-Image does (chat template, hidden
-  state -2), 10% prompt dropout to the empty prompt."""
+  state -2), 10% prompt dropout to the empty prompt. ``init``: a toy_dit folder to continue
+  from (the tokenizer is rebuilt from the grammar, so it must be that folder's)."""
   from didr_jax.pipelines import zimage as zimage_pipe
   folder = os.path.join(out, "toy_dit")
   tok = tok_lib.qwen_tokenizer(words() + ("user", "assistant"))
-  model = _DiTWithText(tok, seed + 11)
+  if init and tok.get_vocab() != load_tokenizer(os.path.join(init, "tokenizer")).get_vocab():
+    raise ValueError(f"--dit_init={init}: its tokenizer is not the toy grammar's")
+  model = _DiTWithText(tok, seed + 11, init)
 
   def ids(prompts):
     return tuple(jnp.asarray(a) for a in qwen3.tokenize_prompts_zimage(
@@ -271,7 +284,7 @@ def train_dit(out: str, steps: int, batch: int, seed: int):
     v = zimage_pipe.dit_velocity(model.transformer, x_t, sig, caption)
     return jnp.mean((v - (eps - x0)) ** 2)
 
-  fit(model, loss_fn, batch_fn, steps=steps, lr=1e-3, seed=seed + 12, name="dit")
+  fit(model, loss_fn, batch_fn, steps=steps, lr=lr, seed=seed + 12, name="dit")
   save_dit_pipeline(folder, model.transformer, model.text_encoder, tok)
   return model
 
@@ -338,7 +351,8 @@ def main(argv):
   if "unet" in FLAGS.stages:
     train_unet(out, tok, model.text_model, FLAGS.unet_steps, FLAGS.unet_batch, FLAGS.seed)
   if "dit" in FLAGS.stages:
-    train_dit(out, FLAGS.dit_steps, FLAGS.unet_batch, FLAGS.seed)
+    train_dit(out, FLAGS.dit_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.dit_lr,
+              init=FLAGS.dit_init)
   print(f"wrote {', '.join(FLAGS.stages)} to {out}", flush=True)
 
 
