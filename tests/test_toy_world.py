@@ -107,6 +107,19 @@ def test_detector_scores_own_prompts(data):
   assert mismatched.mean() < 0.25
 
 
+def test_shape_accuracy(data):
+  """Rendered images have the shapes their prompts ask for; the same images judged against
+  prompts with every shape swapped (same colours and counts) have none of them."""
+  images, prompts = data
+  assert detector.shape_accuracy(images, prompts) >= 0.98
+  other = {"circle": "square", "square": "triangle", "triangle": "circle"}
+  swapped = [shapes.prompt_of([c._replace(shape=other[c.shape]) for c in shapes.parse_prompt(p)])
+             for p in prompts]
+  assert detector.shape_accuracy(images, swapped) <= 0.02
+  blank = np.full((2, 32, 32, 3), shapes.BACKGROUND, np.uint8)
+  assert np.isnan(detector.shape_accuracy(blank, prompts[:2]))
+
+
 def test_detector_robust_to_noise(data):
   images, prompts = data
   noise = np.random.default_rng(0).normal(0.0, 10.0, images.shape)  # std 10 of 255

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,14 +59,16 @@ def make_trainer(c, backbone, mesh):
 
 def eval_metrics(c) -> tuple[dict, dict]:
   """Per-image metrics: every configured reward plus the toy detector for toy prompts;
-  set metrics: the toy fidelity when the toy CLIP is available."""
+  set metrics: the detector's shape accuracy for toy prompts and the toy fidelity when the toy
+  CLIP is available."""
+  from didr_jax.toy import detector, toy_clip
   per_image = {n: rewards_lib.make(n) for n in c.rewards}
+  set_metrics = {}
   if c.prompts.eval.startswith("toy:"):
     per_image.setdefault("toy_detector", rewards_lib.make("toy_detector"))
-  set_metrics = {}
-  from didr_jax.toy import toy_clip
-  if c.prompts.eval.startswith("toy:") and toy_clip.available():
-    set_metrics["toy_fidelity_fd"] = toy_clip.load().fidelity
+    set_metrics["toy_shape_accuracy"] = detector.shape_accuracy
+    if toy_clip.available():
+      set_metrics["toy_fidelity_fd"] = toy_clip.load().fidelity
   return per_image, set_metrics
 
 
