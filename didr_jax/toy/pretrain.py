@@ -17,7 +17,7 @@
 Shipped runs (2-core CPU, the flag defaults): CLIP 1500 steps x 64, UNet 3000 steps x 32 (about
 40 minutes), DiT 4000 steps x 32 (48 minutes, final loss 0.075). ``--dit_init=FOLDER`` continues
 the DiT stage from a toy_dit folder (e.g. ``--stages=dit --dit_init=didr_jax/toy/assets/toy_dit
---out=/tmp/longer --dit_lr=3e-4``), so a longer run can be done in pieces.
+--out=/tmp/longer --dit_steps=2500 --dit_lr=5e-4``), so a longer run can be done in pieces.
 
 Everything is written in diffusers / transformers formats (safetensors + config.json), so the
 toy bases also load in PyTorch (``tests/test_toy_assets.py`` checks the DiT's outputs there).
