@@ -133,11 +133,17 @@ def score(image, prompt: str, **detect_kwargs) -> float:
   return hits / len(clauses) / (1 + extra)
 
 
-def batch_score(images, prompts: Sequence[str], **detect_kwargs) -> np.ndarray:
-  """:func:`score` of each (B, H, W, 3) image (uint8, or float in [0, 1]) for its prompt: (B,) f32."""
+def _paired(images, prompts: Sequence[str]) -> np.ndarray:
+  """The (B, H, W, 3) batch as an array, checked to hold one image per prompt."""
   images = np.asarray(images)
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+  return images
+
+
+def batch_score(images, prompts: Sequence[str], **detect_kwargs) -> np.ndarray:
+  """:func:`score` of each (B, H, W, 3) image (uint8, or float in [0, 1]) for its prompt: (B,) f32."""
+  images = _paired(images, prompts)
   return np.array([score(im, p, **detect_kwargs) for im, p in zip(images, prompts)], np.float32)
 
 
@@ -146,11 +152,8 @@ def shape_accuracy(images, prompts: Sequence[str], **detect_kwargs) -> float:
   objects whose colour the prompt names with exactly one shape, the fraction that has that shape
   (NaN when there are none). Rendered images score ~1; a base that draws blobs of the right
   colours but no legible shape scores near chance (1/4: square, circle, triangle, unknown)."""
-  images = np.asarray(images)
-  if len(images) != len(prompts):
-    raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
   right = total = 0
-  for image, prompt in zip(images, prompts):
+  for image, prompt in zip(_paired(images, prompts), prompts):
     asked = collections.defaultdict(set)
     for c in parse_prompt(prompt):
       asked[c.colour].add(c.shape)
