@@ -89,3 +89,20 @@ def test_rwr_weights():
   np.testing.assert_allclose(w, 4 * np.exp([0, 1, 2, 3]) / np.exp([0, 1, 2, 3]).sum(), rtol=1e-6)
   w = ddpo.rwr_weights(r, mode="sparse", percentile=0.75)
   np.testing.assert_allclose(w, [0, 0, 0, 4.0])
+
+
+def test_dsm_loss_is_zero_at_the_target_and_matches_numpy():
+  import numpy as np
+  from didr_jax.losses import common
+  rng = np.random.default_rng(0)
+  x0, eps = rng.normal(size=(3, 2, 4, 4)), rng.normal(size=(3, 2, 4, 4))
+  alpha, sigma = np.array([0.9, 0.5, 0.2]), np.array([0.1, 0.5, 0.8])
+  for ptype, target in (("epsilon", eps), ("sample", x0), ("flow", eps - x0),
+                        ("v_prediction", alpha[:, None, None, None] * eps
+                         - sigma[:, None, None, None] * x0)):
+    assert float(common.dsm_loss(jnp.asarray(target), x0, eps, alpha, sigma, ptype)) < 1e-10
+    out = rng.normal(size=x0.shape)
+    per = ((out - target) ** 2).mean(axis=(1, 2, 3))
+    w = np.array([1.0, 2.0, 0.5])
+    np.testing.assert_allclose(common.dsm_loss(jnp.asarray(out), x0, eps, alpha, sigma, ptype,
+                                               weight=w), (per * w).mean(), rtol=1e-5)

@@ -3,12 +3,15 @@
 - Per-prompt (group) statistics with segment sums over prompt ids.
 - EMA snapshot decay schedules and updates.
 - The stop-gradient-target loss and the mean-abs normaliser of distribution-matching methods.
+- Denoising score matching (the fake-score / surrogate / RWR regression) in any parameterisation.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from didr_jax.diffusion import param
 
 
 def segment_mean(x: jax.Array, ids: jax.Array, num_segments: int) -> jax.Array:
@@ -69,3 +72,25 @@ def stop_gradient_target_loss(x: jax.Array, grad: jax.Array) -> jax.Array:
   target = jax.lax.stop_gradient(x - grad)
   per = 0.5 * jnp.sum((x - target) ** 2, axis=tuple(range(1, x.ndim)))
   return jnp.mean(per)
+
+
+def dsm_per_sample(output: jax.Array, x0: jax.Array, eps: jax.Array, alpha, sigma,
+                   prediction_type: str) -> jax.Array:
+  """Denoising score matching per sample: mean over non-batch dims of
+  (output - target)^2 in float32, target = ``param.x0_eps_to_output(x0, eps, alpha, sigma)``
+  (eps | alpha eps - sigma x0 | x0 | eps - x0) for x_t = alpha x0 + sigma eps.
+
+  Minimised over the network, output(x_t) -> E[target | x_t], i.e. the score of the noised data
+  (Vincent 2011): every fake score (DIDR, TDM), surrogate (TDM-R1) and RWR regression uses it.
+  """
+  target = param.x0_eps_to_output(x0.astype(jnp.float32), eps.astype(jnp.float32), alpha, sigma,
+                                  prediction_type)
+  err = (output.astype(jnp.float32) - jax.lax.stop_gradient(target)) ** 2
+  return jnp.mean(err, axis=tuple(range(1, err.ndim)))
+
+
+def dsm_loss(output: jax.Array, x0: jax.Array, eps: jax.Array, alpha, sigma,
+             prediction_type: str, weight: jax.Array | None = None) -> jax.Array:
+  """mean_i w_i * ``dsm_per_sample``_i (w = 1 when ``weight`` is None)."""
+  per = dsm_per_sample(output, x0, eps, alpha, sigma, prediction_type)
+  return jnp.mean(per if weight is None else per * weight)
