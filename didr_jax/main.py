@@ -2,12 +2,17 @@
 
 Config overrides: ``--config.train.learning_rate=3e-4``; unknown keys are refused (the config is
 locked) and inconsistent settings are rejected before anything compiles. Rerunning the same
-command on the same workdir resumes from its latest checkpoint. On several hosts (TPU pod
+command on the same workdir resumes from its latest checkpoint (or, for a finished run, prints
+its final metrics and exits 0).
+
+Exit codes: 0 done; 3 stopped after train.max_consecutive_nonfinite non-finite steps in a row;
+143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (rerun to resume). On several hosts (TPU pod
 workers, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID) JAX's distributed
 runtime is initialised first.
 """
 
 import os
+import sys
 
 from absl import app, flags
 
@@ -35,6 +40,9 @@ def main(argv):
     loop.train(_CONFIG.value, workdir)
   except config_lib.ConfigError as e:  # a bad setting: say which, without a traceback
     raise app.UsageError(str(e)) from None
+  except loop.Stopped as e:  # a signal (checkpoint saved) or non-finite training: one line
+    sys.stderr.write(f"didr_jax.main: {e}\n")
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

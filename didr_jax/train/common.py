@@ -16,7 +16,6 @@ import optax
 from flax import nnx
 
 
-
 @dataclasses.dataclass
 class Net:
   """A module split into its static graph, its params (pure dict) and its other state."""
@@ -58,6 +57,87 @@ def make_optimizer(lr: float, *, b1: float = 0.9, b2: float = 0.999, eps: float 
     parts.append(optax.clip_by_global_norm(max_grad_norm))
   parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True iff every leaf of ``tree`` is finite (a scalar bool array; jit-friendly)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def guarded_apply(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any,
+                  loss: jax.Array) -> tuple[Any, Any, dict]:
+  """The optimizer step of every method's jitted update, skipped when it would poison the run.
+
+  ``ok = isfinite(loss) & isfinite(||g||_2) & isfinite(new params)``; when ``ok`` is false the
+  step returns ``(params, opt_state)`` unchanged (a ``jnp.where`` per leaf over the whole
+  update) and the metric ``nonfinite`` is 1. Unlike ``optax.apply_if_finite`` this also looks
+  at the loss and at the updated parameters (a finite gradient can still overflow a weight), it
+  never gives up and applies a bad step (the host-side ``NonFiniteGuard`` aborts the run
+  instead), and the optimizer state keeps its structure (checkpoints stay compatible).
+  Returns (params, opt_state, {"grad_norm", "nonfinite"})."""
+  grad_norm = optax.global_norm(grads)
+  updates, new_opt = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
+  keep = lambda new, old: jnp.where(ok, new, old)
+  new_params = jax.tree.map(keep, new_params, params)
+  new_opt = jax.tree.map(keep, new_opt, opt_state)
+  return new_params, new_opt, {"grad_norm": grad_norm,
+                               "nonfinite": jnp.where(ok, 0.0, 1.0).astype(jnp.float32)}
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive optimizer steps were skipped as non-finite; the run must stop."""
+
+
+class EpochAbandoned(Exception):
+  """Raised by a trainer's ``epoch`` when asked to stop before it changed the state."""
+
+
+class NonFiniteGuard:
+  """Host-side count of consecutive skipped (non-finite) optimizer steps, kept across epochs
+  and checkpoints. ``observe(flag)`` takes each update's ``nonfinite`` metric (a device scalar;
+  the check lags one step behind so updates stay queued on the device) and raises
+  ``NonFiniteError`` once ``max_consecutive`` steps in a row were skipped; ``flush()`` checks
+  the last one (call it at the end of an epoch)."""
+
+  def __init__(self, max_consecutive: int = 3):
+    self.max_consecutive = max_consecutive
+    self.consecutive = 0
+    self.total = 0
+    self._pending = None
+
+  def _check(self, flag) -> None:
+    if float(flag) > 0:
+      self.consecutive += 1
+      self.total += 1
+    else:
+      self.consecutive = 0
+    if self.max_consecutive > 0 and self.consecutive >= self.max_consecutive:
+      raise NonFiniteError(
+          f"{self.consecutive} consecutive optimizer steps had a non-finite loss, gradient or "
+          f"update and were skipped (train.max_consecutive_nonfinite={self.max_consecutive}); "
+          "stopping. Lower train.learning_rate or check the rewards; the checkpoints on disk "
+          "are the last finite states")
+
+  def observe(self, flag) -> None:
+    pending, self._pending = self._pending, flag
+    if pending is not None:
+      self._check(pending)
+
+  def flush(self) -> None:
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      self._check(pending)
+
+  def state_dict(self) -> dict:
+    return {"consecutive": self.consecutive, "total": self.total}
+
+  def load_state_dict(self, d: dict) -> None:
+    self.consecutive = int(d.get("consecutive", 0))
+    self.total = int(d.get("total", 0))
 
 
 def host_rows(x: jax.Array) -> np.ndarray:

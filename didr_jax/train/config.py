@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_grad_norm = 1.0
   c.train.cfg = True             # use CFG inside the policy (as sampled) while training
 
+  # fault handling (train/loop.py): optimizer steps with a non-finite loss, gradient norm or
+  # update are skipped; this many skipped steps in a row stop the run (exit code 3)
+  c.train.max_consecutive_nonfinite = 3
+
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 256
   c.eval.batch_size = 64
@@ -128,6 +132,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> di
            f"{c.eval.num_samples} is not a multiple of eval.batch_size={c.eval.batch_size}")
   _require(c.eval.batch_size % num_devices == 0, "eval.batch_size",
            f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
+  _require(int(t.max_consecutive_nonfinite) >= 1, "train.max_consecutive_nonfinite",
+           f"must be >= 1, got {t.max_consecutive_nonfinite}")
   train_steps = max(1, int(round(s.num_steps * t.timestep_fraction)))
   return {
       "devices": num_devices,

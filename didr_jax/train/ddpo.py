@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from didr_jax.losses import ddpo as ddpo_loss
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.train import common
+from didr_jax.train import advantages, common
 
 
 def ddpo_section():
@@ -63,6 +63,9 @@ class DDPOTrainer:
     self._sample = nnx.jit(self._sample_impl, static_argnames=("num_steps",))
     self._update = jax.jit(self._update_impl, donate_argnums=(0,))
     self._prepare = jax.jit(self._prepare_impl)
+    # host state (checkpointed through host_state()): advantage statistics, skipped-step count
+    self.normalizer = advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count)
+    self.guard = common.NonFiniteGuard(t.max_consecutive_nonfinite)
 
   # ------------------------------------------------------------------------------ state
 
@@ -73,6 +76,14 @@ class DDPOTrainer:
     state = {"step": jnp.zeros((), jnp.int32), "params": {"policy": params},
              "opt": {"policy": self.tx.init(params)}, "ema": {}}
     return common.on_mesh(state, self.mesh)
+
+  def host_state(self) -> dict:
+    """JSON-able host state for the checkpoint (keys kept from the first release)."""
+    return {"advantages": self.normalizer.state_dict(), "nonfinite": self.guard.state_dict()}
+
+  def load_host_state(self, d: dict) -> None:
+    self.normalizer.load_state_dict(d["advantages"])
+    self.guard.load_state_dict(d.get("nonfinite", {}))
 
   def policy_params(self, state) -> Any:
     return state["params"]["policy"]
@@ -195,11 +206,10 @@ class DDPOTrainer:
     (grads, msum), _ = jax.lax.scan(body, (zeros, m0), jnp.arange(acc * k),
                                     unroll=jax.default_backend() == "cpu")
     grads = jax.tree.map(lambda g: g / (acc * k), grads)
-    updates, opt = self.tx.update(grads, state["opt"]["policy"], params)
-    import optax
-    new_params = optax.apply_updates(params, updates)
     metrics = {k_: v / (acc * k) for k_, v in msum.items()}
-    metrics["grad_norm"] = optax.global_norm(grads)
+    new_params, opt, guard = common.guarded_apply(self.tx, grads, state["opt"]["policy"], params,
+                                                  metrics["loss"])
+    metrics.update(guard)
     new_state = {"step": state["step"] + 1, "params": {"policy": new_params},
                  "opt": {"policy": opt}, "ema": state["ema"]}
     return new_state, metrics
@@ -215,17 +225,26 @@ class DDPOTrainer:
         mb = jax.tree.map(lambda x: x[u], batches)
         state, m = self._update(state, mb, uncond, self.ref_params, guidance,
                                 jax.random.fold_in(k_upd, u))
+        self.guard.observe(m["nonfinite"])
         metrics.append(m)
-    return state, {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+    self.guard.flush()
+    out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+    out["nonfinite"] = float(sum(float(m["nonfinite"]) for m in metrics))  # skipped steps
+    return state, out
 
-  def epoch(self, state, epoch: int, stream, normalizer, rewarder) -> tuple[dict, dict, np.ndarray]:
-    """One DDPO epoch. Returns (state, metrics, a few sample images)."""
+  def epoch(self, state, epoch: int, stream, rewarder, stop=None) -> tuple[dict, dict, np.ndarray]:
+    """One DDPO epoch. Returns (state, metrics, a few sample images). ``stop()`` is asked
+    between sampling batches, while ``state`` is still the input state: if true, the epoch is
+    abandoned with ``common.EpochAbandoned`` (the updates donate the state, so from then on the
+    epoch runs to its end)."""
     c = self.c
     rng = jax.random.fold_in(jax.random.key(c.seed), epoch)
     k_sample, k_train = jax.random.split(rng)
     t0 = time.time()
     parts, futures, pending = [], [], None
     for b in range(c.sample.num_batches):
+      if stop is not None and stop():
+        raise common.EpochAbandoned(epoch)
       prompts = stream.next(c.sample.batch_size // c.sample.group_size, c.sample.group_size)
       traj, images, cond, uncond = self.sample(self.policy_params(state), prompts,
                                                jax.random.fold_in(k_sample, b))
@@ -242,7 +261,9 @@ class DDPOTrainer:
     from didr_jax.train.advantages import gather_host
     rewards = gather_host(local_rewards)
     prompts = [p for part in parts for p in part["prompts"]]
-    adv = normalizer(prompts, rewards)
+    if stop is not None and stop():
+      raise common.EpochAbandoned(epoch)
+    adv = self.normalizer(prompts, rewards)
     data = {
         "latents": jnp.concatenate([p["latents"] for p in parts]),
         "log_probs": jnp.concatenate([p["log_probs"] for p in parts]),

@@ -25,6 +25,50 @@ def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 1) -> np.
   return np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)
 
 
+class CompileClock:
+  """Wall time JAX spent tracing, lowering and compiling, from ``jax.monitoring``'s compile
+  events (their time spans are merged, so nested traces count once). ``seconds(t0, t1)`` is
+  the compile time inside the window [t0, t1] (time.time() values)."""
+
+  _spans: list = []
+  _registered = False
+
+  @classmethod
+  def install(cls):
+    if cls._registered:
+      return
+    def on_span(event, start, end, **kw):
+      if event.startswith("/jax/core/compile/"):
+        cls._spans.append((start, end))
+    jax.monitoring.register_event_time_span_listener(on_span)
+    cls._registered = True
+
+  @classmethod
+  def seconds(cls, t0: float, t1: float) -> float:
+    spans = sorted((max(a, t0), min(b, t1)) for a, b in cls._spans if b > t0 and a < t1)
+    total, cur_a, cur_b = 0.0, None, None
+    for a, b in spans:
+      if cur_b is None or a > cur_b:
+        total += 0.0 if cur_b is None else cur_b - cur_a
+        cur_a, cur_b = a, b
+      else:
+        cur_b = max(cur_b, b)
+    return total + (0.0 if cur_b is None else cur_b - cur_a)
+
+
+def save_grid_png(path: str, images: np.ndarray, prompts: Sequence[str]) -> None:
+  """Writes ``image_grid(images)`` as a PNG and, beside it (same name, ``.txt``), the prompt of
+  each image in grid order (row-major), one per line as ``row,col: prompt``."""
+  from PIL import Image
+  images = np.asarray(images)
+  cols = int(math.ceil(math.sqrt(len(images))))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(image_grid(images, cols)).save(path)
+  with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+    for i, p in enumerate(prompts[: len(images)]):
+      f.write(f"{i // cols},{i % cols}: {p}\n")
+
+
 class RunLogger:
   """Writes scalars and images to TensorBoard (process 0 only), keeps a JSON history and a
   reward-curve PNG in the workdir, and prints progress with rate and ETA."""
@@ -52,17 +96,25 @@ class RunLogger:
     if self.writer is not None:
       self.writer.write_images(step, {k: image_grid(v)[None] for k, v in images.items()})
 
-  def progress(self, epoch: int, seconds: float, extra: Mapping[str, float]):
-    """Prints 'epoch e/N | k=v ... | s/epoch | ETA'. The rate is the mean epoch time, leaving
-    out the first epoch of this process (it includes compilation) once others exist."""
-    self.epoch_times.append(seconds)
-    times = self.epoch_times[1:] or self.epoch_times
-    rate = sum(times) / len(times)
+  def eval_grid(self, step: int, images: np.ndarray, prompts: Sequence[str]):
+    """An evaluation's grid as ``eval_samples/epoch_NNNN.png`` (+ ``.txt`` with its prompts)."""
+    if self.is_main:
+      save_grid_png(os.path.join(self.workdir, "eval_samples", f"epoch_{step:04d}.png"),
+                    images, prompts)
+
+  def progress(self, epoch: int, seconds: float, extra: Mapping[str, float],
+               compile_seconds: float = 0.0):
+    """Prints 'epoch e/N | k=v ... | s/epoch | ETA'. The rate is the mean epoch time without
+    the time spent compiling (``compile_seconds``, measured by ``CompileClock``), so the
+    first epoch's ETA is not inflated by compilation."""
+    self.epoch_times.append(max(seconds - compile_seconds, 1e-3))
+    rate = sum(self.epoch_times) / len(self.epoch_times)
     eta = rate * (self.total - epoch)
     parts = " ".join(f"{k}={v:.4g}" for k, v in extra.items())
+    comp = f", {compile_seconds:.0f} s of it compiling" if compile_seconds >= 1 else ""
     if self.is_main:
-      print(f"epoch {epoch}/{self.total} | {parts} | {seconds:.1f} s (mean {rate:.1f} s/epoch) "
-            f"| ETA {eta / 60:.1f} min", flush=True)
+      print(f"epoch {epoch}/{self.total} | {parts} | {seconds:.1f} s{comp} (mean "
+            f"{rate:.1f} s/epoch) | ETA {eta / 60:.1f} min", flush=True)
 
   def flush(self, plot_keys: Sequence[str] = ("reward_mean", "eval/toy_detector")):
     if not self.is_main:

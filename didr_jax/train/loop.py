@@ -1,16 +1,40 @@
 """The training loop every method runs: build, resume, epochs, logging, evaluation, checkpoints.
 
 Rerunning the same command on the same workdir resumes from the latest complete checkpoint
-(parameters, optimizer states, EMA snapshots, step, prompt-stream position, advantage buffers,
-metric history); the RNG of epoch e is derived from (seed, e), so a resumed run continues
-exactly as the uninterrupted run would have.
+(parameters, optimizer states, EMA snapshots, step, prompt-stream position, the trainer's host
+state, metric history); the RNG of epoch e is derived from (seed, e), so a resumed run continues
+exactly as the uninterrupted run would have. Rerunning a finished run prints its final metrics.
+
+The loop knows nothing about a method; ``make_trainer`` returns an object with the ``Trainer``
+interface below (DDPO: ``train/ddpo.py``).
+
+What the loop guarantees when things go wrong:
+- non-finite training: every update skips a step whose loss, gradient norm or new parameters
+  are not finite (``common.guarded_apply``); ``train.max_consecutive_nonfinite`` skipped steps
+  in a row stop the run (``Stopped``, exit code ``EXIT_NONFINITE``); a non-finite state is
+  never saved, so rotation never removes the last good checkpoint;
+- SIGTERM / SIGINT (preemption, Ctrl-C): the first signal asks the run to stop at the next safe
+  point. While an epoch is still sampling its state is untouched: the epoch is abandoned and
+  the last completed epoch is checkpointed (if it is not already); once its updates began, the
+  epoch finishes and is checkpointed (an evaluation due then is skipped, and run on resume).
+  Exit code ``EXIT_SIGNAL + signum`` (143 for SIGTERM, 130 for SIGINT); a second signal
+  exits at once. The rerun resumes exactly;
+- a corrupt newest checkpoint: it is named, moved to ``checkpoints.corrupt/`` and the newest
+  intact step is used (``Checkpointer.restore_latest``);
+- a changed config: ``config.json`` is rewritten only after the checkpoint restored with the
+  new config; the earlier one is kept as ``config.<N>.json`` (never overwritten). A config whose
+  state does not fit the checkpoints is refused with a ``ConfigError`` naming the keys that
+  differ, and nothing in the workdir is changed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +43,8 @@ import numpy as np
 
 from didr_jax import rewards as rewards_lib
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.train import advantages, checkpoint, config as config_lib, evaluation, prompts
-from didr_jax.train.logging import RunLogger
+from didr_jax.train import checkpoint, common, config as config_lib, evaluation, prompts
+from didr_jax.train.logging import CompileClock, RunLogger
 
 TOY_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "assets")
 
@@ -50,7 +74,88 @@ def build_backbone(c: ml_collections.ConfigDict, mesh):
   return pipe
 
 
-def make_trainer(c, backbone, mesh):
+EXIT_NONFINITE = 3   # too many consecutive non-finite steps
+EXIT_SIGNAL = 128    # + signal number: stopped by SIGTERM (143) / SIGINT (130), checkpoint saved
+
+
+class Trainer(Protocol):
+  """What the loop needs from a method's trainer (``make_trainer``).
+
+  ``state`` is a pytree of arrays (everything Orbax saves); the trainer may keep host state
+  (e.g. advantage statistics) that it exposes as JSON for the checkpoint."""
+
+  def init_state(self) -> Any:
+    """The initial state (parameters, optimizer states, EMA, step); called once."""
+
+  def host_state(self) -> dict:
+    """JSON-able host state saved with each checkpoint (keys other than 'stream'/'history')."""
+
+  def load_host_state(self, d: dict) -> None:
+    """Restores ``host_state()`` from a checkpoint's host dict."""
+
+  def epoch(self, state: Any, epoch: int, stream: prompts.PromptStream, rewarder: Any,
+            stop: Callable[[], bool] | None = None) -> tuple[Any, dict, np.ndarray]:
+    """One epoch -> (state, scalar metrics, a few training images). RNG from (seed, epoch).
+    May raise ``common.EpochAbandoned`` when ``stop()`` is true before ``state`` was changed,
+    and ``common.NonFiniteError`` (from its ``common.NonFiniteGuard``)."""
+
+  def policy_params(self, state: Any) -> Any:
+    """The parameters to sample / evaluate with."""
+
+  def sample(self, params: Any, prompts: Sequence[str], rng: jax.Array, *, num_steps: int,
+             eta: float) -> tuple:
+    """(trajectory, images (B, H, W, 3) in [0, 1], cond, uncond) for ``prompts``."""
+
+
+class Stopped(Exception):
+  """The run stopped early on purpose (signal, non-finite training): ``message`` is one line
+  for the user and ``exit_code`` the process exit code (``didr_jax.main``)."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+class StopRequest:
+  """Catches SIGTERM and SIGINT while the loop runs (main thread only). ``stop()`` is true once
+  a signal came, on any process (the flag is or-reduced across processes, so every host stops at
+  the same point); the first signal restores the previous handler, so a second one acts at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in self.SIGNALS:
+        self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+    signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+    print(f"\nreceived {signal.Signals(signum).name}: stopping at the next safe point and saving "
+          "a checkpoint (send it again to stop at once, without saving)", flush=True)
+
+  def __call__(self) -> bool:
+    local = self.signum is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+  def exit_code(self) -> int:
+    return EXIT_SIGNAL + int(self.signum or signal.SIGTERM)
+
+
+def make_trainer(c, backbone, mesh) -> Trainer:
   if c.method == "ddpo":
     from didr_jax.train.ddpo import DDPOTrainer
     return DDPOTrainer(c, backbone, mesh)
@@ -72,6 +177,12 @@ def eval_metrics(c) -> tuple[dict, dict]:
   return per_image, set_metrics
 
 
+def eval_prompts(c) -> list[str]:
+  """The held-out prompt of each evaluation sample, in order (``evaluation.evaluate``'s)."""
+  ps = prompts.load_prompts(c.prompts.eval)
+  return [ps[i % len(ps)] for i in range(c.eval.num_samples)]
+
+
 def run_eval(c, trainer, state) -> tuple[dict, np.ndarray]:
   ev = c.eval
   num_steps = ev.num_steps if ev.num_steps > 0 else c.sample.num_steps
@@ -87,71 +198,210 @@ def run_eval(c, trainer, state) -> tuple[dict, np.ndarray]:
                              set_metrics=set_metrics)
 
 
-def _save_config(c, workdir: str):
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+  """``key: old -> new`` for every dotted key whose value differs (or exists on one side)."""
+  a, b = _flat(old), _flat(new)
+  missing = object()
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k, missing), b.get(k, missing)
+    if va != vb:
+      fmt = lambda v: "(absent)" if v is missing else repr(v)
+      out.append(f"{k}: {fmt(va)} -> {fmt(vb)}")
+  return out
+
+
+def _config_text(c) -> str:
+  return c.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _save_config(workdir: str, text: str, diff: list[str]):
+  """Writes ``config.json``; a differing earlier one is kept as ``config.<N>.json`` (the
+  smallest unused N, so no earlier version is ever overwritten)."""
+  if jax.process_index() != 0:
+    return
   path = os.path.join(workdir, "config.json")
-  text = c.to_json_best_effort(indent=2, sort_keys=True)
   if os.path.exists(path):
     with open(path) as f:
-      if f.read() != text:
-        print(f"note: {path} differs from this run's config; resuming with the new config "
-              "(the old one is kept as config.prev.json)")
-        os.replace(path, os.path.join(workdir, "config.prev.json"))
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(text)
+      if f.read() == text:
+        return
+    n = 1
+    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+      n += 1
+    kept = os.path.join(workdir, f"config.{n}.json")
+    os.replace(path, kept)
+    print(f"note: this run's config differs from the saved one ({'; '.join(diff)}); the "
+          f"earlier config is kept as {kept}", flush=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def _final_metrics(history: list, step: int) -> dict:
+  out = {}
+  for h in history:
+    if h.get("step") == step:
+      out.update({k: v for k, v in h.items() if k != "step"})
+  return out
+
+
+def _workdir_listing(workdir: str) -> str:
+  rows = []
+  for name in sorted(os.listdir(workdir)):
+    p = os.path.join(workdir, name)
+    if os.path.isdir(p):
+      rows.append(f"  {name}/ ({len(os.listdir(p))} entries)")
+    else:
+      rows.append(f"  {name} ({os.path.getsize(p)} bytes)")
+  return "\n".join(rows)
+
+
+def _eval_due(c, step: int) -> bool:
+  return c.eval.num_samples > 0 and (step == 0 or step == c.num_epochs or
+                                     (c.eval_every > 0 and step % c.eval_every == 0))
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) ``c`` in ``workdir``; returns the last epoch's metrics. Raises
+  ``ConfigError`` for bad or incompatible settings and ``Stopped`` for an early stop."""
   info = config_lib.validate(c)
   os.makedirs(workdir, exist_ok=True)
-  _save_config(c, workdir)
+  text = _config_text(c)
+  saved_path = os.path.join(workdir, "config.json")
+  diff = []
+  if os.path.exists(saved_path):
+    with open(saved_path) as f:
+      diff = config_diff(json.load(f), json.loads(text))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=c.keep_checkpoints, async_save=c.async_checkpoint)
+  latest = ckpt.latest_step()
+  if latest is not None and latest >= c.num_epochs:  # finished: say so without loading a model
+    try:
+      host = ckpt.restore_host(latest)
+    except Exception:  # a corrupt newest step: the full path below falls back
+      host = None
+    if host is not None:
+      ckpt.close()
+      final = _final_metrics(host.get("history", []), latest)
+      print(f"nothing left to do: {workdir} holds the finished run (epoch {latest} of "
+            f"{c.num_epochs}; raise --config.num_epochs to train on)", flush=True)
+      if diff:
+        print(f"note: this config differs from {saved_path} ({'; '.join(diff)})", flush=True)
+      print("final metrics:", json.dumps(final), flush=True)
+      print(f"{workdir}:\n{_workdir_listing(workdir)}", flush=True)
+      return final
+
+  CompileClock.install()
   mesh = mesh_lib.make_mesh(tuple(tuple(a) for a in c.mesh.axes))
   print("batch:", ", ".join(f"{k}={v}" for k, v in info.items()), "| mesh:", dict(mesh.shape),
         flush=True)
   backbone = build_backbone(c, mesh)
   trainer = make_trainer(c, backbone, mesh)
-  rewarder = rewards_lib.AsyncRewards(rewards_lib.from_config(dict(c.rewards)))
   stream = prompts.PromptStream(prompts.load_prompts(c.prompts.train), seed=c.seed)
-  d = getattr(c, c.method)
-  normalizer = advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=c.keep_checkpoints, async_save=c.async_checkpoint)
   state = trainer.init_state()
   start, history = 0, []
-  if ckpt.latest_step() is not None:
-    state, host, start = ckpt.restore(checkpoint.abstract_like(state))
+  if latest is not None:
+    try:
+      state, host, start = ckpt.restore_latest(checkpoint.abstract_like(state))
+    except checkpoint.RestoreError as e:
+      ckpt.close()
+      if diff:
+        raise config_lib.ConfigError(
+            f"config: {workdir} was trained with a different config ({'; '.join(diff)}) and "
+            f"its checkpoints do not fit this one; use a new --workdir or the saved "
+            f"{saved_path}") from None
+      raise config_lib.ConfigError(f"checkpoints: none restores ({e})") from None
     stream.load_state_dict(host["stream"])
-    normalizer.load_state_dict(host["advantages"])
+    trainer.load_host_state(host)
     history = host.get("history", [])
     print(f"resumed from {ckpt.directory} at epoch {start}", flush=True)
+  _save_config(workdir, text, diff)  # only now: the config is known to fit the checkpoint
+  rewarder = rewards_lib.AsyncRewards(rewards_lib.from_config(dict(c.rewards)))
   logger = RunLogger(workdir, c.num_epochs, history)
-  if start == 0 and c.eval.num_samples > 0:
+  try:
+    with StopRequest() as stop:
+      return _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, stop)
+  finally:
+    ckpt.close()
+    rewarder.close()
+    logger.close()
+
+
+def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, stop) -> dict:
+  def host(base=None):
+    base = base or {"stream": stream.state_dict(), **trainer.host_state()}
+    return {**base, "history": list(logger.history)}
+
+  def evaluate(step):
+    if step == start:
+      print(f"evaluating {'the base model' if step == 0 else f'epoch {step}'} on "
+            f"{c.eval.num_samples} held-out samples (compiling the sampler first: first "
+            "evaluation only) ...", flush=True)
     m, images = run_eval(c, trainer, state)
-    logger.scalars(0, {f"eval/{k}": v for k, v in m.items()})
-    logger.images(0, {"eval_samples": images[: c.log_images]})
-    print("eval (base):", json.dumps(m), flush=True)
+    logger.scalars(step, {f"eval/{k}": v for k, v in m.items()})
+    logger.images(step, {"eval_samples": images[: c.log_images]})
+    logger.eval_grid(step, images[: c.log_images], eval_prompts(c))
+    print(f"eval ({'base' if step == 0 else f'epoch {step}'}):", json.dumps(m), flush=True)
+    return m
+
+  def stopped(step, saved: bool):
+    ckpt.wait()
+    logger.flush()
+    where = (f"checkpoint of epoch {step} saved" if saved else
+             f"epoch {step} was already checkpointed" if step else "nothing trained yet")
+    raise Stopped(f"stopped by {signal.Signals(stop.exit_code() - EXIT_SIGNAL).name} after "
+                  f"epoch {step}/{c.num_epochs} ({where}); rerun the same command to resume",
+                  stop.exit_code())
+
+  recorded = {h["step"] for h in logger.history if any(k.startswith("eval/") for k in h)}
+  if _eval_due(c, start) and start not in recorded and not stop():
+    evaluate(start)   # the base model, or an evaluation a signal skipped before the checkpoint
+    logger.flush()
   metrics = {}
   for epoch in range(start, c.num_epochs):
+    snapshot = json.loads(json.dumps(host()))  # the host state at the start of this epoch
+    if epoch == start:
+      print(f"epoch {epoch + 1}/{c.num_epochs}: compiling sampling and the update step (first "
+            "epoch only) ...", flush=True)
     t0 = time.time()
-    state, metrics, images = trainer.epoch(state, epoch, stream, normalizer, rewarder)
+    try:
+      state, metrics, images = trainer.epoch(state, epoch, stream, rewarder, stop)
+    except common.EpochAbandoned:
+      saved = False
+      ckpt.wait()
+      if epoch > 0 and ckpt.latest_step() != epoch:
+        ckpt.save(epoch, state, snapshot, force=True)
+        saved = True
+      stopped(epoch, saved)
+    except common.NonFiniteError as e:
+      raise Stopped(f"{e} (last checkpoint: epoch {ckpt.latest_step()})", EXIT_NONFINITE) from None
     step = epoch + 1
+    t1 = time.time()
     logger.scalars(step, metrics)
     logger.images(step, {"train_samples": images})
-    logger.progress(step, time.time() - t0, {k: metrics[k] for k in
-                                             ("reward_mean", "loss", "approx_kl") if k in metrics})
-    last = step == c.num_epochs
-    if c.eval.num_samples > 0 and ((c.eval_every > 0 and step % c.eval_every == 0) or last):
-      m, images = run_eval(c, trainer, state)
-      logger.scalars(step, {f"eval/{k}": v for k, v in m.items()})
-      logger.images(step, {"eval_samples": images[: c.log_images]})
-      print(f"eval (epoch {step}):", json.dumps(m), flush=True)
+    logger.progress(step, t1 - t0, {k: metrics[k] for k in ("reward_mean", "loss", "approx_kl",
+                                                            "nonfinite") if k in metrics},
+                    compile_seconds=CompileClock.seconds(t0, t1))
+    halt = stop()
+    if _eval_due(c, step) and (not halt or step == c.num_epochs):
+      m = evaluate(step)
       metrics.update({f"eval/{k}": v for k, v in m.items()})
-    if step % c.checkpoint_every == 0 or last:
-      host = {"stream": stream.state_dict(), "advantages": normalizer.state_dict(),
-              "history": logger.history}
-      ckpt.save(step, state, host, force=last)
+    if step % c.checkpoint_every == 0 or step == c.num_epochs or halt:
+      try:
+        ckpt.save(step, state, host(), force=step == c.num_epochs or halt)
+      except checkpoint.NonFiniteState as e:
+        raise Stopped(str(e), EXIT_NONFINITE) from None
     logger.flush()
-  ckpt.close()
-  rewarder.close()
-  logger.close()
+    if halt and step < c.num_epochs:
+      stopped(step, True)
   return metrics
