@@ -131,7 +131,7 @@ def _args(folder, workdir, **kw):
           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in base.items()]
 
 
-def _run(cmd, e, timeout=600):
+def _run(cmd, e, timeout=1800):
   return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
@@ -221,16 +221,40 @@ def test_corrupt_newest_checkpoint_falls_back(env, interrupted, tmp_path):
   assert sorted(int(s) for s in os.listdir(os.path.join(run, "checkpoints"))) == [2, 3, 4]
 
 
+def type_of(arg):
+  v = arg.split("=", 1)[1]
+  for t in (int, float):
+    try:
+      return t(v)
+    except ValueError:
+      pass
+  return {"True": True, "False": False}.get(v, v)
+
+
 def _snapshot(d):
   return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f), "rb").read()
           for r, _, fs in os.walk(d) for f in fs}
 
 
-def test_changed_config_is_kept_and_an_incompatible_one_refused(env, interrupted, tmp_path):
+def test_an_incompatible_config_is_refused_and_changes_nothing(env, tmp_path):
   folder, e = env
   run = str(tmp_path / "run")
-  shutil.copytree(interrupted[0], run)
+  # a toy UNet run directory: its config.json and a checkpoint of its state (no training needed)
+  from didr_jax.parallel import mesh as mesh_lib
+  from didr_jax.testing.configs import load_config
+  argv = _args(folder, run)
+  c = load_config("toy_ddpo", **{a.split("=")[0][len("--config."):]: type_of(a)
+                                  for a in argv if a.startswith("--config.")})
+  mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
+  os.makedirs(run)
+  loop._save_config(run, loop._config_text(c), [])
+  ck = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), async_save=False)
+  ck.save(1, trainer.init_state(), {"stream": {"position": 2, "seed": 0}, "history": [],
+                                    **trainer.host_state()})
+  ck.close()
   before = _snapshot(run)
+  # the probe: the toy DiT recipe on a toy UNet workdir
   cmd = _args(folder, run, **{"backbone.kind": "toy_dit", "backbone.path": "",
                               "sample.eta": 0.7})
   r = _run(cmd, e)
@@ -238,14 +262,20 @@ def test_changed_config_is_kept_and_an_incompatible_one_refused(env, interrupted
   last = r.stderr.strip().splitlines()[-1]
   assert "different config" in last and "backbone.kind: 'toy_unet' -> 'toy_dit'" in last
   assert "Traceback" not in r.stderr
-  assert _snapshot(run) == before  # nothing in the workdir changed
-  # a compatible change (eval size) resumes; the earlier config is kept, never overwritten
-  for n in (16, 24):
-    r = _run(_args(folder, run, **{"eval.num_samples": n}), e)
-    assert r.returncode == 0, r.stderr[-2000:]
-  assert json.load(open(os.path.join(run, "config.1.json")))["eval"]["num_samples"] == 8
-  assert json.load(open(os.path.join(run, "config.2.json")))["eval"]["num_samples"] == 16
-  assert json.load(open(os.path.join(run, "config.json")))["eval"]["num_samples"] == 24
+  assert _snapshot(run) == before  # config.json, checkpoints, logs: nothing changed
+
+
+def test_every_earlier_config_is_kept(tmp_path):
+  d = str(tmp_path)
+  texts = [json.dumps({"eval": {"num_samples": n}}) for n in (8, 16, 16, 24)]
+  prev = None
+  for t in texts:
+    diff = loop.config_diff(json.loads(prev), json.loads(t)) if prev else []
+    loop._save_config(d, t, diff)
+    prev = t
+  assert sorted(os.listdir(d)) == ["config.1.json", "config.2.json", "config.json"]
+  assert [json.load(open(os.path.join(d, f)))["eval"]["num_samples"]
+          for f in ("config.1.json", "config.2.json", "config.json")] == [8, 16, 24]
 
 
 def test_nonfinite_training_stops_and_keeps_the_good_checkpoints(env, tmp_path):
