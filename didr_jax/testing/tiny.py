@@ -23,6 +23,25 @@ def _perturb(module, seed: int, scale: float = 0.05):
   return module
 
 
+def randomize_torch(model, seed: int, logit_scale: float = 1.7):
+  """Random weights everywhere (matrices ~ N(0, 1/fan_in), norm scales around 1, biases
+  nonzero, CLIP's ``logit_scale`` set) so a parity test can fail; returns the model in eval
+  mode."""
+  import torch
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name == "logit_scale":
+        p.fill_(logit_scale)
+      elif p.ndim >= 2:
+        p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+      elif "norm" in name and name.endswith("weight"):
+        p.copy_(1 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.3 * torch.randn_like(p))
+  return model.eval()
+
+
 def tiny_clip_text_config(vocab_size: int, *, hidden: int = 32, projection: int | None = None,
                           max_len: int = 16, act: str = "quick_gelu"):
   from transformers import CLIPTextConfig

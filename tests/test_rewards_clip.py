@@ -1,0 +1,243 @@
+"""PickScore and the LAION aesthetic predictor: float32 parity of the score and of its gradient
+w.r.t. the images against PyTorch (transformers CLIPModel + torch preprocessing, the MLP as a
+torch nn.Sequential) on tiny random weights; jit, registry, conversion and error lines."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+from flax import nnx
+
+from didr_jax import rewards
+from didr_jax.convert import aesthetic as aesthetic_convert
+from didr_jax.convert import core
+from didr_jax.rewards import clip_rewards as cr
+from didr_jax.testing.tiny import randomize_torch, tiny_clip_text_config
+from didr_jax.toy.tokenizer import write_clip_tokenizer
+from didr_jax.train.config import ConfigError
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              image_size=16, patch_size=4, hidden_act="quick_gelu")
+PROMPTS = ["a red cat", "two blue squares", "a photo of a dog"]
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # distinct from the defaults: the config is read
+
+
+def _write_prep(folder, mean=MEAN, std=STD, resample=3):
+  import json
+  with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+    json.dump({"image_mean": list(mean), "image_std": list(std), "resample": resample}, f)
+
+
+@pytest.fixture(scope="module")
+def pickscore_folder(tmp_path_factory):
+  """A tiny random CLIPModel (PickScore's architecture) with its tokenizer and processor."""
+  folder = str(tmp_path_factory.mktemp("pickscore"))
+  vocab = write_clip_tokenizer(folder, ("red", "blue", "cat", "dog"), max_length=16)
+  text = tiny_clip_text_config(vocab, act="gelu").to_dict()
+  cfg = tf.CLIPConfig(text_config=text, vision_config=VISION, projection_dim=24)
+  tm = randomize_torch(tf.CLIPModel(cfg), 0)
+  tm.save_pretrained(folder)
+  _write_prep(folder)
+  return tm, folder
+
+
+def _torch_mlp(dim: int) -> torch.nn.Sequential:
+  """The improved aesthetic predictor's head, as published (dropouts active only in training)."""
+  return torch.nn.Sequential(
+      torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+      torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+      torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+
+class _TorchAesthetic(torch.nn.Module):
+  """The reference the predictor is used as: model.layers(normalized(CLIP image embeds))."""
+
+  def __init__(self, dim):
+    super().__init__()
+    self.layers = _torch_mlp(dim)
+
+
+@pytest.fixture(scope="module")
+def aesthetic_files(tmp_path_factory):
+  """A tiny ViT with the real 768-d projection, and the MLP as a pickled .pth converted to
+  safetensors by our converter (the .pth stays beside it)."""
+  root = tmp_path_factory.mktemp("aesthetic")
+  folder = str(root / "clip")
+  vm = randomize_torch(tf.CLIPVisionModelWithProjection(
+      tf.CLIPVisionConfig(**VISION, projection_dim=768)), 1)
+  vm.save_pretrained(folder)
+  _write_prep(folder)
+  head = randomize_torch(_TorchAesthetic(768), 2)
+  pth, st = str(root / "mlp.pth"), str(root / "mlp.safetensors")
+  torch.save({"state_dict": head.state_dict()}, pth)  # as Lightning checkpoints nest it
+  assert aesthetic_convert.main([pth, st]) == 0
+  return vm, head, folder, pth, st
+
+
+def _images(seed, b=3, h=32, w=32):
+  return np.random.default_rng(seed).random((b, h, w, 3)).astype(np.float32)
+
+
+def _torch_preprocess(x, size, mean=MEAN, std=STD, mode="bicubic"):
+  """Independent reference: NHWC [0, 1] -> centre square -> torch antialiased resize -> norm."""
+  h, w = x.shape[1:3]
+  s = min(h, w)
+  x = x[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s].permute(0, 3, 1, 2)
+  if s != size:
+    x = F.interpolate(x, size=(size, size), mode=mode, antialias=True, align_corners=False)
+  return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def _feats(out):
+  return getattr(out, "pooler_output", out)  # transformers 5 returns an output object
+
+
+ERRORS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+  yield
+  for k, v in sorted(ERRORS.items()):
+    print(f"\n  {k:24s} max abs err / bound {v:.2e}", end="")
+
+
+def _close(ours, ref, tol=1e-4, name=None, rel=False):
+  """max |ours - ref| <= tol * max(1, max |ref|), or tol * max |ref| with ``rel`` (gradients,
+  whose entries are small)."""
+  ours = np.asarray(ours, np.float32)
+  ref = ref.detach().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  err = float(np.max(np.abs(ours - ref)))
+  scale = float(np.max(np.abs(ref)))
+  bound = scale if rel else max(1.0, scale)
+  if name:
+    ERRORS[name] = max(ERRORS.get(name, 0.0), err / bound)
+  assert scale > 0 and err <= tol * bound, f"max abs err {err:.3g} (ref max {scale:.3g})"
+
+
+@pytest.mark.parametrize("shape,size,method", [((2, 32, 32), 16, "bicubic"),
+                                               ((2, 40, 28), 16, "bilinear"),
+                                               ((2, 12, 12), 16, "bicubic")])
+def test_preprocess_matches_torch(shape, size, method):
+  """Shrink by 2, crop + non-integer shrink, enlarge: values and vjp match torch."""
+  x = _images(0, *shape)
+  prep = cr.ImagePrep(size, MEAN, STD, method)
+  ours = jax.jit(cr.preprocess, static_argnums=1)(jnp.asarray(x), prep)
+  xt = torch.from_numpy(x).requires_grad_(True)
+  ref = _torch_preprocess(xt, size, mode=method)
+  _close(ours, ref.permute(0, 2, 3, 1), 1e-5, "preprocess")
+  cot = np.random.default_rng(1).standard_normal(ours.shape).astype(np.float32)
+  (ref * torch.from_numpy(cot).permute(0, 3, 1, 2)).sum().backward()
+  g = jax.grad(lambda a: jnp.sum(cr.preprocess(a, prep) * cot))(jnp.asarray(x))
+  _close(g, xt.grad, 1e-5, "preprocess.vjp", rel=True)
+
+
+def test_prep_from_folder(pickscore_folder, tmp_path):
+  _, folder = pickscore_folder
+  assert cr.ImagePrep.from_folder(16, None, folder) == cr.ImagePrep(16, MEAN, STD, "bicubic")
+  assert cr.ImagePrep.from_folder(16, str(tmp_path)) == cr.ImagePrep(16)  # OpenAI defaults
+  _write_prep(str(tmp_path), resample=0)
+  with pytest.raises(ValueError, match="resample=0"):
+    cr.ImagePrep.from_folder(16, str(tmp_path))
+
+
+def test_pickscore_parity_and_gradient(pickscore_folder):
+  tm, folder = pickscore_folder
+  reward = rewards.make("pickscore", folder=folder)
+  assert isinstance(reward, cr.ClipReward) and reward.differentiable
+  x = _images(2)
+  # torch reference: tokenizer -> text features; torch preprocessing -> image features
+  tok = tf.AutoTokenizer.from_pretrained(folder)(PROMPTS, padding="max_length", max_length=16,
+                                                 truncation=True, return_tensors="pt")
+  xt = torch.from_numpy(x).requires_grad_(True)
+  t_emb = _feats(tm.get_text_features(input_ids=tok.input_ids,
+                                      attention_mask=tok.attention_mask))
+  i_emb = _feats(tm.get_image_features(pixel_values=_torch_preprocess(xt, 16)))
+  t_emb = t_emb / t_emb.norm(dim=-1, keepdim=True)
+  i_emb = i_emb / i_emb.norm(dim=-1, keepdim=True)
+  ref = tm.logit_scale.exp() * (i_emb * t_emb).sum(-1)
+  ref.sum().backward()
+  # host reward (numpy in / out)
+  host = reward(x, PROMPTS)
+  _close(host, ref, name="pickscore")
+  assert float(np.ptp(host)) > 1e-3  # the three pairs score differently: a real comparison
+  # the pure, jitted function and its gradient w.r.t. the images
+  te = reward.prompt_features(PROMPTS)
+  _close(te, t_emb, name="pickscore.text_embeds")
+  fn = cr.pickscore_fn(reward.module, reward.prep)
+  grad = jax.jit(jax.grad(lambda a, t: jnp.sum(fn(a, t))))(jnp.asarray(x), te)
+  assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.max(jnp.abs(grad))) > 1e-4
+  _close(grad, xt.grad, 1e-4, "pickscore.grad", rel=True)
+  # the module as a jit argument (weights traced, not baked in)
+  score = nnx.jit(lambda m, a, t: cr.pickscore_fn(m, reward.prep)(a, t))
+  _close(score(reward.module, jnp.asarray(x), te), ref)
+  _close(reward.jax_fn(jnp.asarray(x), te), ref)
+
+
+def test_aesthetic_parity_and_gradient(aesthetic_files):
+  vm, head, folder, pth, st = aesthetic_files
+  reward = rewards.make("aesthetic", clip=folder, mlp=st)
+  x = _images(3, b=4)
+  xt = torch.from_numpy(x).requires_grad_(True)
+  emb = vm(pixel_values=_torch_preprocess(xt, 16)).image_embeds
+  ref = head.layers(emb / emb.norm(dim=-1, keepdim=True))[:, 0]
+  ref.sum().backward()
+  host = reward(x, [""] * 4)
+  _close(host, ref, name="aesthetic")
+  assert float(np.ptp(host)) > 1e-4
+  vision, mlp = reward.module
+  fn = cr.aesthetic_fn(vision, mlp, reward.prep)
+  grad = jax.jit(jax.grad(lambda a: jnp.sum(fn(a))))(jnp.asarray(x))
+  assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.max(jnp.abs(grad))) > 1e-6
+  _close(grad, xt.grad, 1e-4, "aesthetic.grad", rel=True)
+  # the MLP alone, with dropout layers present in the torch module (eval mode: identity)
+  e = np.random.default_rng(4).standard_normal((5, 768)).astype(np.float32)
+  _close(mlp(jnp.asarray(e)), head.layers(torch.from_numpy(e)), name="aesthetic.mlp")
+
+
+def test_weighted_sum_of_both(pickscore_folder, aesthetic_files):
+  """from_config with per-reward options: host and jax paths agree with the parts."""
+  _, ps_folder = pickscore_folder
+  _, _, ae_folder, _, st = aesthetic_files
+  r = rewards.from_config({"pickscore": 1.0, "aesthetic": 0.5},
+                          pickscore={"folder": ps_folder}, aesthetic={"clip": ae_folder,
+                                                                       "mlp": st})
+  assert r.differentiable
+  ps, ae = rewards.make("pickscore", folder=ps_folder), rewards.make(
+      "aesthetic", clip=ae_folder, mlp=st)
+  x = _images(5)
+  want = ps(x, PROMPTS) + 0.5 * ae(x, PROMPTS)
+  np.testing.assert_allclose(r(x, PROMPTS), want, rtol=1e-5, atol=1e-5)
+  te = ps.prompt_features(PROMPTS)
+  np.testing.assert_allclose(r.jax_fn(jnp.asarray(x), te), want, rtol=1e-5, atol=1e-5)
+
+
+def test_env_paths_and_error_lines(pickscore_folder, aesthetic_files, monkeypatch, tmp_path):
+  _, ps_folder = pickscore_folder
+  _, _, ae_folder, pth, st = aesthetic_files
+  monkeypatch.delenv("DIDR_PICKSCORE", raising=False)
+  with pytest.raises(ConfigError, match=r"^rewards.pickscore: no folder given.*DIDR_PICKSCORE"):
+    rewards.make("pickscore")
+  monkeypatch.setenv("DIDR_PICKSCORE", ps_folder)
+  assert rewards.make("pickscore").module is rewards.make("pickscore", folder=ps_folder).module
+  with pytest.raises(ConfigError, match="rewards.pickscore: folder .* is not a folder"):
+    rewards.make("pickscore", folder=str(tmp_path))
+  monkeypatch.setenv("DIDR_AESTHETIC_CLIP", ae_folder)
+  monkeypatch.delenv("DIDR_AESTHETIC_MLP", raising=False)
+  with pytest.raises(ConfigError, match="rewards.aesthetic: no mlp given"):
+    rewards.make("aesthetic")
+  # the pickled file is refused at run time, with the conversion command
+  with pytest.raises(core.ConversionError, match="python -m didr_jax.convert.aesthetic"):
+    cr.load_aesthetic_mlp(pth, 768)
+  # a head of the wrong input size names the tensor and both shapes
+  with pytest.raises(core.ConversionError, match=r"layers.0.weight.*\(1024, 768\).*\(1024, 512\)"):
+    cr.load_aesthetic_mlp(st, 512)
+  # the converter refuses a state dict that is not the predictor's, in one line
+  torch.save({"w": torch.zeros(2)}, str(tmp_path / "bad.pth"))
+  assert aesthetic_convert.main([str(tmp_path / "bad.pth"), str(tmp_path / "o.st")]) == 1
