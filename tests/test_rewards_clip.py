@@ -18,6 +18,7 @@ from didr_jax.convert import aesthetic as aesthetic_convert
 from didr_jax.convert import core
 from didr_jax.rewards import clip_rewards as cr
 from didr_jax.testing.tiny import randomize_torch, tiny_clip_text_config
+from didr_jax.toy import toy_clip
 from didr_jax.toy.tokenizer import write_clip_tokenizer
 from didr_jax.train.config import ConfigError
 
@@ -170,14 +171,15 @@ def test_pickscore_parity_and_gradient(pickscore_folder):
   # the pure, jitted function and its gradient w.r.t. the images
   te = reward.prompt_features(PROMPTS)
   _close(te, t_emb, name="pickscore.text_embeds")
-  fn = cr.pickscore_fn(reward.module, reward.prep)
-  grad = jax.jit(jax.grad(lambda a, t: jnp.sum(fn(a, t))))(jnp.asarray(x), te)
-  assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.max(jnp.abs(grad))) > 1e-4
+  # the registry's pure function, jitted, and its gradient w.r.t. the images
+  val, grad = jax.jit(jax.value_and_grad(lambda a, t: jnp.sum(reward.jax_fn(a, t))))(
+      jnp.asarray(x), te)
+  _close(val, ref.sum())
+  assert bool(jnp.all(jnp.isfinite(grad)))
   _close(grad, xt.grad, 1e-4, "pickscore.grad", rel=True)
   # the module as a jit argument (weights traced, not baked in)
   score = nnx.jit(lambda m, a, t: cr.pickscore_fn(m, reward.prep)(a, t))
   _close(score(reward.module, jnp.asarray(x), te), ref)
-  _close(reward.jax_fn(jnp.asarray(x), te), ref)
 
 
 def test_aesthetic_parity_and_gradient(aesthetic_files):
@@ -215,7 +217,8 @@ def test_weighted_sum_of_both(pickscore_folder, aesthetic_files):
   want = ps(x, PROMPTS) + 0.5 * ae(x, PROMPTS)
   np.testing.assert_allclose(r(x, PROMPTS), want, rtol=1e-5, atol=1e-5)
   te = ps.prompt_features(PROMPTS)
-  np.testing.assert_allclose(r.jax_fn(jnp.asarray(x), te), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(r.jax_fn)(jnp.asarray(x), te), want, rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_env_paths_and_error_lines(pickscore_folder, aesthetic_files, monkeypatch, tmp_path):
@@ -241,3 +244,29 @@ def test_env_paths_and_error_lines(pickscore_folder, aesthetic_files, monkeypatc
   # the converter refuses a state dict that is not the predictor's, in one line
   torch.save({"w": torch.zeros(2)}, str(tmp_path / "bad.pth"))
   assert aesthetic_convert.main([str(tmp_path / "bad.pth"), str(tmp_path / "o.st")]) == 1
+
+
+@pytest.mark.skipif(not toy_clip.available(), reason="toy CLIP asset not built")
+def test_toy_clip_shares_preprocessing():
+  """The toy CLIP reward resizes inside jit with the shared preprocessing: an image twice the
+  CLIP's size scores as its bilinear downsample mapped to [-1, 1] (the pretraining range), and
+  its gradient w.r.t. the full-size image flows."""
+  from didr_jax.models.clip import l2_normalize
+  reward = rewards.make("toy_clip")
+  m = toy_clip.load()
+  n = m.model.config.vision_config.image_size
+  ids = m.ids(["a red circle", "two blue squares"])
+  x = jnp.asarray(_images(6, b=2, h=2 * n, w=2 * n))
+
+  @nnx.jit
+  def want(mod, a):
+    img = l2_normalize(mod.get_image_features(
+        jax.image.resize(a, (2, n, n, 3), "bilinear") * 2.0 - 1.0))
+    txt = l2_normalize(mod.get_text_features(ids))
+    return jnp.exp(mod.logit_scale[...]) * jnp.sum(img * txt, -1)
+
+  val, grad = nnx.jit(nnx.value_and_grad(lambda a, mod: jnp.sum(reward.jax_fn(mod, a, ids))))(
+      x, m.model)
+  _close(val, jnp.sum(want(m.model, x)), 1e-5, "toy_clip")
+  assert grad.shape == x.shape and bool(jnp.all(jnp.isfinite(grad)))
+  assert float(jnp.max(jnp.abs(grad))) > 0
