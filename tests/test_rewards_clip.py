@@ -151,7 +151,7 @@ def test_prep_from_folder(pickscore_folder, tmp_path):
 def test_pickscore_parity_and_gradient(pickscore_folder):
   tm, folder = pickscore_folder
   reward = rewards.make("pickscore", folder=folder)
-  assert isinstance(reward, cr.ClipReward) and reward.differentiable
+  assert reward.differentiable
   x = _images(2)
   # torch reference: tokenizer -> text features; torch preprocessing -> image features
   tok = tf.AutoTokenizer.from_pretrained(folder)(PROMPTS, padding="max_length", max_length=16,
@@ -171,15 +171,12 @@ def test_pickscore_parity_and_gradient(pickscore_folder):
   # the pure, jitted function and its gradient w.r.t. the images
   te = reward.prompt_features(PROMPTS)
   _close(te, t_emb, name="pickscore.text_embeds")
-  # the registry's pure function, jitted, and its gradient w.r.t. the images
-  val, grad = jax.jit(jax.value_and_grad(lambda a, t: jnp.sum(reward.jax_fn(a, t))))(
-      jnp.asarray(x), te)
+  # the registry's pure function, jitted with the module as an argument, and its gradient
+  val, grad = nnx.jit(nnx.value_and_grad(lambda a, m, t: jnp.sum(reward.jax_fn(m, a, t))))(
+      jnp.asarray(x), reward.module, te)
   _close(val, ref.sum())
   assert bool(jnp.all(jnp.isfinite(grad)))
   _close(grad, xt.grad, 1e-4, "pickscore.grad", rel=True)
-  # the module as a jit argument (weights traced, not baked in)
-  score = nnx.jit(lambda m, a, t: cr.pickscore_fn(m, reward.prep)(a, t))
-  _close(score(reward.module, jnp.asarray(x), te), ref)
 
 
 def test_aesthetic_parity_and_gradient(aesthetic_files):
@@ -193,14 +190,14 @@ def test_aesthetic_parity_and_gradient(aesthetic_files):
   host = reward(x, [""] * 4)
   _close(host, ref, name="aesthetic")
   assert float(np.ptp(host)) > 1e-4
-  vision, mlp = reward.module
-  fn = cr.aesthetic_fn(vision, mlp, reward.prep)
-  grad = jax.jit(jax.grad(lambda a: jnp.sum(fn(a))))(jnp.asarray(x))
+  assert reward.prompt_features is None
+  grad = nnx.jit(nnx.grad(lambda a, m: jnp.sum(reward.jax_fn(m, a, None))))(jnp.asarray(x),
+                                                                             reward.module)
   assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.max(jnp.abs(grad))) > 1e-6
   _close(grad, xt.grad, 1e-4, "aesthetic.grad", rel=True)
   # the MLP alone, with dropout layers present in the torch module (eval mode: identity)
   e = np.random.default_rng(4).standard_normal((5, 768)).astype(np.float32)
-  _close(mlp(jnp.asarray(e)), head.layers(torch.from_numpy(e)), name="aesthetic.mlp")
+  _close(reward.module.mlp(jnp.asarray(e)), head.layers(torch.from_numpy(e)), name="aesthetic.mlp")
 
 
 def test_weighted_sum_of_both(pickscore_folder, aesthetic_files):
@@ -216,9 +213,10 @@ def test_weighted_sum_of_both(pickscore_folder, aesthetic_files):
   x = _images(5)
   want = ps(x, PROMPTS) + 0.5 * ae(x, PROMPTS)
   np.testing.assert_allclose(r(x, PROMPTS), want, rtol=1e-5, atol=1e-5)
-  te = ps.prompt_features(PROMPTS)
-  np.testing.assert_allclose(jax.jit(r.jax_fn)(jnp.asarray(x), te), want, rtol=1e-5,
-                             atol=1e-5)
+  feats = r.prompt_features(PROMPTS)
+  assert feats[1] is None and feats[0].shape == (3, 24)
+  np.testing.assert_allclose(nnx.jit(r.jax_fn)(r.module, jnp.asarray(x), feats), want,
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_env_paths_and_error_lines(pickscore_folder, aesthetic_files, monkeypatch, tmp_path):
@@ -231,6 +229,8 @@ def test_env_paths_and_error_lines(pickscore_folder, aesthetic_files, monkeypatc
   assert rewards.make("pickscore").module is rewards.make("pickscore", folder=ps_folder).module
   with pytest.raises(ConfigError, match="rewards.pickscore: folder .* is not a folder"):
     rewards.make("pickscore", folder=str(tmp_path))
+  with pytest.raises(ConfigError, match="rewards.pickscore: dtype 'fp8' must be"):
+    rewards.make("pickscore", dtype="fp8")
   monkeypatch.setenv("DIDR_AESTHETIC_CLIP", ae_folder)
   monkeypatch.delenv("DIDR_AESTHETIC_MLP", raising=False)
   with pytest.raises(ConfigError, match="rewards.aesthetic: no mlp given"):
@@ -265,8 +265,10 @@ def test_toy_clip_shares_preprocessing():
     txt = l2_normalize(mod.get_text_features(ids))
     return jnp.exp(mod.logit_scale[...]) * jnp.sum(img * txt, -1)
 
+  assert reward.module is m.model
+  np.testing.assert_array_equal(reward.prompt_features(["a red circle", "two blue squares"]), ids)
   val, grad = nnx.jit(nnx.value_and_grad(lambda a, mod: jnp.sum(reward.jax_fn(mod, a, ids))))(
-      x, m.model)
+      x, reward.module)
   _close(val, jnp.sum(want(m.model, x)), 1e-5, "toy_clip")
   assert grad.shape == x.shape and bool(jnp.all(jnp.isfinite(grad)))
   assert float(jnp.max(jnp.abs(grad))) > 0

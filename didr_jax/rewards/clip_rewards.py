@@ -22,7 +22,8 @@ are differentiable w.r.t. the images in JAX, preprocessing included:
       MLP = Linear(768, 1024) Dropout Linear(1024, 128) Dropout Linear(128, 64) Dropout
             Linear(64, 16) Linear(16, 1)
       (no activations; dropout is the identity at inference; torch ``nn.Sequential`` indices
-      0, 2, 4, 6, 7). ``aesthetic_fn(vision, mlp, prep)(images)`` is the pure JAX form.
+      0, 2, 4, 6, 7). ``aesthetic_fn(predictor, prep)(images)`` is the pure JAX form, with
+      ``AestheticPredictor`` holding the vision tower and the MLP.
 
 Weights are read from local files only: the CLIP folders through ``models.clip.load_clip``
 (safetensors), the MLP from a ``.safetensors`` file (``layers.{0,2,4,6,7}.{weight,bias}``).
@@ -39,12 +40,10 @@ Pointing a config at the files (registry names ``pickscore`` and ``aesthetic``):
   ``preprocessor_config.json`` are looked up in the tokenizer folder, then the model folder
   (PickScore_v1 ships its processor in laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
 
-In a jitted loss, pass the reward's module as an argument of the jit (``nnx.jit``, or
-``nnx.split`` / ``nnx.merge`` around ``jax.jit``) and build ``pickscore_fn(module, prep)``
-inside; the ``Reward.jax_fn`` of the registry closes over the module instead (convenient,
-but its weights then enter the compiled program as constants). Both rewards return a
-``ClipReward``: a ``Reward`` plus ``module``, ``prep`` and ``prompt_features`` (prompts ->
-the second argument of ``jax_fn``; ``None`` for the aesthetic predictor, which ignores it).
+Registry use (``base.py``'s convention): ``reward.jax_fn(reward.module, images, features)``
+with ``features = reward.prompt_features(prompts)`` (PickScore: the normalised text embeddings;
+the aesthetic predictor has none and ignores the argument), module and features passed as
+arguments of the jitted loss. ``reward(images, prompts)`` is the host form (NumPy in and out).
 """
 
 from __future__ import annotations
@@ -130,14 +129,12 @@ def pickscore_fn(model: clip.CLIPModel, prep: ImagePrep
   return fn
 
 
-def aesthetic_fn(vision: clip.CLIPVisionModelWithProjection, mlp: "AestheticMLP",
-                 prep: ImagePrep) -> Callable[..., jax.Array]:
-  """(images, *ignored) -> (B,) MLP(normalised CLIP image embedding). Extra arguments (the
-  prompt features a weighted sum passes to every term) are ignored."""
+def aesthetic_fn(predictor: "AestheticPredictor", prep: ImagePrep
+                 ) -> Callable[..., jax.Array]:
+  """(images, *ignored) -> (B,) MLP(normalised CLIP image embedding)."""
 
   def fn(images: jax.Array, *unused) -> jax.Array:
-    emb = clip.l2_normalize(vision(preprocess(images, prep)).image_embeds)
-    return mlp(emb)[:, 0]
+    return predictor(preprocess(images, prep))
   return fn
 
 
@@ -167,6 +164,17 @@ class AestheticMLP(nnx.Module):
     for layer in self.layers:
       x = layer(x)
     return x
+
+
+class AestheticPredictor(nnx.Module):
+  """pixels -> (B,) MLP(e / ||e||_2), e = the vision tower's projected image embedding."""
+
+  def __init__(self, vision: clip.CLIPVisionModelWithProjection, mlp: AestheticMLP):
+    self.vision = vision
+    self.mlp = mlp
+
+  def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    return self.mlp(clip.l2_normalize(self.vision(pixel_values).image_embeds))[:, 0]
 
 
 def load_aesthetic_mlp(path: str, dim: int) -> AestheticMLP:
@@ -216,13 +224,14 @@ class Aesthetic:
   """CLIP ViT-L/14 vision tower + the aesthetic MLP; host batched scoring."""
 
   def __init__(self, clip_folder: str, mlp_path: str, dtype: Any = jnp.float32):
-    self.vision = clip.load_clip(clip_folder, clip.CLIPVisionModelWithProjection, dtype=dtype)
-    self.mlp = load_aesthetic_mlp(mlp_path, self.vision.config.projection_dim)
-    self.prep = ImagePrep.from_folder(self.vision.config.image_size, clip_folder)
-    self._score = nnx.jit(lambda v, m, x: aesthetic_fn(v, m, self.prep)(x))
+    vision = clip.load_clip(clip_folder, clip.CLIPVisionModelWithProjection, dtype=dtype)
+    self.model = AestheticPredictor(vision, load_aesthetic_mlp(mlp_path,
+                                                               vision.config.projection_dim))
+    self.prep = ImagePrep.from_folder(vision.config.image_size, clip_folder)
+    self._score = nnx.jit(lambda m, x: aesthetic_fn(m, self.prep)(x))
 
   def __call__(self, images, prompts: Sequence[str] = ()) -> np.ndarray:
-    return np.asarray(self._score(self.vision, self.mlp, jnp.asarray(images, jnp.float32)))
+    return np.asarray(self._score(self.model, jnp.asarray(images, jnp.float32)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -239,13 +248,11 @@ def _aesthetic(clip_folder: str, mlp_path: str, dtype: str) -> Aesthetic:
 # registry
 
 
-@dataclasses.dataclass
-class ClipReward(Reward):
-  """A differentiable CLIP reward: ``jax_fn(images, prompt_features)``, with
-  ``prompt_features(prompts)`` computing the second argument on the host (None: unused)."""
-  module: Any = None
-  prep: ImagePrep | None = None
-  prompt_features: Callable[[Sequence[str]], jax.Array] | None = None
+def _dtype(name: str, dtype: str) -> str:
+  from didr_jax.train.config import ConfigError
+  if dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"rewards.{name}: dtype {dtype!r} must be 'float32' or 'bfloat16'")
+  return dtype
 
 
 def _path(name: str, key: str, value: str | None, env: str, *, file: bool = False) -> str:
@@ -263,25 +270,23 @@ def _path(name: str, key: str, value: str | None, env: str, *, file: bool = Fals
 
 @register("pickscore")
 def pickscore(folder: str | None = None, tokenizer: str | None = None,
-              dtype: str = "float32") -> ClipReward:
+              dtype: str = "float32") -> Reward:
   """PickScore: exp(logit_scale) * cos(image, prompt) of a CLIPModel folder (default
   $DIDR_PICKSCORE); tokenizer folder default $DIDR_PICKSCORE_TOKENIZER, else ``folder``."""
   folder = _path("pickscore", "folder", folder, "DIDR_PICKSCORE")
   tokenizer = tokenizer or os.environ.get("DIDR_PICKSCORE_TOKENIZER") or None
-  ps = _pickscore(folder, tokenizer, dtype)
-  return ClipReward("pickscore", ps, differentiable=True,
-                    jax_fn=pickscore_fn(ps.model, ps.prep), module=ps.model, prep=ps.prep,
-                    prompt_features=ps.text_embeds)
+  ps = _pickscore(folder, tokenizer, _dtype("pickscore", dtype))
+  return Reward("pickscore", ps, True, lambda m, x, t: pickscore_fn(m, ps.prep)(x, t),
+                ps.model, ps.text_embeds)
 
 
 @register("aesthetic")
 def aesthetic(clip: str | None = None, mlp: str | None = None,
-              dtype: str = "float32") -> ClipReward:
+              dtype: str = "float32") -> Reward:
   """LAION aesthetic score: MLP(normalised CLIP ViT-L/14 image embedding); ``clip`` a CLIP
   folder (default $DIDR_AESTHETIC_CLIP), ``mlp`` a safetensors file ($DIDR_AESTHETIC_MLP)."""
   clip_folder = _path("aesthetic", "clip", clip, "DIDR_AESTHETIC_CLIP")
   mlp_path = _path("aesthetic", "mlp", mlp, "DIDR_AESTHETIC_MLP", file=True)
-  ae = _aesthetic(clip_folder, mlp_path, dtype)
-  return ClipReward("aesthetic", ae, differentiable=True,
-                    jax_fn=aesthetic_fn(ae.vision, ae.mlp, ae.prep),
-                    module=(ae.vision, ae.mlp), prep=ae.prep)
+  ae = _aesthetic(clip_folder, mlp_path, _dtype("aesthetic", dtype))
+  return Reward("aesthetic", ae, True, lambda m, x, unused=None: aesthetic_fn(m, ae.prep)(x),
+                ae.model)
