@@ -3,13 +3,13 @@
 Both are scored on images (B, H, W, 3) in [0, 1] (the registry's layout, see ``base.py``) and
 are differentiable w.r.t. the images in JAX, preprocessing included:
 
-  ``preprocess``:  x -> (resize(center_crop_square(x), n) - mean) / std
-      center crop to the largest centred square, then resize to the CLIP tower's ``n x n``
-      with ``jax.image.resize`` (bicubic by default, antialiased when shrinking: the same
-      filter as PIL and as torch's ``interpolate(..., antialias=True)``), then CLIP's per-channel
-      mean / std. CLIP's own processor resizes the short side first and crops after, the same
-      square up to resampling. Mean, std, size and filter come from the folder's
-      ``preprocessor_config.json`` when it has one, else OpenAI CLIP's constants.
+  ``preprocess``:  x -> (center_crop(resize_short_side(x, n), n) - mean) / std
+      transformers' CLIPImageProcessor in float, inside jit: the short side resized to the
+      CLIP tower's n with ``jax.image.resize`` (bicubic by default, antialiased when
+      shrinking: the filter of PIL and of torch's ``interpolate(..., antialias=True)``), the
+      centred n x n crop, then CLIP's per-channel mean / std. Mean, std and filter come from
+      the folder's ``preprocessor_config.json`` when it has one, else OpenAI CLIP's constants.
+      It agrees with the processor to within its uint8 rounding (tested).
 
   **PickScore** (Kirstain et al. 2023) on a transformers ``CLIPModel`` folder:
       r(x, c) = exp(logit_scale) * cos(E_img(preprocess(x)), E_txt(tokens(c)))
@@ -97,15 +97,18 @@ class ImagePrep:
 
 
 def preprocess(images: jax.Array, prep: ImagePrep) -> jax.Array:
-  """(B, H, W, 3) in [0, 1] -> (B, n, n, 3) CLIP pixels: the largest centred square, resized
-  to ``prep.size`` (antialiased when shrinking; skipped when already that size), then
-  (x - mean) / std per channel. Differentiable; jit-able (all shapes static)."""
+  """(B, H, W, 3) in [0, 1] -> (B, n, n, 3) CLIP pixels, transformers' CLIPImageProcessor in
+  float: the short side resized to n = ``prep.size`` (long side int(n * long / short);
+  antialiased when shrinking; skipped when already n x n), the centred n x n crop (offsets
+  floor((side - n) / 2)), then (x - mean) / std per channel. Differentiable; jit-able."""
   b, h, w, c = images.shape
-  s = min(h, w)
-  top, left = (h - s) // 2, (w - s) // 2
-  x = images[:, top:top + s, left:left + s].astype(jnp.float32)
-  if s != prep.size:
-    x = jax.image.resize(x, (b, prep.size, prep.size, c), prep.method, antialias=True)
+  n = prep.size
+  x = images.astype(jnp.float32)
+  if (h, w) != (n, n):
+    nh, nw = (n, int(n * w / h)) if h <= w else (int(n * h / w), n)
+    x = jax.image.resize(x, (b, nh, nw, c), prep.method, antialias=True)
+    top, left = (nh - n) // 2, (nw - n) // 2
+    x = x[:, top:top + n, left:left + n]
   mean = jnp.asarray(prep.mean, jnp.float32)
   std = jnp.asarray(prep.std, jnp.float32)
   return (x - mean) / std
