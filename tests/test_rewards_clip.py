@@ -257,11 +257,25 @@ def test_env_paths_and_error_lines(pickscore_folder, aesthetic_files, monkeypatc
   with pytest.raises(ConfigError, match="rewards.aesthetic: no mlp given"):
     rewards.make("aesthetic")
   # the pickled file is refused at run time, with the conversion command
-  with pytest.raises(core.ConversionError, match="python -m didr_jax.convert.aesthetic"):
-    cr.load_aesthetic_mlp(pth, 768)
-  # a head of the wrong input size names the tensor and both shapes
-  with pytest.raises(core.ConversionError, match=r"layers.0.weight.*\(1024, 768\).*\(1024, 512\)"):
-    cr.load_aesthetic_mlp(st, 512)
+  with pytest.raises(ConfigError, match="rewards.aesthetic: .*python -m didr_jax.convert.aes"):
+    rewards.make("aesthetic", mlp=pth)
+  # a head of another input size than the CLIP's projection names the tensor and both shapes
+  bad = {k: np.asarray(v) for k, v in core.SafetensorsFile(st).items()}
+  bad["layers.0.weight"] = np.zeros((1024, 512), np.float32)
+  core.save_safetensors(bad, str(tmp_path / "mlp512.safetensors"))
+  with pytest.raises(ConfigError, match=r"layers.0.weight: .* \(1024, 512\), .* \(1024, 768\)"):
+    rewards.make("aesthetic", mlp=str(tmp_path / "mlp512.safetensors"))
+  # a CLIP folder without a tokenizer: one line, not a traceback
+  tm_folder = str(tmp_path / "no_tok")
+  os.makedirs(tm_folder)
+  for f in ("config.json", "model.safetensors"):
+    os.link(os.path.join(ps_folder, f), os.path.join(tm_folder, f))
+  with pytest.raises(ConfigError, match="rewards.pickscore: no tokenizer .* in .*no_tok"):
+    rewards.make("pickscore", folder=tm_folder)
+  # a tokenizer with more tokens than the text model's table (ids would be clamped silently)
+  write_clip_tokenizer(str(tmp_path / "big_tok"), ("red", "blue", "cat", "dog", "zebra"))
+  with pytest.raises(ConfigError, match="more than the text model's vocab_size"):
+    rewards.make("pickscore", folder=ps_folder, tokenizer=str(tmp_path / "big_tok"))
   # the converter refuses a state dict that is not the predictor's, in one line
   torch.save({"w": torch.zeros(2)}, str(tmp_path / "bad.pth"))
   assert aesthetic_convert.main([str(tmp_path / "bad.pth"), str(tmp_path / "o.st")]) == 1

@@ -64,6 +64,7 @@ from didr_jax.rewards.base import Reward, register
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +205,17 @@ class PickScore:
   def __init__(self, folder: str, tokenizer: str | None = None, dtype: Any = jnp.float32):
     from transformers import AutoTokenizer
     self.model = clip.load_clip(folder, clip.CLIPModel, dtype=dtype)
-    self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or folder)
+    tok_folder = tokenizer or folder
+    if not any(os.path.exists(os.path.join(tok_folder, f)) for f in _TOKENIZER_FILES):
+      # transformers would build an empty tokenizer from config.json alone, silently
+      raise ValueError(f"no tokenizer ({' or '.join(_TOKENIZER_FILES)}) in {tok_folder!r}; "
+                       "pass tokenizer=FOLDER (PickScore_v1 uses the one of "
+                       "laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+    self.tokenizer = AutoTokenizer.from_pretrained(tok_folder)
+    vocab = self.model.config.text_config.vocab_size
+    if len(self.tokenizer) > vocab:
+      raise ValueError(f"the tokenizer of {tok_folder!r} has {len(self.tokenizer)} tokens, more "
+                       f"than the text model's vocab_size {vocab} (a different tokenizer?)")
     self.prep = ImagePrep.from_folder(self.model.config.vision_config.image_size,
                                       tokenizer, folder)
     self.max_length = min(int(self.tokenizer.model_max_length),
@@ -251,6 +262,16 @@ def _aesthetic(clip_folder: str, mlp_path: str, dtype: str) -> Aesthetic:
 # registry
 
 
+def _load(name: str, loader: Callable, *args):
+  """``loader(*args)``, with unreadable or mismatched files reported as one ConfigError line
+  (``rewards.<name>: why``) instead of a traceback."""
+  from didr_jax.train.config import ConfigError
+  try:
+    return loader(*args)
+  except (ValueError, OSError) as e:  # ConversionError, bad config.json, missing tokenizer
+    raise ConfigError(f"rewards.{name}: {e}") from None
+
+
 def _dtype(name: str, dtype: str) -> str:
   from didr_jax.train.config import ConfigError
   if dtype not in ("float32", "bfloat16"):
@@ -278,7 +299,7 @@ def pickscore(folder: str | None = None, tokenizer: str | None = None,
   $DIDR_PICKSCORE); tokenizer folder default $DIDR_PICKSCORE_TOKENIZER, else ``folder``."""
   folder = _path("pickscore", "folder", folder, "DIDR_PICKSCORE")
   tokenizer = tokenizer or os.environ.get("DIDR_PICKSCORE_TOKENIZER") or None
-  ps = _pickscore(folder, tokenizer, _dtype("pickscore", dtype))
+  ps = _load("pickscore", _pickscore, folder, tokenizer, _dtype("pickscore", dtype))
   return Reward("pickscore", ps, True, lambda m, x, t: pickscore_fn(m, ps.prep)(x, t),
                 ps.model, ps.text_embeds)
 
@@ -290,6 +311,6 @@ def aesthetic(clip: str | None = None, mlp: str | None = None,
   folder (default $DIDR_AESTHETIC_CLIP), ``mlp`` a safetensors file ($DIDR_AESTHETIC_MLP)."""
   clip_folder = _path("aesthetic", "clip", clip, "DIDR_AESTHETIC_CLIP")
   mlp_path = _path("aesthetic", "mlp", mlp, "DIDR_AESTHETIC_MLP", file=True)
-  ae = _aesthetic(clip_folder, mlp_path, _dtype("aesthetic", dtype))
+  ae = _load("aesthetic", _aesthetic, clip_folder, mlp_path, _dtype("aesthetic", dtype))
   return Reward("aesthetic", ae, True, lambda m, x, unused=None: aesthetic_fn(m, ae.prep)(x),
                 ae.model)
