@@ -17,13 +17,11 @@ from didr_jax import rewards
 from didr_jax.convert import aesthetic as aesthetic_convert
 from didr_jax.convert import core
 from didr_jax.rewards import clip_rewards as cr
-from didr_jax.testing.tiny import randomize_torch, tiny_clip_text_config
+from didr_jax.testing import tiny
 from didr_jax.toy import toy_clip
 from didr_jax.toy.tokenizer import write_clip_tokenizer
 from didr_jax.train.config import ConfigError
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=16, patch_size=4, hidden_act="quick_gelu")
 PROMPTS = ["a red cat", "two blue squares", "a photo of a dog"]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # distinct from the defaults: the config is read
 
@@ -38,45 +36,25 @@ def _write_prep(folder, mean=MEAN, std=STD, resample=3):
 def pickscore_folder(tmp_path_factory):
   """A tiny random CLIPModel (PickScore's architecture) with its tokenizer and processor."""
   folder = str(tmp_path_factory.mktemp("pickscore"))
-  vocab = write_clip_tokenizer(folder, ("red", "blue", "cat", "dog"), max_length=16)
-  text = tiny_clip_text_config(vocab, act="gelu").to_dict()
-  cfg = tf.CLIPConfig(text_config=text, vision_config=VISION, projection_dim=24)
-  tm = randomize_torch(tf.CLIPModel(cfg), 0)
-  tm.save_pretrained(folder)
+  tm = tiny.save_tiny_pickscore(folder, words=("red", "blue", "cat", "dog"))
   _write_prep(folder)
   return tm, folder
 
 
-def _torch_mlp(dim: int) -> torch.nn.Sequential:
-  """The improved aesthetic predictor's head, as published (dropouts active only in training)."""
-  return torch.nn.Sequential(
-      torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-      torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-      torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
-
-
-class _TorchAesthetic(torch.nn.Module):
-  """The reference the predictor is used as: model.layers(normalized(CLIP image embeds))."""
-
-  def __init__(self, dim):
-    super().__init__()
-    self.layers = _torch_mlp(dim)
-
-
 @pytest.fixture(scope="module")
 def aesthetic_files(tmp_path_factory):
-  """A tiny ViT with the real 768-d projection, and the MLP as a pickled .pth converted to
-  safetensors by our converter (the .pth stays beside it)."""
+  """A tiny ViT with the real 768-d projection and the published MLP layout; the MLP also as
+  a pickled .pth (nested as Lightning saves it) converted to safetensors by our converter."""
   root = tmp_path_factory.mktemp("aesthetic")
-  folder = str(root / "clip")
-  vm = randomize_torch(tf.CLIPVisionModelWithProjection(
-      tf.CLIPVisionConfig(**VISION, projection_dim=768)), 1)
-  vm.save_pretrained(folder)
+  vm, head = tiny.save_tiny_aesthetic(str(root))
+  folder = os.path.join(str(root), "clip")
   _write_prep(folder)
-  head = randomize_torch(_TorchAesthetic(768), 2)
-  pth, st = str(root / "mlp.pth"), str(root / "mlp.safetensors")
-  torch.save({"state_dict": head.state_dict()}, pth)  # as Lightning checkpoints nest it
+  pth, st = str(root / "mlp.pth"), str(root / "converted.safetensors")
+  torch.save({"state_dict": head.state_dict()}, pth)
   assert aesthetic_convert.main([pth, st]) == 0
+  written = core.SafetensorsFile(str(root / "mlp.safetensors"))
+  for k, v in core.SafetensorsFile(st).items():
+    np.testing.assert_array_equal(v, written[k])
   return vm, head, folder, pth, st
 
 
