@@ -440,3 +440,22 @@ def test_dgpo_step_lowers_denoising_loss_of_high_advantage_samples():
   new_neg = jax.tree.map(lambda p, gg: p - 0.5 * gg, params, g_neg)
   dl_neg = np.asarray(tdm.sq_dist(net(new_neg, x_tau, sig), target) - before)
   assert dl_neg[hi].mean() > dl_neg[lo].mean()
+
+
+# ------------------------------------------------------------------------------ config sections
+
+
+def test_tdm_config_sections_validate_and_name_the_bad_key():
+  from didr_jax.train.config import ConfigError
+  from didr_jax.train.tdm_config import check_tdm, tdm_section, tdmr1_section
+  check_tdm(tdm_section())
+  d = tdmr1_section()
+  check_tdm(d)
+  assert (d.w_kl, d.w_cfg, d.w_rew, d.cfg_reward_scale, d.fake_ref_weight) == (1.0, 0.3, 0.7,
+                                                                                3.5, 0.02)
+  for key, value in [("boundaries_per_iter", 5), ("gen_betas", (0.0, 1.0)), ("trust_clip", 0.0),
+                     ("t_min_reward", 1.0), ("group_size", 1), ("surrogate_lr", 0.0)]:
+    bad = tdmr1_section()
+    bad[key] = value
+    with pytest.raises(ConfigError, match=rf"^config\.tdm\.{key}: "):
+      check_tdm(bad)

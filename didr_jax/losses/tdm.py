@@ -71,16 +71,18 @@ def x0_from_states(x_t: jax.Array, x_next: jax.Array, alpha_t, sigma_t, alpha_ne
   return (b(sigma_t) * x_next - b(sigma_next) * x_t) / den
 
 
-def sample_tau(rng: jax.Array, shape, lo, hi=1.0, *, integer: bool = False) -> jax.Array:
+def sample_tau(rng: jax.Array, shape, lo, hi=None, *, integer: bool = False) -> jax.Array:
   """A re-noising time between the boundary time ``lo`` (scalar or broadcastable to ``shape``)
-  and ``hi``: flow sig_tau ~ Uniform[lo, hi) (float32), or with ``integer`` a VP timestep
-  uniform in {lo, ..., hi} (int32). TDM uses lo = t_{j+1}, hi = T (flow 1, VP T - 1);
-  TDM-R1's surrogate lo = max(t_{j'+1}, t_min)."""
+  and ``hi``: flow sig_tau ~ Uniform[lo, hi) (float32, hi defaults to 1), or with ``integer`` a
+  VP timestep uniform in {lo, ..., hi} (int32, hi required, e.g. T - 1). TDM uses lo = t_{j+1},
+  hi = T; TDM-R1's surrogate lo = max(t_{j'+1}, t_min)."""
   if integer:
+    if hi is None:
+      raise ValueError("sample_tau(integer=True) needs hi (the largest VP timestep, T - 1)")
     lo = jnp.asarray(lo, jnp.int32)
     return jax.random.randint(rng, shape, lo, jnp.asarray(hi, jnp.int32) + 1, jnp.int32)
   u = jax.random.uniform(rng, shape, jnp.float32)
-  lo = jnp.asarray(lo, jnp.float32)
+  lo, hi = jnp.asarray(lo, jnp.float32), 1.0 if hi is None else hi
   return lo + (jnp.asarray(hi, jnp.float32) - lo) * u
 
 
@@ -90,7 +92,9 @@ def renoised_target(x_next: jax.Array, x0_hat: jax.Array, eps: jax.Array, alpha_
   """(x_tau, target): x_tau = ``kernels.renoise``(x_next, eps) from (alpha_next, sigma_next) to
   (alpha_tau, sigma_tau), and the stop-gradient regression target whose clean estimate at x_tau
   is x0_hat: ``param.x0_to_output(x0_hat, x_tau)`` (flow: (x_tau - x0_hat) / sig_tau, eps:
-  (x_tau - alpha_tau x0_hat) / sigma_tau). Shared by TDM's fake score and TDM-R1's surrogate."""
+  (x_tau - alpha_tau x0_hat) / sigma_tau). Both come back detached: the fake / surrogate
+  regress on them and the generator's gradient goes only through its live x0_hat
+  (``dm_loss``). Shared by TDM's fake score, TDM-R1's surrogate and the generator step."""
   x_tau = kernels.renoise(x_next, eps, alpha_next, sigma_next, alpha_tau, sigma_tau)
   target = param.x0_to_output(x0_hat, x_tau, alpha_tau, sigma_tau, prediction_type)
   return jax.lax.stop_gradient(x_tau), jax.lax.stop_gradient(target)

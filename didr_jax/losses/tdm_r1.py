@@ -77,7 +77,7 @@ def group_shared_normal(rng: jax.Array, ids: jax.Array, num_groups: int, sample_
   return z[ids]
 
 
-def group_shared_uniform(rng: jax.Array, ids: jax.Array, num_groups: int, lo, hi=1.0, *,
+def group_shared_uniform(rng: jax.Array, ids: jax.Array, num_groups: int, lo, hi=None, *,
                          integer: bool = False) -> jax.Array:
   """(B,) times drawn once per group (``tdm.sample_tau`` semantics), lo / hi scalars or
   (num_groups,)."""
