@@ -81,7 +81,6 @@ def group_shared_uniform(rng: jax.Array, ids: jax.Array, num_groups: int, lo, hi
                          integer: bool = False) -> jax.Array:
   """(B,) times drawn once per group (``tdm.sample_tau`` semantics), lo / hi scalars or
   (num_groups,)."""
-  from didr_jax.losses.tdm import sample_tau
   return sample_tau(rng, (num_groups,), lo, hi, integer=integer)[ids]
 
 
