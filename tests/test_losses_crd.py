@@ -333,3 +333,24 @@ def test_snapshot_schedule_defaults_and_checks():
               dict(start=0, slope=0, end=1, start_step=-2)):
     with pytest.raises(ValueError):
       common.SnapshotSchedule(**bad)
+
+
+def test_crd_section_defaults_and_one_line_errors():
+  from didr_jax.train.config import ConfigError
+  from didr_jax.train.crd_config import crd_section, validate_crd_section
+  d = crd_section()
+  snaps = validate_crd_section(d)
+  assert snaps == {"old": crd.OLD_SNAPSHOT, "sampler": crd.SAMPLER_SNAPSHOT}
+  assert (d.loss, d.c_beta, d.adv_clip, d.kl_beta, d.kl_cfg, d.kl_min, d.kl_weight) == (
+      "mse", 1.0, 5.0, 0.1, 4.5, 1e-3, "reward")
+  for key, value, msg in (("loss", "l2", "config.crd.loss: 'l2'"),
+                          ("kl_weight", "adv", "config.crd.kl_weight"),
+                          ("c_beta", 0.0, "config.crd.c_beta: must be > 0")):
+    bad = crd_section()
+    bad[key] = value
+    with pytest.raises(ConfigError, match=msg):
+      validate_crd_section(bad)
+  bad = crd_section()
+  bad.sampler.end = 1.2
+  with pytest.raises(ConfigError, match=r"config.crd.sampler: end: a decay must lie in \[0, 1\]"):
+    validate_crd_section(bad)
