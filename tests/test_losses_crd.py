@@ -239,7 +239,7 @@ def test_loss_and_gradient_match_numpy_and_finite_differences(rng, ptype, loss_t
     pb = _problem(rng, ptype=ptype, dtype=np.float64)
     kw = dict(c_beta=0.7, loss_type=loss_type, kl_beta=0.1, kl_weight=kl_weight,
               normalise=normalise)
-    (loss, m), grad = jax.value_and_grad(_loss_fn(pb, **kw), has_aux=True)(pb["theta"])
+    (loss, m), grad = jax.jit(jax.value_and_grad(_loss_fn(pb, **kw), has_aux=True))(pb["theta"])
     assert loss.dtype == jnp.float64
     np_kw = dict(ptype=ptype, c_beta=0.7, loss_type=loss_type, kl_beta=0.1, kl_weight=kl_weight,
                  normalise=normalise)

@@ -79,7 +79,8 @@ def stop_gradient_target_loss(x: jax.Array, grad: jax.Array) -> jax.Array:
 def dsm_per_sample(output: jax.Array, x0: jax.Array, eps: jax.Array, alpha, sigma,
                    prediction_type: str) -> jax.Array:
   """Denoising score matching per sample: mean over non-batch dims of
-  (output - target)^2 in float32 (float64 kept), target = ``param.x0_eps_to_output(x0, eps, alpha, sigma)``
+  (output - target)^2 in float32 (float64 kept), target =
+  ``param.x0_eps_to_output(x0, eps, alpha, sigma)``
   (eps | alpha eps - sigma x0 | x0 | eps - x0) for x_t = alpha x0 + sigma eps.
 
   Minimised over the network, output(x_t) -> E[target | x_t], i.e. the score of the noised data

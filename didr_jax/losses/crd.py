@@ -1,8 +1,9 @@
 """CRD: Centered Reward Distillation on the forward process (METHODS.md section 2), pure losses.
 
-KL-regularised RL, max E[R] - beta KL(p_theta || p_ref), has the optimum p* = p_ref e^{R/beta} / Z(c),
-so the implicit reward r_theta = beta log(p_theta / p_ref) equals R - beta log Z(c). Centering both
-sides within the samples of one prompt cancels the intractable Z(c):
+KL-regularised RL, max E[R] - beta KL(p_theta || p_ref), has the optimum
+p* = p_ref e^{R/beta} / Z(c), so the implicit reward r_theta = beta log(p_theta / p_ref) equals
+R - beta log Z(c). Centering both sides within the samples of one prompt cancels the intractable
+Z(c):
 
   L = E_c (1/K) sum_i (rbar_theta(x_i) - Rbar(x_i))^2,  rbar = r - mean over the prompt's samples.
 
@@ -124,7 +125,8 @@ def reward_to_advantage(rewards: jax.Array, prompt_ids: jax.Array, num_prompts: 
 def policy_loss(r: jax.Array, target: jax.Array, prompt_ids: jax.Array, num_prompts: int, *,
                 c_beta: float = 1.0, loss_type: str = "mse", scale: float = 5.0):
   """Centered reward matching, returns (loss, (rbar, tbar)) with rbar, tbar = r, target centered
-  over the samples of each prompt present (``center_in_groups``; target: the mapped advantage Rt; it carries no gradient):
+  over the samples of each prompt present (``center_in_groups``; target: the mapped advantage
+  Rt, it carries no gradient):
 
   - "mse": (scale / c_beta) mean_i (c_beta rbar_i - tbar_i)^2
   - "bce": (scale / c_beta) mean_i BCE(logit = c_beta rbar_i, label = sigmoid(tbar_i))

@@ -2,9 +2,9 @@
 
 Defaults are the authors' (METHODS.md section 2, their public SD3.5-M OCR / GenEval recipe), named
 in the comments. The rest of their recipe lives in the shared sections of ``base_config()``:
-rollouts with a deterministic few-step sampler (sample.num_steps 10, sample.eta 0, sample.guidance_scale
-1), K = 24 images per prompt (sample.group_size), 48 prompts per epoch, 2 optimizer steps per
-epoch, AdamW lr 3e-4 (LoRA r32) wd 1e-4, grad clip 1, bf16.
+rollouts with a deterministic few-step sampler (sample.num_steps 10, sample.eta 0,
+sample.guidance_scale 1), K = 24 images per prompt (sample.group_size), 48 prompts per epoch,
+2 optimizer steps per epoch, AdamW lr 3e-4 (LoRA r32) wd 1e-4, grad clip 1, bf16.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ def crd_section() -> ml_collections.ConfigDict:
   d.t_max = 0.99              # timestep_range: the noisiest 99% of the time range
   # EMA snapshots, d(step) = start for step < start_step, else min(start + slope (step -
   # start_step), end); snapshot <- d snapshot + (1 - d) theta after each rollout epoch.
-  d.old = ml_collections.ConfigDict(crd_losses.OLD_SNAPSHOT.as_dict())          # "0-0.25-0.005-0.999"
-  d.sampler = ml_collections.ConfigDict(crd_losses.SAMPLER_SNAPSHOT.as_dict())  # "75-0.0-0.0075-0.999"
+  # Their "start_step-start-slope-end" strings: old "0-0.25-0.005-0.999",
+  # sampler "75-0.0-0.0075-0.999".
+  d.old = ml_collections.ConfigDict(crd_losses.OLD_SNAPSHOT.as_dict())
+  d.sampler = ml_collections.ConfigDict(crd_losses.SAMPLER_SNAPSHOT.as_dict())
   return d
 
 
@@ -45,7 +47,8 @@ def _require(cond: bool, key: str, why: str):
 
 def validate_crd_section(d) -> dict:
   """Checks a ``crd`` section; returns {"old": SnapshotSchedule, "sampler": SnapshotSchedule}."""
-  _require(d.loss in crd_losses.LOSS_TYPES, "loss", f"{d.loss!r} is not one of {crd_losses.LOSS_TYPES}")
+  _require(d.loss in crd_losses.LOSS_TYPES, "loss",
+           f"{d.loss!r} is not one of {crd_losses.LOSS_TYPES}")
   _require(d.kl_weight in crd_losses.KL_WEIGHTS, "kl_weight",
            f"{d.kl_weight!r} is not one of {crd_losses.KL_WEIGHTS}")
   _require(d.adv_std in ("global", "group"), "adv_std", f"{d.adv_std!r} is not 'global' or 'group'")
@@ -54,7 +57,8 @@ def validate_crd_section(d) -> dict:
   _require(d.weight_floor > 0, "weight_floor", f"must be > 0, got {d.weight_floor}")
   _require(d.kl_beta >= 0, "kl_beta", f"must be >= 0, got {d.kl_beta}")
   _require(0.0 <= d.kl_min <= 1.0, "kl_min", f"must lie in [0, 1], got {d.kl_min}")
-  _require(int(d.num_train_times) >= 1, "num_train_times", f"must be >= 1, got {d.num_train_times}")
+  _require(int(d.num_train_times) >= 1, "num_train_times",
+           f"must be >= 1, got {d.num_train_times}")
   _require(d.time_shift > 0, "time_shift", f"must be > 0, got {d.time_shift}")
   _require(0.0 < d.t_max <= 1.0, "t_max", f"must lie in (0, 1], got {d.t_max}")
   out = {}
