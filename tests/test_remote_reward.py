@@ -6,6 +6,7 @@ a training run with a dead reward server takes no step and prints one line."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import socket
@@ -102,6 +103,14 @@ def test_reference_server_equals_the_local_reward(encoding):
     for batch_size in (0, 2):  # one request, and 3 requests of 2 + 2 + 1 images
       r = rewards.make("remote", url=url, encoding=encoding, batch_size=batch_size, **FAST)
       np.testing.assert_array_equal(r(x, prompts), local)
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/")
+    assert json.loads(conn.getresponse().read()) == {"reward": "jpeg_compressibility"}
+    conn.request("POST", "/", b'{"encoding": "png", "images": ["@@"], "prompts": ["a"]}')
+    resp = conn.getresponse()
+    assert resp.status == 400 and "bad request" in json.loads(resp.read())["error"]
+    conn.close()
   assert len(np.unique(local)) == 5  # distinct scores: a reordering would show
 
 
