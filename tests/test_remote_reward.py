@@ -215,7 +215,8 @@ def test_url_and_options_from_the_environment(monkeypatch):
   assert opts == {**remote_lib.DEFAULTS, "timeout": 9.0, "encoding": "npy", "batch_size": 4}
   for bad, why in [("http://h:1/#retry=2", "unknown option 'retry'"),
                    ("http://h:1/#encoding=jpeg", "encoding 'jpeg'"),
-                   ("http://h:1/#timeout=0", "timeout > 0"), ("h:1", "not an http")]:
+                   ("http://h:1/#timeout=0", "timeout > 0"), ("h:1", "not an http"),
+                   ("http://h:port/", "bad port"), ("http://h:1/#retries=two", "bad option")]:
     with pytest.raises(RewardError, match=why):
       rewards.make("remote", url=bad)
   built = rewards.from_config({"remote": 0.5, "jpeg_compressibility": 1.0},

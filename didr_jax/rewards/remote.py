@@ -153,6 +153,10 @@ def resolve_options(url: str | None, **kwargs) -> tuple[str, dict]:
     raise RewardError(f"remote reward: no server URL; set {ENV_URL}=http://HOST:PORT/ "
                       "or pass url=... (see didr_jax/rewards/remote.py)")
   parts = urllib.parse.urlsplit(url)
+  try:
+    parts.port  # noqa: B018  (raises on a port that is not a number)
+  except ValueError:
+    raise RewardError(f"remote reward: {url!r} has a bad port") from None
   if parts.scheme not in ("http", "https") or not parts.hostname:
     raise RewardError(f"remote reward: {url!r} is not an http:// or https:// URL")
   opts = dict(DEFAULTS)
@@ -164,7 +168,7 @@ def resolve_options(url: str | None, **kwargs) -> tuple[str, dict]:
   opts.update({k: v for k, v in kwargs.items() if v is not None})
   try:
     opts = {k: _TYPES[k](v) for k, v in opts.items()}
-  except ValueError as e:
+  except (TypeError, ValueError) as e:
     raise RewardError(f"remote reward: bad option value ({e})") from None
   if opts["encoding"] not in ENCODINGS:
     raise RewardError(f"remote reward: encoding {opts['encoding']!r} is not one of {ENCODINGS}")
