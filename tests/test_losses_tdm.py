@@ -446,9 +446,9 @@ def test_dgpo_step_lowers_denoising_loss_of_high_advantage_samples():
 
   (_, m), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   assert not bool(jnp.any(m["trust_clipped"])) and not bool(jnp.any(m["anchor_clipped"]))
-  before = tdm.sq_dist(ref_out, target)
+  before = common.mean_sq_dist(ref_out, target)
   new = jax.tree.map(lambda p, gg: p - 0.5 * gg, params, g)
-  after = tdm.sq_dist(net(new, x_tau, sig), target)
+  after = common.mean_sq_dist(net(new, x_tau, sig), target)
   dl = np.asarray(after - before)
   a = np.asarray(adv)
   hi, lo = a > 0.5, a < -0.5
@@ -461,7 +461,7 @@ def test_dgpo_step_lowers_denoising_loss_of_high_advantage_samples():
       *tdm_r1.surrogate_losses(net(p, x_tau, sig), ref_out, ref_out, target), adv_neg, ids,
       groups, boundary=3)[0]))(params)
   new_neg = jax.tree.map(lambda p, gg: p - 0.5 * gg, params, g_neg)
-  dl_neg = np.asarray(tdm.sq_dist(net(new_neg, x_tau, sig), target) - before)
+  dl_neg = np.asarray(common.mean_sq_dist(net(new_neg, x_tau, sig), target) - before)
   assert dl_neg[hi].mean() > dl_neg[lo].mean()
 
 
@@ -470,10 +470,11 @@ def test_dgpo_step_lowers_denoising_loss_of_high_advantage_samples():
 
 def test_tdm_config_sections_validate_and_name_the_bad_key():
   from didr_jax.train.config import ConfigError
-  from didr_jax.train.tdm_config import check_tdm, tdm_section, tdmr1_section
-  check_tdm(tdm_section())
+  from didr_jax.losses.common import SnapshotSchedule
+  from didr_jax.train.tdm_config import tdm_section, tdmr1_section, validate_tdm_section
+  assert validate_tdm_section(tdm_section()) == {}
   d = tdmr1_section()
-  check_tdm(d)
+  assert validate_tdm_section(d) == {"old": SnapshotSchedule(0.25, 0.005, 0.999, 0)}
   assert (d.w_kl, d.w_cfg, d.w_rew, d.cfg_reward_scale, d.fake_ref_weight) == (1.0, 0.3, 0.7,
                                                                                 3.5, 0.02)
   for key, value in [("boundaries_per_iter", 5), ("gen_betas", (0.0, 1.0)), ("trust_clip", 0.0),
@@ -481,4 +482,8 @@ def test_tdm_config_sections_validate_and_name_the_bad_key():
     bad = tdmr1_section()
     bad[key] = value
     with pytest.raises(ConfigError, match=rf"^config\.tdm\.{key}: "):
-      check_tdm(bad)
+      validate_tdm_section(bad)
+  bad = tdmr1_section()
+  bad.old.end = 1.5
+  with pytest.raises(ConfigError, match=r"^config\.tdm\.old: end"):
+    validate_tdm_section(bad)

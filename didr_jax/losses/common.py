@@ -146,3 +146,13 @@ class SnapshotSchedule:
     """(new snapshot, decay used)."""
     d = self.decay(step)
     return ema_update(snapshot, params, d), d
+
+
+# --- per-sample squared distance (TDM fake-score regulariser, TDM-R1 surrogate; CRD's KL anchor) --
+
+def mean_sq_dist(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per-sample mean over non-batch dims of (a - b)^2 (B,), in ``compute_dtype(a)``. b is used as
+  given: wrap it in stop_gradient where it is a target."""
+  dt = compute_dtype(a)
+  d = a.astype(dt) - b.astype(dt)
+  return jnp.mean(d ** 2, axis=tuple(range(1, d.ndim)))

@@ -100,13 +100,6 @@ def renoised_target(x_next: jax.Array, x0_hat: jax.Array, eps: jax.Array, alpha_
   return jax.lax.stop_gradient(x_tau), jax.lax.stop_gradient(target)
 
 
-def sq_dist(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Per-sample mean over non-batch dims of (a - b)^2, in float32 (b as given: wrap it in
-  stop_gradient where it is a target)."""
-  d = a.astype(jnp.float32) - b.astype(jnp.float32)
-  return jnp.mean(d ** 2, axis=tuple(range(1, d.ndim)))
-
-
 def fake_score_loss(out_fake: jax.Array, out_ref: jax.Array, x_tau: jax.Array,
                     x0_hat: jax.Array, alpha_tau, sigma_tau, prediction_type: str, *,
                     ref_weight: float = 0.02, weight: jax.Array | None = None):
@@ -119,7 +112,7 @@ def fake_score_loss(out_fake: jax.Array, out_ref: jax.Array, x_tau: jax.Array,
   x0_hat = jax.lax.stop_gradient(x0_hat)
   eps = (x_tau - param.bcast(alpha_tau, x_tau) * x0_hat) / param.bcast(sigma_tau, x_tau)
   dsm = common.dsm_per_sample(out_fake, x0_hat, eps, alpha_tau, sigma_tau, prediction_type)
-  reg = sq_dist(out_fake, jax.lax.stop_gradient(out_ref))
+  reg = common.mean_sq_dist(out_fake, jax.lax.stop_gradient(out_ref))
   per = dsm + ref_weight * reg
   loss = jnp.mean(per if weight is None else per * weight)
   return loss, {"fake_dsm": jnp.mean(dsm), "fake_ref_reg": jnp.mean(reg)}

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from didr_jax.losses import common
-from didr_jax.losses.tdm import normalised_target_loss, sample_tau, sq_dist
+from didr_jax.losses.tdm import normalised_target_loss, sample_tau
 
 
 def boundary_probs(num_boundaries: int) -> jax.Array:
@@ -86,13 +86,14 @@ def group_shared_uniform(rng: jax.Array, ids: jax.Array, num_groups: int, lo, hi
 
 def surrogate_losses(out_phi: jax.Array, out_ref: jax.Array, out_old: jax.Array,
                      target: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(l_phi, l_ref, l_old, anchor_dist), each (B,): l = |target - out|^2 (``tdm.sq_dist``,
-  target from ``tdm.renoised_target``) and anchor_dist = |out_phi - out_ref|^2; only l_phi and
-  anchor_dist carry gradient (to phi)."""
+  """(l_phi, l_ref, l_old, anchor_dist), each (B,): l = |target - out|^2
+  (``common.mean_sq_dist``, target from ``tdm.renoised_target``) and anchor_dist =
+  |out_phi - out_ref|^2; only l_phi and anchor_dist carry gradient (to phi)."""
   target = jax.lax.stop_gradient(target)
   out_ref = jax.lax.stop_gradient(out_ref)
-  return (sq_dist(out_phi, target), sq_dist(out_ref, target),
-          sq_dist(jax.lax.stop_gradient(out_old), target), sq_dist(out_phi, out_ref))
+  d = common.mean_sq_dist
+  return (d(out_phi, target), d(out_ref, target), d(jax.lax.stop_gradient(out_old), target),
+          d(out_phi, out_ref))
 
 
 def dgpo_loss(l_phi: jax.Array, l_ref: jax.Array, l_old: jax.Array, anchor_dist: jax.Array,
@@ -104,15 +105,17 @@ def dgpo_loss(l_phi: jax.Array, l_ref: jax.Array, l_old: jax.Array, anchor_dist:
 
   l_phi (B,): live per-sample denoising losses of phi; l_ref, l_old (B,): those of the frozen
   reference and the EMA old phi (treated as constants); anchor_dist (B,): live
-  |out_phi - out_ref|^2 per sample (``tdm.sq_dist``); advantages (B,); ids (B,) group ids in
-  [0, num_groups); boundary: j' (scalar or (B,)), None for weight 1. Metrics hold the boolean
-  masks ``trust_clipped`` and ``anchor_clipped`` (B,) and their fractions."""
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  l_phi, l_ref, l_old = f32(l_phi), f32(jax.lax.stop_gradient(l_ref)), f32(
+  |out_phi - out_ref|^2 per sample (``common.mean_sq_dist``); advantages (B,); ids (B,) group
+  ids in [0, num_groups); boundary: j' (scalar or (B,)), None for weight 1. Metrics hold the boolean
+  masks ``trust_clipped`` and ``anchor_clipped`` (B,) and their fractions. Computed in
+  ``common.compute_dtype(l_phi)`` (float32, or float64 for float64 inputs)."""
+  dt = common.compute_dtype(jnp.asarray(l_phi))
+  cast = lambda x: jnp.asarray(x, dt)
+  l_phi, l_ref, l_old = cast(l_phi), cast(jax.lax.stop_gradient(l_ref)), cast(
       jax.lax.stop_gradient(l_old))
-  adv = jax.lax.stop_gradient(f32(advantages))
+  adv = jax.lax.stop_gradient(cast(advantages))
   l_sg = jax.lax.stop_gradient(l_phi)
-  d_sg = jax.lax.stop_gradient(f32(anchor_dist))
+  d_sg = jax.lax.stop_gradient(cast(anchor_dist))
   score = common.segment_mean(adv * beta * (l_sg - l_ref), ids, num_groups)
   pref_w = jax.nn.sigmoid(score)
 
@@ -125,7 +128,7 @@ def dgpo_loss(l_phi: jax.Array, l_ref: jax.Array, l_old: jax.Array, anchor_dist:
   l_used = jnp.where(detach, l_sg, l_phi)
 
   scale = 1.0 if boundary is None else boundary_weight(boundary, num_steps)
-  per = scale * (pref_w * adv * l_used + anchor_weight * f32(anchor_dist))
+  per = scale * (pref_w * adv * l_used + anchor_weight * cast(anchor_dist))
   loss = jnp.mean(per)
   metrics = {
       "trust_clipped": trust, "anchor_clipped": anchor,

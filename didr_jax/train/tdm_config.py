@@ -1,7 +1,7 @@
 """Proposed config sections for TDM (few-step distillation) and TDM-R1 (its RL stage), with the
 authors' defaults from METHODS.md section 4 (values marked [reconstruction] are this project's
-reading where the summary leaves a choice open). ``check_tdm`` validates a section, raising
-``ConfigError("config.tdm.key: why")``. Not wired into ``train/config.py`` yet: the trainer
+reading where the summary leaves a choice open). ``validate_tdm_section`` checks a section,
+raising ``ConfigError("config.tdm.key: why")``. Not wired into ``train/config.py`` yet: the trainer
 that consumes these (issue 15, part 3) will do that.
 """
 
@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from didr_jax.losses.common import SnapshotSchedule
 from didr_jax.train.config import ConfigError
+
+# The EMA "old" surrogate's decay [reconstruction: METHODS gives no numbers; CRD's old snapshot].
+OLD_SURROGATE = SnapshotSchedule(start=0.25, slope=0.005, end=0.999, start_step=0)
 
 
 def tdm_section() -> ml_collections.ConfigDict:
@@ -52,10 +56,9 @@ def tdmr1_section() -> ml_collections.ConfigDict:
   d.w_rew = 0.7
   d.surrogate_lr = 3e-4          # surrogate AdamW
   d.surrogate_betas = (0.9, 0.999)
-  # EMA "old" surrogate, common.ema_decay(start, slope, end) [reconstruction: CRD's old snapshot]
-  d.old_ema_start = 0.25
-  d.old_ema_slope = 0.005
-  d.old_ema_end = 0.999
+  # EMA "old" surrogate: d(step) = start for step < start_step, else min(start + slope
+  # (step - start_step), end); old <- d old + (1 - d) phi after each surrogate update.
+  d.old = ml_collections.ConfigDict(OLD_SURROGATE.as_dict())
   return d
 
 
@@ -64,8 +67,9 @@ def _require(cond: bool, key: str, why: str) -> None:
     raise ConfigError(f"config.tdm.{key}: {why}")
 
 
-def check_tdm(d: ml_collections.ConfigDict) -> None:
-  """Rejects inconsistent values of a ``tdm_section`` / ``tdmr1_section``."""
+def validate_tdm_section(d: ml_collections.ConfigDict) -> dict:
+  """Checks a ``tdm_section`` / ``tdmr1_section``; returns {} for TDM, {"old": SnapshotSchedule}
+  for TDM-R1."""
   _require(int(d.num_steps) >= 1, "num_steps", f"must be >= 1, got {d.num_steps}")
   _require(1 <= int(d.boundaries_per_iter) <= int(d.num_steps), "boundaries_per_iter",
            f"must be in [1, num_steps={d.num_steps}], got {d.boundaries_per_iter}")
@@ -82,7 +86,7 @@ def check_tdm(d: ml_collections.ConfigDict) -> None:
   for key in lrs:
     _require(float(d[key]) > 0, key, f"must be > 0, got {d[key]}")
   if "beta_dpo" not in d:
-    return
+    return {}
   _require(int(d.group_size) >= 2, "group_size", f"group preference needs >= 2, got "
            f"{d.group_size}")
   for key in ("beta_dpo", "adv_clip", "trust_clip", "anchor_threshold"):
@@ -92,6 +96,7 @@ def check_tdm(d: ml_collections.ConfigDict) -> None:
            f"must be in [0, tau_max={d.tau_max}), got {d.t_min_reward}")
   for key in ("anchor_weight", "w_kl", "w_cfg", "w_rew"):
     _require(float(d[key]) >= 0, key, f"must be >= 0, got {d[key]}")
-  _require(0.0 <= float(d.old_ema_start) <= float(d.old_ema_end) <= 1.0, "old_ema_end",
-           f"need 0 <= old_ema_start <= old_ema_end <= 1, got {d.old_ema_start}, "
-           f"{d.old_ema_end}")
+  try:
+    return {"old": SnapshotSchedule.of(d.old)}
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"config.tdm.old: {e}") from None
