@@ -197,7 +197,8 @@ def test_generator_targets_have_the_formula_gradients(rng):
   d_rew = (x["phi"] - x["ref_rew"]) / w_phi
   for weights in [{}, dict(w_kl=0.0, w_cfg=1.0, w_rew=0.0), dict(w_kl=0.0, w_cfg=0.0, w_rew=2.0)]:
     wk, wc, wr = weights.get("w_kl", 1.0), weights.get("w_cfg", 0.3), weights.get("w_rew", 0.7)
-    (val, m), grad = jax.value_and_grad(loss, has_aux=True)(f32(x["x0_hat"]), **weights)
+    (val, m), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(f32(x["x0_hat"]),
+                                                                     **weights)
     want = -(wk * d_kl + wc * d_cfg + wr * d_rew) / b
     np.testing.assert_allclose(grad, want, rtol=2e-4, atol=1e-6)
     half_sq = lambda d: 0.5 * np.mean(np.sum(d ** 2, axis=(1, 2)))
