@@ -94,3 +94,15 @@ def dsm_loss(output: jax.Array, x0: jax.Array, eps: jax.Array, alpha, sigma,
   """mean_i w_i * ``dsm_per_sample``_i (w = 1 when ``weight`` is None)."""
   per = dsm_per_sample(output, x0, eps, alpha, sigma, prediction_type)
   return jnp.mean(per if weight is None else per * weight)
+
+
+# --- distribution matching (DIDR / DI / DI++; any method with a DMD-style generator direction) ---
+
+
+def dmd_normaliser(x0: jax.Array, x0_ref: jax.Array, floor: float = 1e-12) -> jax.Array:
+  """n = sg(mean |x0 - x0_ref|) per sample (shaped to broadcast against x0), floored at
+  ``floor``: DMD's per-sample normaliser of a distribution-matching direction in x0 units."""
+  dtype = jnp.promote_types(x0.dtype, jnp.float32)
+  x0, x0_ref = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x0_ref)
+  n = mean_abs(x0.astype(dtype) - x0_ref.astype(dtype))
+  return jnp.maximum(n, floor)

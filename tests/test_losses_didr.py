@@ -1,0 +1,335 @@
+"""DIDR / DI / DI++ losses (didr_jax/losses/didr.py) against closed forms on Gaussian problems,
+float64 NumPy references and central finite differences."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from didr_jax.diffusion import param
+from didr_jax.diffusion.schedules import VPSchedule
+from didr_jax.losses import didr
+
+BETAS = np.linspace(1e-4, 0.02, 1000)   # DDPM's linear schedule
+M = np.array([0.5, -0.3])
+S = np.array([[1.0, 0.6], [0.6, 0.8]])
+B_VEC = np.array([1.0, -0.5])
+
+
+def _process(kind: str) -> didr.Process:
+  """flow, or the linear-beta VP schedule. v-prediction uses alpha^2 + sigma^2 = 1, which the
+  float32 table of ``VPSchedule`` meets only to ~1e-7, so for it the same schedule is tabulated
+  in float64 (call inside ``jax.enable_x64``) to keep the checks exact."""
+  if kind == "flow":
+    return didr.flow_process()
+  vp = didr.vp_process(VPSchedule.from_betas(BETAS, prediction_type=kind))
+  if kind != "v_prediction":
+    return vp
+  abar = jnp.asarray(np.cumprod(1.0 - BETAS))
+  return didr.Process(alpha_sigma=lambda t: (jnp.sqrt(abar[t]), jnp.sqrt(1.0 - abar[t])),
+                      prediction_type=kind, integer_time=True, sample_time=vp.sample_time)
+
+
+def _times(kind: str, n: int = 5):
+  """n times spread over the process: VP integer timesteps, flow sigmas."""
+  if kind == "flow":
+    return jnp.asarray(np.linspace(0.02, 0.98, n))
+  return jnp.asarray(np.linspace(20, 980, n).round().astype(np.int32))
+
+
+def _coeffs(process, t, dtype):
+  a, s = process.alpha_sigma(t)
+  return jnp.asarray(a, dtype), jnp.asarray(s, dtype)
+
+
+def gaussian_denoiser(m, cov, process):
+  """The exact (Tweedie) denoiser of N(m, cov) in the process's prediction type:
+  x0_hat = m + a cov (a^2 cov + s^2 I)^{-1} (x_t - a m)."""
+  def fn(x, t):
+    a, s = _coeffs(process, jnp.broadcast_to(t, x.shape[:1]), x.dtype)
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    c = a[:, None, None] ** 2 * cov + s[:, None, None] ** 2 * eye
+    y = jnp.linalg.solve(c, (x - a[:, None] * m)[..., None])[..., 0]
+    x0 = m + a[:, None] * y @ cov.T
+    return param.x0_to_output(x0, x, a, s, process.prediction_type)
+  return fn
+
+
+def exact_drs(x_t, t, process, b, reward_scale):
+  """Closed-form DRS of a linear reward b.x on N(m, S): (a^2 S + s^2 I)^{-1} a S b / beta."""
+  a, s = (np.asarray(v, np.float64) for v in _coeffs(process, t, jnp.float64))
+  out = []
+  for ai, si in zip(a, s):
+    c = ai ** 2 * S + si ** 2 * np.eye(2)
+    out.append(np.linalg.solve(c, ai * S @ b) * reward_scale)
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow"])
+def test_drp_k1_is_the_exact_diffused_reward_score(kind):
+  """Gaussian reference, linear reward: the K = 1 DRP with the exact Tweedie denoiser equals the
+  closed-form DRS at every t, and s_ref + s_r is the score of the diffused tilted target."""
+  with jax.enable_x64(True):
+    process = _process(kind)
+    t = _times(kind)
+    x_t = jnp.asarray(np.random.default_rng(0).normal(size=(t.shape[0], 2)) * 1.5)
+    lam = 2.5
+    ref = gaussian_denoiser(jnp.asarray(M), jnp.asarray(S), process)
+    s_r, metrics = didr.diffused_reward_score(ref, lambda x: x @ jnp.asarray(B_VEC), x_t, t,
+                                              process, reward_scale=lam, num_steps=1)
+    assert s_r.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(s_r), exact_drs(x_t, t, process, B_VEC, lam),
+                               rtol=1e-10, atol=1e-12)
+    # s_ref + DRS = score of N(a m*, a^2 S + s^2 I), m* = m + S b / beta.
+    a, s = _coeffs(process, t, jnp.float64)
+    s_ref = param.score_from_output(ref(x_t, t), x_t, a, s, process.prediction_type)
+    tilted = gaussian_denoiser(jnp.asarray(M + lam * S @ B_VEC), jnp.asarray(S), process)
+    s_tilted = param.score_from_output(tilted(x_t, t), x_t, a, s, process.prediction_type)
+    np.testing.assert_allclose(np.asarray(s_ref + s_r), np.asarray(s_tilted), rtol=1e-9,
+                               atol=1e-10)
+    # t_max zeroes the DRS at later times only.
+    t_max = t[2]
+    s_cut, _ = didr.diffused_reward_score(ref, lambda x: x @ jnp.asarray(B_VEC), x_t, t, process,
+                                          reward_scale=lam, num_steps=1, t_max=t_max)
+    keep = np.asarray(t <= t_max)
+    np.testing.assert_array_equal(np.asarray(s_cut)[keep], np.asarray(s_r)[keep])
+    assert np.all(np.asarray(s_cut)[~keep] == 0.0) and keep.sum() == 3
+
+
+def _mlp_denoiser(xp, rng_seed: int = 1):
+  """A small nonlinear denoiser out = tanh(x W1 + alpha u) W2 + 0.1 x, written for both NumPy
+  (the float64 reference) and jax.numpy; ``alpha_of`` maps t to alpha."""
+  r = np.random.default_rng(rng_seed)
+  w1, u, w2 = r.normal(size=(2, 8)), r.normal(size=(8,)), r.normal(size=(8, 2)) * 0.5
+
+  def fn(x, alpha):
+    return xp.tanh(x @ w1 + alpha[:, None] * u) @ w2 + 0.1 * x
+  return fn
+
+
+def _reward(xp):
+  return lambda x: xp.sum(xp.sin(1.3 * x), axis=-1) + 0.5 * xp.tanh(x[:, 0] * x[:, 1])
+
+
+def _np_drp_objective(x, t, kind, lam, *, noise=None, eta=0.0, mode="softmax"):
+  """NumPy float64 reference of the K = 2 DRP objective F(x) (didr module docstring)."""
+  net, reward = _mlp_denoiser(np), _reward(np)
+  if kind == "flow":
+    ts = [t, t / 2]
+    coeff = [(1 - tk, tk) for tk in ts]
+  else:
+    # The schedule's float32 coefficients (kernels.vp_alpha_sigma takes its sqrt in float32).
+    abar = np.asarray(VPSchedule.from_betas(BETAS).alphas_cumprod, np.float32)
+    ts = [t, np.round(t / 2).astype(np.int64)]
+    coeff = [(np.sqrt(abar[tk]).astype(np.float64),
+              np.sqrt(np.float32(1) - abar[tk]).astype(np.float64)) for tk in ts]
+
+  def to_x0_eps(out, x, a, s):
+    if kind == "flow":                                         # velocity v = eps - x0
+      return x - s[:, None] * out, x + a[:, None] * out
+    return (x - s[:, None] * out) / a[:, None], out            # epsilon
+
+  draws = [None] if noise is None else list(noise)
+  rs = []
+  for xi in draws:
+    (a0, s0), (a1, s1) = coeff
+    x0, eps = to_x0_eps(net(x, a0), x, a0, s0)
+    std = eta * s1 * np.sqrt(np.maximum(1 - (a0 * s1 / (a1 * s0)) ** 2, 0))
+    x1 = a1[:, None] * x0 + np.sqrt(s1 ** 2 - std ** 2)[:, None] * eps
+    if xi is not None:
+      x1 = x1 + std[:, None] * xi[0]
+    rs.append(reward(to_x0_eps(net(x1, a1), x1, a1, s1)[0]))
+  rs = np.stack(rs)
+  if mode == "softmax":
+    return np.log(np.mean(np.exp(lam * rs), axis=0))
+  return lam * np.mean(rs, axis=0)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "flow"])
+@pytest.mark.parametrize("draws", [(1, 0.0, "softmax"), (3, 1.0, "softmax"), (3, 1.0, "mean")])
+def test_drp_vjp_matches_finite_differences(kind, draws):
+  """K = 2 with a nonlinear reward and a nonlinear denoiser: the DRP (jax.vjp, remat) equals
+  central finite differences of an independent float64 NumPy implementation of F(x)."""
+  num_draws, eta, mode = draws
+  with jax.enable_x64(True):
+    process = _process(kind)
+    t = _times(kind, 4) if kind == "flow" else jnp.asarray([20, 300, 640, 980], jnp.int32)
+    x = np.random.default_rng(2).normal(size=(4, 2))
+    net = _mlp_denoiser(jnp)
+    denoise = lambda x, t: net(x, _coeffs(process, t, x.dtype)[0])  # noqa: E731
+    lam = 0.7
+    noise = didr.drp_noise(jax.random.key(3), num_draws, 2, x.shape, jnp.float64) if eta else None
+    s_r, metrics = jax.jit(lambda x: didr.diffused_reward_score(
+        denoise, _reward(jnp), x, t, process, reward_scale=lam, num_steps=2,
+        num_draws=num_draws, eta=eta, draw_weights=mode, noise=noise))(jnp.asarray(x))
+    tn = np.asarray(t)
+    nz = None if noise is None else np.asarray(noise)
+    f = lambda x: _np_drp_objective(x, tn, kind, lam, noise=nz, eta=eta, mode=mode)  # noqa: E731
+
+    def central(i, h):
+      e = np.zeros_like(x)
+      e[:, i] = h
+      return (f(x + e) - f(x - e)) / (2 * h)
+    # Richardson-extrapolated central differences (error O(h^4)): at t = 980, 1/alpha ~ 150
+    # makes the third derivative large enough to spoil a plain central difference at 1e-7.
+    h = 1e-5
+    fd = np.stack([(4 * central(i, h / 2) - central(i, h)) / 3 for i in range(2)], axis=-1)
+    np.testing.assert_allclose(np.asarray(s_r), fd, rtol=1e-7, atol=1e-9)
+    assert np.isfinite(float(metrics["drp_reward"]))
+    assert np.abs(fd).min() > 1e-3   # a non-trivial gradient in every entry
+
+
+def _affine_generator(params, z):
+  return z @ params["A"].T + params["mu"]
+
+
+def _generator_setup(process, config, reward):
+  ref = gaussian_denoiser(jnp.asarray(M), jnp.asarray(S), process)
+
+  def loss(params, z, eps, t):
+    p_sg = jax.lax.stop_gradient(params)
+    fake = gaussian_denoiser(p_sg["mu"], p_sg["A"] @ p_sg["A"].T, process)
+    x0 = _affine_generator(params, z)
+    return didr.generator_loss(x0, eps, t, process, fake_fn=fake, ref_fn=ref, reward_fn=reward,
+                               config=config)[0]
+  return loss
+
+
+def _sigma_points(dim: int, reps: int):
+  """The 2n points +-sqrt(n) e_i of N(0, I_n), n = 2 dim: their mean reproduces every Gaussian
+  moment up to order 3, so batch means of the (quadratic) per-sample gradients are exact."""
+  n = 2 * dim
+  u = np.concatenate([np.eye(n), -np.eye(n)]) * np.sqrt(n)
+  u = np.tile(u, (reps, 1))
+  return jnp.asarray(u[:, :dim]), jnp.asarray(u[:, dim:])
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "flow"])
+def test_zero_reward_didr_equals_di(kind):
+  with jax.enable_x64(True):
+    process = _process(kind)
+    params = {"A": jnp.asarray([[0.9, 0.1], [-0.2, 0.7]]), "mu": jnp.asarray([0.2, 0.1])}
+    rng = np.random.default_rng(4)
+    z, eps = jnp.asarray(rng.normal(size=(16, 2))), jnp.asarray(rng.normal(size=(16, 2)))
+    t = process.sample_time(jax.random.key(0), (16,), 0.02, 0.98)
+    zero = lambda x: jnp.zeros(x.shape[:1], x.dtype)  # noqa: E731
+    nonzero = _reward(jnp)
+    grads = {}
+    for name, config, reward in [
+        ("di", didr.DIDRConfig(mode="di"), None),
+        ("didr_r0", didr.DIDRConfig(mode="didr", num_steps=2), zero),
+        ("didr_scale0", didr.DIDRConfig(mode="didr", num_steps=2, reward_scale=0.0), nonzero),
+        ("dipp_scale0", didr.DIDRConfig(mode="dipp", reward_scale=0.0), nonzero),
+        ("didr", didr.DIDRConfig(mode="didr", num_steps=2), nonzero)]:
+      grads[name] = jax.jit(jax.grad(_generator_setup(process, config, reward)))(params, z, eps,
+                                                                               t)
+    for name in ("didr_r0", "didr_scale0", "dipp_scale0"):
+      for k in params:
+        np.testing.assert_allclose(grads[name][k], grads["di"][k], rtol=1e-12, atol=1e-14)
+    assert np.abs(np.asarray(grads["didr"]["mu"] - grads["di"]["mu"])).max() > 1e-3
+
+
+def _gauss_kl(mu1, c1, mu2, c2):
+  d = mu1.shape[0]
+  c2inv = jnp.linalg.inv(c2)
+  diff = mu2 - mu1
+  return 0.5 * (jnp.trace(c2inv @ c1) + diff @ c2inv @ diff - d
+                + jnp.linalg.slogdet(c2)[1] - jnp.linalg.slogdet(c1)[1])
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow"])
+def test_generator_gradient_is_the_integral_kl_gradient(kind):
+  """Affine generator x0 = A z + mu, exact fake score of N(mu, A A^T), exact reference, linear
+  reward with the K = 1 DRP, "snr" weighting, no normaliser: the loss gradient over the sigma
+  points equals grad_(A, mu) of the closed-form mean_t KL(p_theta,t || p*_t) exactly."""
+  with jax.enable_x64(True):
+    process = _process(kind)
+    lam = 0.8
+    config = didr.DIDRConfig(mode="didr", num_steps=1, reward_scale=lam, normalise=False,
+                             time_weighting="snr")
+    loss = _generator_setup(process, config, lambda x: x @ jnp.asarray(B_VEC))
+    params = {"A": jnp.asarray([[0.9, 0.1], [-0.2, 0.7]]), "mu": jnp.asarray([0.2, 0.1])}
+    ts = _times(kind, 3)
+    z, eps = _sigma_points(2, 1)
+    n = z.shape[0]
+    z, eps = jnp.tile(z, (3, 1)), jnp.tile(eps, (3, 1))
+    t = jnp.repeat(ts, n)
+    got = jax.jit(jax.grad(loss))(params, z, eps, t)
+
+    target_mean = jnp.asarray(M + lam * S @ B_VEC)
+
+    def integral_kl(p):
+      a, s = _coeffs(process, ts, jnp.float64)
+      kls = [_gauss_kl(ai * p["mu"], ai ** 2 * p["A"] @ p["A"].T + si ** 2 * jnp.eye(2),
+                       ai * target_mean, ai ** 2 * jnp.asarray(S) + si ** 2 * jnp.eye(2))
+             for ai, si in zip(a, s)]
+      return jnp.mean(jnp.stack(kls))
+    want = jax.grad(integral_kl)(params)
+    for k in params:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12)
+    assert np.abs(np.asarray(want["mu"])).max() > 1e-2
+
+
+# ------------------------------------------------------------------- 2-D training, known target
+
+
+def _train(process, config, *, steps=1500, batch=256, lr=3e-2, seed=0):
+  """Trains the affine generator (init: the reference N(m, S)) with exact Gaussian ref / fake
+  denoisers and the linear reward b.x; returns (mean, covariance) of its final distribution."""
+  loss = _generator_setup(process, config, lambda x: x @ jnp.asarray(B_VEC, x.dtype))
+  opt = optax.adam(optax.exponential_decay(lr, steps, 0.01), b1=0.9)
+  params = {"A": jnp.asarray(np.linalg.cholesky(S), jnp.float32),
+            "mu": jnp.asarray(M, jnp.float32)}
+
+  def step(carry, key):
+    p, o = carry
+    kz, ke, kt = jax.random.split(key, 3)
+    z = jax.random.normal(kz, (batch, 2))
+    eps = jax.random.normal(ke, (batch, 2))
+    t = process.sample_time(kt, (batch,), 0.02, 0.98)
+    g = jax.grad(loss)(p, z, eps, t)
+    upd, o = opt.update(g, o, p)
+    return (optax.apply_updates(p, upd), o), None
+
+  (p, _), _ = jax.jit(lambda p, o, keys: jax.lax.scan(step, (p, o), keys))(
+      params, opt.init(params), jax.random.split(jax.random.key(seed), steps))
+  return np.asarray(p["mu"], np.float64), np.asarray(p["A"] @ p["A"].T, np.float64)
+
+
+def test_2d_didr_reaches_the_tilted_target_and_dipp_drifts():
+  """Reference N(m, S), reward b.x, 1/beta = 1: the tilted target is N(m + S b, S). DIDR
+  (K = 1 DRP, both the DMD-normalised default and the plain Integral-KL "snr" form) lands on it
+  within 0.03 in every mean and covariance entry. DI++ at the same reward strength ("snr", no
+  normaliser) lands on its own closed-form minimiser m + [E_t a^2 (a^2 S + s^2)^{-1}]^{-1} b, far
+  past the target mean; figures in the assertion messages."""
+  process = _process("epsilon")
+  target = M + S @ B_VEC
+  tol = 0.03
+  res = {}
+  for name, config in [
+      ("didr_dmd", didr.DIDRConfig(mode="didr", num_steps=1)),
+      ("didr_snr", didr.DIDRConfig(mode="didr", num_steps=1, normalise=False,
+                                   time_weighting="snr")),
+      ("dipp_snr", didr.DIDRConfig(mode="dipp", normalise=False, time_weighting="snr")),
+      ("dipp_dmd", didr.DIDRConfig(mode="dipp"))]:
+    res[name] = _train(process, config)
+  report = {k: (np.round(mu, 3).tolist(), np.round(cov, 3).tolist()) for k, (mu, cov) in
+            res.items()}
+  for name in ("didr_dmd", "didr_snr"):
+    mu, cov = res[name]
+    assert np.abs(mu - target).max() < tol, (name, report, target)
+    assert np.abs(cov - S).max() < tol, (name, report)
+  # DI++'s closed-form landing point under t ~ U{20..980} (the same range as training).
+  t = jnp.arange(20, 981)
+  a, s = (np.asarray(v, np.float64) for v in process.alpha_sigma(t))
+  w = np.mean([ai ** 2 * np.linalg.inv(ai ** 2 * S + si ** 2 * np.eye(2)) for ai, si in zip(a, s)],
+              axis=0)
+  dipp_mean = M + np.linalg.solve(w, B_VEC)
+  mu, cov = res["dipp_snr"]
+  assert np.abs(mu - dipp_mean).max() < 0.05, (report, dipp_mean)
+  assert np.abs(cov - S).max() < tol, report
+  assert np.linalg.norm(dipp_mean - target) > 10 * tol, (dipp_mean, target)
+  assert np.linalg.norm(res["dipp_dmd"][0] - target) > 3 * tol, report
