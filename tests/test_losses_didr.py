@@ -99,6 +99,33 @@ def test_drp_k1_is_the_exact_diffused_reward_score(kind):
     assert np.all(np.asarray(s_cut)[~keep] == 0.0) and keep.sum() == 3
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "flow"])
+def test_ancestral_drp_is_exact_for_any_k_and_ddim_is_not(kind):
+  """Gaussian reference, linear reward, exact denoiser: with eta = 1 (DDPM posterior steps) the
+  K-step DRP equals the exact DRS for every K (the chain's mean map is the posterior mean, by the
+  tower rule, and its Jacobian does not depend on the noise); with eta = 0 (DDIM / Euler) K >= 2
+  overshoots, increasingly with t (x0 Jacobian of the ODE map instead of the posterior mean)."""
+  with jax.enable_x64(True):
+    process = _process(kind)
+    t = _times(kind)
+    x_t = jnp.asarray(np.random.default_rng(5).normal(size=(t.shape[0], 2)))
+    ref = gaussian_denoiser(jnp.asarray(M), jnp.asarray(S), process)
+    exact = exact_drs(x_t, t, process, B_VEC, 1.0)
+    ratios = {}
+    for eta in (0.0, 1.0):
+      for k in (2, 4):
+        s_r, _ = jax.jit(lambda x: didr.diffused_reward_score(
+            ref, lambda y: y @ jnp.asarray(B_VEC), x, t, process, num_steps=k, eta=eta,
+            num_draws=2, rng=jax.random.key(k)))(x_t)
+        ratios[eta, k] = np.linalg.norm(s_r, axis=1) / np.linalg.norm(exact, axis=1)
+        if eta == 1.0:
+          np.testing.assert_allclose(np.asarray(s_r), exact, rtol=1e-9, atol=1e-12)
+    # eta = 0: exact only in the small-noise limit; at the largest t off by > 10x (VP K=2: ~36x,
+    # flow K=2: ~24x), and more so with more steps.
+    assert np.all(ratios[0.0, 2] > 1.0) and ratios[0.0, 2][-1] > 10, ratios
+    assert np.all(ratios[0.0, 4] >= ratios[0.0, 2]), ratios
+
+
 def _mlp_denoiser(xp, rng_seed: int = 1):
   """A small nonlinear denoiser out = tanh(x W1 + alpha u) W2 + 0.1 x, written for both NumPy
   (the float64 reference) and jax.numpy; ``alpha_of`` maps t to alpha."""
@@ -189,12 +216,12 @@ def _affine_generator(params, z):
 def _generator_setup(process, config, reward):
   ref = gaussian_denoiser(jnp.asarray(M), jnp.asarray(S), process)
 
-  def loss(params, z, eps, t):
+  def loss(params, z, eps, t, rng=None):
     p_sg = jax.lax.stop_gradient(params)
     fake = gaussian_denoiser(p_sg["mu"], p_sg["A"] @ p_sg["A"].T, process)
     x0 = _affine_generator(params, z)
     return didr.generator_loss(x0, eps, t, process, fake_fn=fake, ref_fn=ref, reward_fn=reward,
-                               config=config)[0]
+                               config=config, rng=rng)[0]
   return loss
 
 
@@ -276,7 +303,7 @@ def test_generator_gradient_is_the_integral_kl_gradient(kind):
 # ------------------------------------------------------------------- 2-D training, known target
 
 
-def _train(process, config, *, steps=1500, batch=256, lr=3e-2, seed=0):
+def _train(process, config, *, steps=1000, batch=256, lr=3e-2, seed=0):
   """Trains the affine generator (init: the reference N(m, S)) with exact Gaussian ref / fake
   denoisers and the linear reward b.x; returns (mean, covariance) of its final distribution."""
   loss = _generator_setup(process, config, lambda x: x @ jnp.asarray(B_VEC, x.dtype))
@@ -286,11 +313,11 @@ def _train(process, config, *, steps=1500, batch=256, lr=3e-2, seed=0):
 
   def step(carry, key):
     p, o = carry
-    kz, ke, kt = jax.random.split(key, 3)
+    kz, ke, kt, kd = jax.random.split(key, 4)
     z = jax.random.normal(kz, (batch, 2))
     eps = jax.random.normal(ke, (batch, 2))
     t = process.sample_time(kt, (batch,), 0.02, 0.98)
-    g = jax.grad(loss)(p, z, eps, t)
+    g = jax.grad(loss)(p, z, eps, t, kd)
     upd, o = opt.update(g, o, p)
     return (optax.apply_updates(p, upd), o), None
 
@@ -300,11 +327,22 @@ def _train(process, config, *, steps=1500, batch=256, lr=3e-2, seed=0):
 
 
 def test_2d_didr_reaches_the_tilted_target_and_dipp_drifts():
-  """Reference N(m, S), reward b.x, 1/beta = 1: the tilted target is N(m + S b, S). DIDR
-  (K = 1 DRP, both the DMD-normalised default and the plain Integral-KL "snr" form) lands on it
-  within 0.03 in every mean and covariance entry. DI++ at the same reward strength ("snr", no
-  normaliser) lands on its own closed-form minimiser m + [E_t a^2 (a^2 S + s^2)^{-1}]^{-1} b, far
-  past the target mean; figures in the assertion messages."""
+  """Reference N(m, S), reward b.x, 1/beta = 1: the tilted target is N(m + S b, S) = N((1.2,
+  -0.1), S). Affine generator from the reference, exact Gaussian fake / reference denoisers,
+  1000 Adam steps of batch 256, t ~ U{20..980} (VP, linear betas).
+
+  - DIDR lands on the target within 0.03 in every mean and covariance entry with the K = 1 DRP
+    (DMD-normalised default and the plain Integral-KL "snr" form) and with the K = 2 ancestral
+    DRP (eta = 1, 2 draws). Measured: error < 1e-3.
+  - DIDR with the deterministic K = 2 DRP (eta = 0) overshoots (its DRS is too large at high
+    noise) and has no fixed point at the target: measured mean (3.60, 0.87), covariance
+    [[0.17, 0.07], [0.07, 0.58]] after 1000 steps ((4.14, 0.99) after 1500: still moving).
+  - DI++ at the same reward strength ("snr", no normaliser) lands on its own closed-form
+    minimiser m + [E_t a^2 (a^2 S + s^2)^{-1}]^{-1} b = (3.32, -0.23) (measured (3.28, -0.24)),
+    2.1 past the target mean with the right covariance; with the DMD normaliser it lands at mean
+    (1.34, -0.62) with a distorted covariance [[2.51, 0.21], [0.21, 1.06]] (the per-sample
+    normaliser couples mean and spread).
+  """
   process = _process("epsilon")
   target = M + S @ B_VEC
   tol = 0.03
@@ -313,15 +351,18 @@ def test_2d_didr_reaches_the_tilted_target_and_dipp_drifts():
       ("didr_dmd", didr.DIDRConfig(mode="didr", num_steps=1)),
       ("didr_snr", didr.DIDRConfig(mode="didr", num_steps=1, normalise=False,
                                    time_weighting="snr")),
+      ("didr_k2_ancestral", didr.DIDRConfig(mode="didr", num_steps=2, eta=1.0, num_draws=2)),
+      ("didr_k2_ddim", didr.DIDRConfig(mode="didr", num_steps=2)),
       ("dipp_snr", didr.DIDRConfig(mode="dipp", normalise=False, time_weighting="snr")),
       ("dipp_dmd", didr.DIDRConfig(mode="dipp"))]:
     res[name] = _train(process, config)
   report = {k: (np.round(mu, 3).tolist(), np.round(cov, 3).tolist()) for k, (mu, cov) in
             res.items()}
-  for name in ("didr_dmd", "didr_snr"):
+  for name in ("didr_dmd", "didr_snr", "didr_k2_ancestral"):
     mu, cov = res[name]
     assert np.abs(mu - target).max() < tol, (name, report, target)
     assert np.abs(cov - S).max() < tol, (name, report)
+  assert np.linalg.norm(res["didr_k2_ddim"][0] - target) > 1.0, report
   # DI++'s closed-form landing point under t ~ U{20..980} (the same range as training).
   t = jnp.arange(20, 981)
   a, s = (np.asarray(v, np.float64) for v in process.alpha_sigma(t))
@@ -331,5 +372,5 @@ def test_2d_didr_reaches_the_tilted_target_and_dipp_drifts():
   mu, cov = res["dipp_snr"]
   assert np.abs(mu - dipp_mean).max() < 0.05, (report, dipp_mean)
   assert np.abs(cov - S).max() < tol, report
-  assert np.linalg.norm(dipp_mean - target) > 10 * tol, (dipp_mean, target)
-  assert np.linalg.norm(res["dipp_dmd"][0] - target) > 3 * tol, report
+  assert np.linalg.norm(dipp_mean - target) > 1.0, (dipp_mean, target)
+  assert np.linalg.norm(res["dipp_dmd"][0] - target) > 0.3, report
