@@ -111,19 +111,22 @@ def test_ancestral_drp_is_exact_for_any_k_and_ddim_is_not(kind):
     x_t = jnp.asarray(np.random.default_rng(5).normal(size=(t.shape[0], 2)))
     ref = gaussian_denoiser(jnp.asarray(M), jnp.asarray(S), process)
     exact = exact_drs(x_t, t, process, B_VEC, 1.0)
+    cases = [(eta, k) for eta in (0.0, 1.0) for k in (2, 3)]
+
+    @jax.jit
+    def all_cases(x):
+      return [didr.diffused_reward_score(
+          ref, lambda y: y @ jnp.asarray(B_VEC), x, t, process, num_steps=k, eta=eta,
+          num_draws=2, rng=jax.random.key(k))[0] for eta, k in cases]
     ratios = {}
-    for eta in (0.0, 1.0):
-      for k in (2, 4):
-        s_r, _ = jax.jit(lambda x: didr.diffused_reward_score(
-            ref, lambda y: y @ jnp.asarray(B_VEC), x, t, process, num_steps=k, eta=eta,
-            num_draws=2, rng=jax.random.key(k)))(x_t)
-        ratios[eta, k] = np.linalg.norm(s_r, axis=1) / np.linalg.norm(exact, axis=1)
-        if eta == 1.0:
-          np.testing.assert_allclose(np.asarray(s_r), exact, rtol=1e-9, atol=1e-12)
+    for (eta, k), s_r in zip(cases, all_cases(x_t)):
+      ratios[eta, k] = np.linalg.norm(s_r, axis=1) / np.linalg.norm(exact, axis=1)
+      if eta == 1.0:
+        np.testing.assert_allclose(np.asarray(s_r), exact, rtol=1e-9, atol=1e-12)
     # eta = 0: exact only in the small-noise limit; at the largest t off by > 10x (VP K=2: ~36x,
     # flow K=2: ~24x), and more so with more steps.
     assert np.all(ratios[0.0, 2] > 1.0) and ratios[0.0, 2][-1] > 10, ratios
-    assert np.all(ratios[0.0, 4] >= ratios[0.0, 2]), ratios
+    assert np.all(ratios[0.0, 3] >= ratios[0.0, 2]), ratios
 
 
 def _mlp_denoiser(xp, rng_seed: int = 1):
@@ -244,15 +247,14 @@ def test_zero_reward_didr_equals_di(kind):
     t = process.sample_time(jax.random.key(0), (16,), 0.02, 0.98)
     zero = lambda x: jnp.zeros(x.shape[:1], x.dtype)  # noqa: E731
     nonzero = _reward(jnp)
-    grads = {}
-    for name, config, reward in [
+    cases = [
         ("di", didr.DIDRConfig(mode="di"), None),
         ("didr_r0", didr.DIDRConfig(mode="didr", num_steps=2), zero),
         ("didr_scale0", didr.DIDRConfig(mode="didr", num_steps=2, reward_scale=0.0), nonzero),
         ("dipp_scale0", didr.DIDRConfig(mode="dipp", reward_scale=0.0), nonzero),
-        ("didr", didr.DIDRConfig(mode="didr", num_steps=2), nonzero)]:
-      grads[name] = jax.jit(jax.grad(_generator_setup(process, config, reward)))(params, z, eps,
-                                                                               t)
+        ("didr", didr.DIDRConfig(mode="didr", num_steps=2), nonzero)]
+    grads = jax.jit(lambda *a: {name: jax.grad(_generator_setup(process, config, reward))(*a)
+                                for name, config, reward in cases})(params, z, eps, t)
     for name in ("didr_r0", "didr_scale0", "dipp_scale0"):
       for k in params:
         np.testing.assert_allclose(grads[name][k], grads["di"][k], rtol=1e-12, atol=1e-14)
@@ -374,3 +376,65 @@ def test_2d_didr_reaches_the_tilted_target_and_dipp_drifts():
   assert np.abs(cov - S).max() < tol, report
   assert np.linalg.norm(dipp_mean - target) > 1.0, (dipp_mean, target)
   assert np.linalg.norm(res["dipp_dmd"][0] - target) > 0.3, report
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow"])
+def test_fake_score_loss_is_dsm_on_detached_samples(kind):
+  """fake_score_loss = mean_i mean_dims (f(x_t, t) - target)^2 with target eps | alpha eps -
+  sigma x0 | eps - x0 (NumPy), and no gradient reaches the generator's samples."""
+  process = _process(kind) if kind != "v_prediction" else didr.vp_process(
+      VPSchedule.from_betas(BETAS, prediction_type=kind))
+  rng = np.random.default_rng(6)
+  x0 = jnp.asarray(rng.normal(size=(4, 3, 3, 2)), jnp.float32)
+  eps = jnp.asarray(rng.normal(size=(4, 3, 3, 2)), jnp.float32)
+  t = _times(kind, 4).astype(jnp.float32 if kind == "flow" else jnp.int32)
+  w = jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)
+  fake = lambda x, t: jnp.tanh(x @ w)  # noqa: E731
+  loss = didr.fake_score_loss(fake, x0, eps, t, process)
+  a, s = (np.asarray(v, np.float64)[:, None, None, None] for v in process.alpha_sigma(t))
+  x0n, epsn = np.asarray(x0, np.float64), np.asarray(eps, np.float64)
+  x_t = a * x0n + s * epsn
+  target = {"epsilon": epsn, "v_prediction": a * epsn - s * x0n, "flow": epsn - x0n}[kind]
+  want = np.mean((np.tanh(x_t @ np.asarray(w, np.float64)) - target) ** 2)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert np.all(np.asarray(jax.grad(lambda x: didr.fake_score_loss(fake, x, eps, t, process))(x0))
+                == 0.0)
+
+
+def test_generator_loss_on_image_batches_under_jit():
+  """(B, H, W, C) bfloat16 samples, every mode, jitted: gradient on x0 is g / B with g from
+  ``generator_direction`` (recomputed here from the denoiser outputs), finite, in x0's dtype."""
+  process = didr.vp_process(VPSchedule.from_betas(BETAS))
+  rng = np.random.default_rng(7)
+  x0 = jnp.asarray(rng.normal(size=(3, 4, 4, 2)), jnp.bfloat16)
+  eps = jnp.asarray(rng.normal(size=(3, 4, 4, 2)), jnp.bfloat16)
+  t = jnp.asarray([50, 500, 900], jnp.int32)
+  w1, w2 = (jnp.asarray(rng.normal(size=(2, 2)) * 0.5, jnp.float32) for _ in range(2))
+  ref = lambda x, t: jnp.tanh(x.astype(jnp.float32) @ w1)  # noqa: E731
+  fake = lambda x, t: jnp.tanh(x.astype(jnp.float32) @ w2)  # noqa: E731
+  reward = lambda x: jnp.mean(jnp.sin(x.astype(jnp.float32)), axis=(1, 2, 3))  # noqa: E731
+  for config in (didr.DIDRConfig(mode="di"), didr.DIDRConfig(mode="didr", t_max=600),
+                 didr.DIDRConfig(mode="didr", num_steps=3, eta=1.0, num_draws=2),
+                 didr.DIDRConfig(mode="dipp", reward_scale=0.3)):
+    f = jax.jit(jax.value_and_grad(lambda x: didr.generator_loss(
+        x, eps, t, process, fake_fn=fake, ref_fn=ref, reward_fn=reward, config=config,
+        rng=jax.random.key(0))[0]))
+    loss, g = f(x0)
+    assert g.dtype == jnp.bfloat16 and g.shape == x0.shape and np.isfinite(float(loss))
+    # Recompute g from its parts for the deterministic modes.
+    if config.num_draws == 1:
+      a, s = process.coeffs(t, x0)
+      x_t = (param.bcast(a, x0) * x0.astype(jnp.float32)
+             + param.bcast(s, x0) * eps.astype(jnp.float32)).astype(jnp.bfloat16)
+      x0f = param.to_x0(fake(x_t, t), x_t, a, s, "epsilon")
+      x0r = param.to_x0(ref(x_t, t), x_t, a, s, "epsilon")
+      drs = grad_r = None
+      if config.mode == "didr":
+        drs = didr.diffused_reward_score(ref, reward, x_t, t, process, num_steps=2, t_max=600)[0]
+        assert np.all(np.asarray(drs[2]) == 0.0) and np.abs(np.asarray(drs[1])).max() > 0
+      if config.mode == "dipp":
+        grad_r = didr.reward_and_grad(reward, x0)[1]
+      want = didr.generator_direction(x0, x0f, x0r, a, s, drs=drs, reward_grad=grad_r,
+                                      reward_scale=config.reward_scale) / x0.shape[0]
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(want, np.float32),
+                                 rtol=8e-3, atol=1e-5)

@@ -328,7 +328,9 @@ def generator_loss(x0: jax.Array, eps: jax.Array, t: jax.Array, process: Process
                           normalise=config.normalise, time_weighting=config.time_weighting)
   metrics["dm_normaliser"] = jnp.mean(common.dmd_normaliser(x0_sg, x0_ref))
   metrics["direction_abs"] = jnp.mean(jnp.abs(g))
-  return common.stop_gradient_target_loss(x0, g.astype(x0.dtype)), metrics
+  # In at least float32: in bfloat16, x0 - sg(x0 - g) would round g to the ulp of x0.
+  dtype = jnp.promote_types(x0.dtype, jnp.float32)
+  return common.stop_gradient_target_loss(x0.astype(dtype), g.astype(dtype)), metrics
 
 
 def fake_score_loss(fake_fn: DenoiseFn, x0: jax.Array, eps: jax.Array, t: jax.Array,
