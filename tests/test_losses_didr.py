@@ -438,3 +438,22 @@ def test_generator_loss_on_image_batches_under_jit():
                                       reward_scale=config.reward_scale) / x0.shape[0]
       np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(want, np.float32),
                                  rtol=1.6e-2, atol=1e-5)  # ~2 bfloat16 ulps
+
+
+def test_drp_remats_every_denoiser_call_and_config_errors():
+  process = didr.flow_process()
+  fn = lambda x, t: jnp.tanh(x) * t[:, None]  # noqa: E731
+  x, t = jnp.ones((2, 2)), jnp.asarray([0.3, 0.9])
+
+  def jaxpr(remat):
+    return jax.make_jaxpr(lambda x: didr.diffused_reward_score(
+        fn, lambda y: jnp.sum(y ** 2, -1), x, t, process, num_steps=3, remat=remat))(x)
+  assert str(jaxpr(True)).count("remat") >= 3 and "remat" not in str(jaxpr(False))
+  for bad in (dict(mode="dpo"), dict(time_weighting="edm"), dict(num_steps=0),
+              dict(num_draws=2), dict(draw_weights="max")):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      didr.DIDRConfig(**bad)
+  with pytest.raises(ValueError, match="one value per sample"):
+    didr.diffused_reward_score(fn, lambda y: y, x, t, process, num_steps=1)
+  with pytest.raises(ValueError, match="needs rng or noise"):
+    didr.diffused_reward_score(fn, lambda y: y.sum(-1), x, t, process, num_steps=2, eta=1.0)
