@@ -118,7 +118,7 @@ class Process:
   def coeffs(self, t: jax.Array, like: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(alpha, sigma) at t in the compute dtype of ``like`` (at least float32), so that
     coefficient arithmetic such as sigma^2 / alpha is as precise as the data."""
-    dtype = jnp.promote_types(like.dtype, jnp.float32)
+    dtype = common.compute_dtype(like)
     alpha, sigma = self.alpha_sigma(t)
     return jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
 
@@ -190,11 +190,11 @@ def ddim_step(x0: jax.Array, eps: jax.Array, alpha_k, sigma_k, alpha_next, sigma
   """x_next = alpha' x0 + sqrt(sigma'^2 - std^2) eps + std xi with
   std = eta sigma' sqrt(1 - (alpha sigma' / (alpha' sigma))^2), the DDPM posterior std of
   q(x_next | x_t, x0) times eta, for any (alpha, sigma) process (VP: DDIM's formula; flow,
-  eta = 0: the Euler step x + (sig' - sig) v)."""
+  eta = 0: the Euler step x + (sig' - sig) v). eta = 0 is ``tdm.student_step``'s map."""
   ratio = (jnp.asarray(alpha_k) * sigma_next) / (jnp.asarray(alpha_next) * sigma_k)
   std = eta * sigma_next * jnp.sqrt(jnp.maximum(1.0 - ratio ** 2, 0.0))
   direction = jnp.sqrt(jnp.maximum(jnp.asarray(sigma_next) ** 2 - std ** 2, 0.0))
-  x = param.bcast(alpha_next, x0) * x0 + param.bcast(direction, eps) * eps
+  x = kernels.q_sample(x0, eps, alpha_next, direction)
   return x if noise is None else x + param.bcast(std, x) * noise
 
 
@@ -342,7 +342,7 @@ def generator_loss(x0: jax.Array, eps: jax.Array, t: jax.Array, process: Process
   metrics["dm_normaliser"] = jnp.mean(common.dmd_normaliser(x0_sg, x0_ref))
   metrics["direction_abs"] = jnp.mean(jnp.abs(g))
   # In at least float32: in bfloat16, x0 - sg(x0 - g) would round g to the ulp of x0.
-  dtype = jnp.promote_types(x0.dtype, jnp.float32)
+  dtype = common.compute_dtype(x0)
   return common.stop_gradient_target_loss(x0.astype(dtype), g.astype(dtype)), metrics
 
 
