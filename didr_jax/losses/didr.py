@@ -80,7 +80,7 @@ exact denoiser, where the true DRS is (a^2 S + s^2 I)^{-1} a S b / beta):
 - For nonlinear rewards every K is a proxy (r(E[x0 | x_t]) != log E[e^{r(x0)/beta} | x_t]). With
   a concave quadratic reward (``_study`` in the test file) K = 1 over-drives at high noise, where
   the proxy's push no longer shrinks with the posterior spread; ``t_max`` at half the range
-  brought DIDR from 0.87 to 0.16 off the target mean (covariance within 0.015), while DI++
+  brought DIDR from 0.87 to 0.16 off the target mean (covariance within 0.015), while DI++ ("snr")
   collapsed the covariance (its smallest variance 0.015 against the target's 0.32).
 
 Denoisers are callables ``denoise_fn(x_t, t) -> output`` in the process's prediction type (the
