@@ -164,12 +164,15 @@ class SDPipeline(PipelineBase):
     return out
 
   def export_diffusers(self, dst: str) -> None:
-    """Writes a diffusers-format folder (configs + safetensors) that diffusers can load."""
+    """Writes a diffusers-format folder (configs + safetensors) that diffusers can load. The
+    text encoders are written in the classic transformers layout (every key under
+    ``text_model.`` / ``text_projection.``), which transformers 4.x and 5.x both read; the flat
+    layout transformers >= 5.6 writes for CLIPTextModel is ignored by 4.x."""
     copy_configs(self.folder, dst)
     exporters = {"unet": (unet_lib.export_unet, "diffusion_pytorch_model"),
                  "vae": (vae_lib.export_vae, "diffusion_pytorch_model"),
-                 "text_encoder": (clip.export_clip, "model"),
-                 "text_encoder_2": (clip.export_clip, "model")}
+                 "text_encoder": (_export_clip_classic, "model"),
+                 "text_encoder_2": (_export_clip_classic, "model")}
     for name, module in self.modules().items():
       fn, stem = exporters[name]
       write_component(dst, name, stem, fn(module))
@@ -231,6 +234,12 @@ class SDPipeline(PipelineBase):
     out = _sample(self.unet, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
                   self.schedule, num_steps, float(guidance_scale), float(eta))
     return out
+
+
+def _export_clip_classic(text_encoder: nnx.Module) -> dict[str, np.ndarray]:
+  """``clip.export_clip`` with CLIPTextModel's flat keys moved under ``text_model.``."""
+  return {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+          for k, v in clip.export_clip(text_encoder).items()}
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "height", "width"))
