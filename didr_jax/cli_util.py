@@ -141,6 +141,10 @@ def run(main):
   def guarded(argv):
     try:
       return main(argv)
-    except _user_errors() as e:
+    except app.UsageError as e:
       fail(str(e))
+    except Exception as e:  # noqa: BLE001 (re-raised unless it is bad input)
+      if isinstance(e, _user_errors()):
+        fail(str(e))
+      raise
   app.run(guarded, flags_parser=parse_flags)
