@@ -43,7 +43,7 @@ def main(argv):
   c.mesh.rules = tuple(tuple(r) for r in c.mesh.rules)
   if FLAGS.num_samples:
     c.eval.num_samples = FLAGS.num_samples
-  config_lib.validate(c)
+  config_lib.validate(c, training=False)
   mesh = mesh_lib.make_mesh(c.mesh.axes)
   trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
   state = trainer.init_state()

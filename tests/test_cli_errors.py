@@ -268,3 +268,55 @@ def test_launch_scripts_print_usage_without_arguments(script):
   r = subprocess.run(["bash", os.path.join(ROOT, "launch", script)], capture_output=True,
                      text=True, timeout=60)
   assert r.returncode == 2 and r.stderr.startswith("usage:"), r.stderr
+
+
+# ------------------------------------------------------------------------- long prompts
+
+def test_count_truncated_counts_the_prompts_over_the_text_encoders_limit():
+  """The shipped toy tokenizers are word-level: a prompt of w words is w + 2 tokens for CLIP
+  (begin / end) and w + k tokens in Z-Image's chat template (k measured on a 3-word prompt)."""
+  import types
+  from transformers import AutoTokenizer
+  from didr_jax.models import qwen3
+  from didr_jax.pipelines.sd import SDPipeline
+  from didr_jax.pipelines.zimage import ZImagePipeline
+  assets = os.path.join(ROOT, "didr_jax", "toy", "assets")
+  words = lambda n: " ".join(["a red circle"] * n)  # 3n words  # noqa: E731
+  clip_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "toy_unet", "tokenizer"))
+  assert clip_tok.model_max_length == 12
+  sd = types.SimpleNamespace(tokenizers=[clip_tok])
+  # 3, 9, 12 words -> 5, 11, 14 tokens: one over 12
+  assert SDPipeline.count_truncated(sd, [words(1), words(3), words(4)]) == (1, 12, 14)
+  assert SDPipeline.count_truncated(sd, [words(4), words(5)], max_tokens=16) == (1, 16, 17)
+  qwen_tok = AutoTokenizer.from_pretrained(os.path.join(assets, "toy_dit", "tokenizer"))
+  k = int(qwen3.tokenize_prompts_zimage(qwen_tok, [words(1)], bucket=1)[1].sum()) - 3
+  zi = types.SimpleNamespace(tokenizer=qwen_tok, caption_length=k + 9)
+  assert ZImagePipeline.count_truncated(zi, [words(1), words(3), words(4), words(9)]) == (
+      2, k + 9, k + 27)
+
+
+def test_reward_flags_set_any_registered_reward(tmp_path):
+  """``--config.rewards.NAME=W`` adds a reward the config file does not list (and 0 switches
+  one off); the parsed config holds exactly those weights."""
+  script = (
+      "import json\n"
+      "from ml_collections import config_flags\n"
+      "from didr_jax import cli_util\n"
+      "C = config_flags.DEFINE_config_file('config', None, 'c', lock_config=True)\n"
+      "def main(argv):\n"
+      "  print(json.dumps(dict(C.value.rewards)))\n"
+      "cli_util.run(main)\n")
+  f = tmp_path / "show.py"
+  f.write_text(script)
+  r = subprocess.run([sys.executable, str(f), "--config=configs/toy_ddpo.py",
+                      "--config.rewards.jpeg_compressibility=1.5",
+                      "--config.rewards.toy_detector=0", "--config.train.learning_rate=1e-3"],
+                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(r.stdout.strip().splitlines()[-1]) == {"toy_detector": 0.0,
+                                                           "jpeg_compressibility": 1.5}
+  r = subprocess.run([sys.executable, str(f), "--config=configs/toy_ddpo.py",
+                      "--config.rewards.jpeg_compressibility=lots"],
+                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "the weight must be a number" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1

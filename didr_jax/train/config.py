@@ -210,18 +210,21 @@ def _check_backbone_folder(c: ml_collections.ConfigDict) -> None:
            f"{c.backbone.kind!r}, but {path} holds a {found!r} pipeline")
 
 
-def _check_prompts(c: ml_collections.ConfigDict) -> None:
+def _check_prompts(c: ml_collections.ConfigDict, training: bool) -> None:
   from didr_jax.train import prompts
-  for key in ("train", "eval") if c.eval.num_samples > 0 else ("train",):
+  keys = (("train",) if training else ()) + (("eval",) if c.eval.num_samples > 0 else ())
+  for key in keys:
     try:
       prompts.load_prompts(c.prompts[key])
     except prompts.PromptError as e:
       raise ConfigError(f"config.prompts.{key}: {e}") from None
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> dict:
-  """Checks the config and the files it names (model folder headers, prompt files), before
-  anything is loaded or compiled; returns derived batch figures for logging."""
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
+             training: bool = True) -> dict:
+  """Checks the config and the files it names (model folder headers, prompt files; the
+  training prompts only when ``training``), before anything is loaded or compiled; returns
+  derived batch figures for logging."""
   num_devices = num_devices or jax.device_count()
   _require(c.method in METHODS, "method", f"{c.method!r} is not one of {METHODS}")
   _require(c.backbone.kind in BACKBONES, "backbone.kind",
@@ -255,7 +258,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> di
            f"{c.eval.num_samples} is not a multiple of eval.batch_size={c.eval.batch_size}")
   _require(c.eval.batch_size % num_devices == 0, "eval.batch_size",
            f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
-  _check_prompts(c)
+  _check_prompts(c, training)
   _check_backbone_folder(c)
   train_steps = max(1, int(round(s.num_steps * t.timestep_fraction)))
   return {
