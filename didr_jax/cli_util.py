@@ -1,6 +1,7 @@
 """What every command-line entry point (main, evaluate, sample, convert) sets up first, and how
-each of them reports bad input: one line on stderr, ``<program>: error: <what and how to fix>``,
-exit code 2, no traceback (``run``). Bugs still raise with their traceback.
+each of them reports bad input: one line on stderr, ``error: <what and how to fix>``, exit code
+2, no traceback (``run``); a RewardError (a reward server down or answering garbage) that reaches
+the top prints as one line with exit code 1 (``_one_line_hook``). Bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -25,16 +26,10 @@ def quiet_logs():
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
-  """Prints ``<program>: error: message`` (whitespace collapsed to one line) and exits."""
-  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-  prog = (spec.name.removesuffix(".__main__") if spec is not None and spec.name else
-          os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "didr_jax")
-  if prog in ("__main__.py", "-c", "-m"):
-    prog = "didr_jax"
-  sys.stderr.write(f"{prog}: error: {one_line(message)}\n")
+  """Prints ``error: message`` (whitespace collapsed to one line) and exits with ``code``."""
+  sys.stderr.write(f"error: {one_line(message)}\n")
   sys.stderr.flush()
-  # os._exit would skip flushing stdout; SystemExit unwinds cleanly (absl re-raises it as is)
-  raise SystemExit(code)
+  raise SystemExit(code)  # absl's app.run lets a SystemExit through as it is
 
 
 def one_line(message: str) -> str:
@@ -148,3 +143,16 @@ def run(main):
         fail(str(e))
       raise
   app.run(guarded, flags_parser=parse_flags)
+
+
+def _one_line_hook(kind, exc, tb, _default=sys.excepthook):
+  """A RewardError (reward server down or answering garbage) reaching the top prints as one
+  line, exit code 1; every other error keeps its traceback."""
+  base = sys.modules.get("didr_jax.rewards.base")
+  if base is not None and issubclass(kind, base.RewardError):
+    print(f"error: {exc}", file=sys.stderr)
+  else:
+    _default(kind, exc, tb)
+
+
+sys.excepthook = _one_line_hook

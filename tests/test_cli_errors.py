@@ -125,7 +125,7 @@ def test_cli_refuses(inputs, name, argv, expected):
   assert r.returncode != 0, (r.stdout, r.stderr)
   assert "Traceback" not in r.stderr, r.stderr[-3000:]
   assert len(lines) == 1, r.stderr[-3000:]
-  assert ": error: " in lines[0]
+  assert lines[0].startswith("error: ")
   for s in expected:
     assert s in lines[0], (s, lines[0])
   assert not os.path.exists(os.path.join(inputs["dir"], "s")), "an image was written"
