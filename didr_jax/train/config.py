@@ -123,6 +123,7 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.{bad[0]}: must be a finite number, got "
                       f"{_get(c, bad[0])!r}")
   t, s, e = c.train, c.sample, c.eval
+  _require(c.seed >= 0, "seed", f"must be >= 0 (NumPy seeds the prompt order), got {c.seed}")
   _require(c.checkpoint_every >= 1, "checkpoint_every",
            f"must be >= 1 (epochs between checkpoints), got {c.checkpoint_every}")
   _require(c.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {c.keep_checkpoints}")
