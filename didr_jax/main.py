@@ -6,9 +6,10 @@ command on the same workdir resumes from its latest checkpoint (or, for a finish
 its final metrics and exits 0).
 
 Exit codes: 0 done; 3 stopped after train.max_consecutive_nonfinite non-finite steps in a row;
-143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (rerun to resume). On several hosts (TPU pod
-workers, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID) JAX's distributed
-runtime is initialised first.
+143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (rerun to resume).
+
+On several hosts (TPU pod workers, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
+JAX_PROCESS_ID) JAX's distributed runtime is initialised first.
 """
 
 import os
@@ -18,7 +19,7 @@ from absl import app, flags
 
 from ml_collections import config_flags
 
-from didr_jax.cli_util import quiet_logs
+from didr_jax.cli_util import quiet_logs, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
                                           lock_config=True)
@@ -47,4 +48,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  run(main)

@@ -1,12 +1,14 @@
 """Pieces every method's loss shares (METHODS.md section 5), as pure jit-able functions.
 
 - Per-prompt (group) statistics with segment sums over prompt ids.
-- EMA snapshot decay schedules and updates.
+- EMA snapshot decay schedules and updates (``SnapshotSchedule`` keeps one schedule's numbers).
 - The stop-gradient-target loss and the mean-abs normaliser of distribution-matching methods.
 - Denoising score matching (the fake-score / surrogate / RWR regression) in any parameterisation.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -77,15 +79,16 @@ def stop_gradient_target_loss(x: jax.Array, grad: jax.Array) -> jax.Array:
 def dsm_per_sample(output: jax.Array, x0: jax.Array, eps: jax.Array, alpha, sigma,
                    prediction_type: str) -> jax.Array:
   """Denoising score matching per sample: mean over non-batch dims of
-  (output - target)^2 in float32, target = ``param.x0_eps_to_output(x0, eps, alpha, sigma)``
+  (output - target)^2 in float32 (float64 kept), target =
+  ``param.x0_eps_to_output(x0, eps, alpha, sigma)``
   (eps | alpha eps - sigma x0 | x0 | eps - x0) for x_t = alpha x0 + sigma eps.
 
   Minimised over the network, output(x_t) -> E[target | x_t], i.e. the score of the noised data
   (Vincent 2011): every fake score (DIDR, TDM), surrogate (TDM-R1) and RWR regression uses it.
   """
-  target = param.x0_eps_to_output(x0.astype(jnp.float32), eps.astype(jnp.float32), alpha, sigma,
-                                  prediction_type)
-  err = (output.astype(jnp.float32) - jax.lax.stop_gradient(target)) ** 2
+  dt = compute_dtype(output)
+  target = param.x0_eps_to_output(x0.astype(dt), eps.astype(dt), alpha, sigma, prediction_type)
+  err = (output.astype(dt) - jax.lax.stop_gradient(target)) ** 2
   return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
 
@@ -94,3 +97,72 @@ def dsm_loss(output: jax.Array, x0: jax.Array, eps: jax.Array, alpha, sigma,
   """mean_i w_i * ``dsm_per_sample``_i (w = 1 when ``weight`` is None)."""
   per = dsm_per_sample(output, x0, eps, alpha, sigma, prediction_type)
   return jnp.mean(per if weight is None else per * weight)
+
+
+# --- compute dtype and EMA snapshot schedules (shared by CRD, DIDR, TDM-R1) -----------------------
+
+def compute_dtype(x: jax.Array):
+  """The dtype losses are computed in: float32, or float64 when x already is (finite-difference
+  tests run in float64; bfloat16 activations are upcast)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotSchedule:
+  """An EMA snapshot's decay schedule, ``ema_decay`` with its four numbers kept together:
+  d(step) = start for step < start_step, else min(start + slope (step - start_step), end), and
+  the update snapshot <- d snapshot + (1 - d) theta (``ema_update``).
+
+  d = 0 copies theta, d = 1 freezes the snapshot. ``step`` is the caller's step counter at the
+  update (CRD: optimizer steps, updated once per rollout epoch)."""
+  start: float
+  slope: float
+  end: float
+  start_step: int = 0
+
+  def __post_init__(self):
+    for name in ("start", "end"):
+      v = getattr(self, name)
+      if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name}: a decay must lie in [0, 1], got {v}")
+    if self.slope < 0.0:
+      raise ValueError(f"slope: must be >= 0, got {self.slope}")
+    if self.start_step < 0:
+      raise ValueError(f"start_step: must be >= 0, got {self.start_step}")
+
+  @classmethod
+  def of(cls, d) -> "SnapshotSchedule":
+    """From a mapping (e.g. a ConfigDict section) with keys start, slope, end, start_step."""
+    return cls(float(d["start"]), float(d["slope"]), float(d["end"]), int(d.get("start_step", 0)))
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def decay(self, step: jax.Array | int) -> jax.Array:
+    return ema_decay(step, start=self.start, slope=self.slope, end=self.end,
+                     start_step=self.start_step)
+
+  def update(self, snapshot, params, step: jax.Array | int):
+    """(new snapshot, decay used)."""
+    d = self.decay(step)
+    return ema_update(snapshot, params, d), d
+
+
+# --- per-sample squared distance (TDM fake-score regulariser, TDM-R1 surrogate; CRD's KL anchor) --
+
+def mean_sq_dist(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per-sample mean over non-batch dims of (a - b)^2 (B,), in ``compute_dtype(a)``. b is used as
+  given: wrap it in stop_gradient where it is a target."""
+  dt = compute_dtype(a)
+  d = a.astype(dt) - b.astype(dt)
+  return jnp.mean(d ** 2, axis=tuple(range(1, d.ndim)))
+
+
+# --- DMD normaliser of distribution-matching directions (DIDR / DI / DI++, TDM, TDM-R1) -----------
+
+def dmd_normaliser(x0: jax.Array, x0_ref: jax.Array, floor: float = 1e-8) -> jax.Array:
+  """n = sg(max(mean |x0 - x0_ref|, floor)) per sample, shaped to broadcast against x0, in
+  ``compute_dtype(x0)``: DMD's per-sample normaliser of a direction in x0 units."""
+  dt = compute_dtype(x0)
+  x0, x0_ref = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x0_ref)
+  return jnp.maximum(mean_abs(x0.astype(dt) - x0_ref.astype(dt)), floor)

@@ -308,6 +308,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   backbone = build_backbone(c, mesh)
   trainer = make_trainer(c, backbone, mesh)
   stream = prompts.PromptStream(prompts.load_prompts(c.prompts.train), seed=c.seed)
+  backbone.warn_long_prompts(stream.prompts, "training prompts")
   state = trainer.init_state()
   start, history = 0, []
   if latest is not None:
