@@ -70,7 +70,7 @@ def test_ratio_is_one_before_the_first_update(folder):
   assert float(traj.timesteps[0]) == 1.0 and float(traj.next_timesteps[-1]) == 0.0
   _, m = trainer._update(state, first, uncond, trainer.ref_params,
                          jnp.float32(c.sample.guidance_scale), jax.random.key(2))
-  print({k: float(v) for k, v in m.items()})
+  print({k: np.asarray(v).tolist() for k, v in m.items()})
   # the sampling-time parameters recompute the stored log-probabilities (a different XLA
   # program: float32 rounding only), nothing is clipped, and the policy is the reference.
   assert abs(float(m["ratio_mean"]) - 1.0) < 1e-6

@@ -113,7 +113,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   rewarder = rewards_lib.AsyncRewards(rewards_lib.from_config(dict(c.rewards)))
   stream = prompts.PromptStream(prompts.load_prompts(c.prompts.train), seed=c.seed)
   d = getattr(c, c.method)
-  normalizer = advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count)
+  normalizer = advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count,
+                                              d.advantage_std)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=c.keep_checkpoints, async_save=c.async_checkpoint)
   state = trainer.init_state()
