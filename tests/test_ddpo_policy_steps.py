@@ -11,7 +11,7 @@ import pytest
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.testing.configs import load_config
 from didr_jax.train import advantages, config as config_lib
-from didr_jax.train.ddpo import DDPOTrainer, epoch_metrics
+from didr_jax.train.ddpo import DDPOTrainer, clip_step_grad, epoch_metrics
 
 
 def dit(**kw):
@@ -145,6 +145,7 @@ def test_epoch_metrics_per_step():
     ({"sample.num_steps": 1}, "deterministic_last_step"),
     ({"ddpo.advantage_std": "prompt"}, "ddpo.advantage_std"),
     ({"ddpo.advantage": "batch"}, "ddpo.advantage"),
+    ({"ddpo.step_grad_clip": -1.0}, "ddpo.step_grad_clip"),
 ])
 def test_config_errors(overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match):
@@ -169,3 +170,11 @@ def test_flow_eval_is_the_ode_and_advantage_std_is_passed():
   import inspect
   from didr_jax.train import loop
   assert "d.advantage_std" in inspect.getsource(loop.train)
+
+
+def test_clip_step_grad():
+  g = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}   # norm 5
+  out = clip_step_grad(g, 1.0)
+  np.testing.assert_allclose(out["a"], [0.6, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], [[0.8]], rtol=1e-6)
+  assert clip_step_grad(g, 10.0)["a"][0] == 3.0 and clip_step_grad(g, 0.0) is g

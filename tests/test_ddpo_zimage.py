@@ -102,11 +102,11 @@ def test_cps_window_ratio_one_and_ode_evaluation(folder):
   lp = np.asarray(traj.log_probs)
   assert (lp[[0, 2]] == 0).all() and (lp[1] != 0).all()
   assert (np.asarray(first["step"]) == 1).all()
-  _, m = trainer._update(state, first, uncond, trainer.ref_params,
-                         jnp.float32(c.sample.guidance_scale), jax.random.key(2))
+  state, m = trainer._update(state, first, uncond, trainer.ref_params,
+                             jnp.float32(c.sample.guidance_scale), jax.random.key(2))
   assert abs(float(m["ratio_mean"]) - 1.0) < 1e-6 and float(m["clipfrac"]) == 0.0
   assert float(m["kl_ref"]) < 1e-12
-  params = trainer.policy_params(state)
+  params = trainer.policy_params(state)  # (the update donated the old state)
   prompts = ["a red circle"] * 8
   t1, _, _, _ = trainer.sample(params, prompts, jax.random.key(3), eta=c.eval.eta)
   assert c.eval.eta == 0.0 and not np.asarray(t1.stochastic).any()

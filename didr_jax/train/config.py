@@ -158,6 +158,8 @@ def _validate_policy(c: ml_collections.ConfigDict) -> None:
              f"{d.advantage_std!r} is not 'global' (std of the batch) or 'group' (std of the "
              "prompt's group)")
     _require(d.kl_beta >= 0, "ddpo.kl_beta", f"must be >= 0, got {d.kl_beta}")
+    _require(d.step_grad_clip >= 0, "ddpo.step_grad_clip",
+             f"must be >= 0 (0 = off), got {d.step_grad_clip}")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> dict:

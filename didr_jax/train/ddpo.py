@@ -50,6 +50,8 @@ def ddpo_section():
   d.kl_beta = 0.0                # Flow-GRPO KL to the frozen reference (0 = off)
   d.advantage = "per_prompt"     # "per_prompt" (DDPO buffer) or "group" (Flow-GRPO)
   d.advantage_std = "global"     # group mode: divide by the std of the batch or of the group
+  d.step_grad_clip = 0.0         # > 0: clip each trajectory step's gradient to this norm
+                                 # before averaging (the late steps dominate it on flow models)
   d.buffer_size = 32
   d.min_count = 16
   d.rwr_mode = "exp"             # "exp" or "sparse"
@@ -74,6 +76,16 @@ def epoch_metrics(updates: list[dict]) -> dict:
       for step in np.flatnonzero(count > 0):
         out[f"{name}/step_{step:02d}"] = float(total[step] / count[step])
   return out
+
+
+def clip_step_grad(grads, max_norm: float):
+  """``ddpo.step_grad_clip``: g min(1, max_norm / ||g||) for one trajectory step's gradient
+  (identity when max_norm <= 0), so no step's gradient outweighs the others by more than
+  max_norm in the average over steps."""
+  if max_norm <= 0:
+    return grads
+  scale = jnp.minimum(1.0, max_norm / jnp.maximum(optax.global_norm(grads), 1e-30))
+  return jax.tree.map(lambda x: x * scale.astype(x.dtype), grads)
 
 
 class DDPOTrainer:
@@ -282,6 +294,7 @@ class DDPOTrainer:
       (_, m), g = jax.value_and_grad(fn, has_aux=True)(params)
       if not rwr:  # per-step diagnostics: this slot's gradient norm at its trajectory step
         m = {**m, "grad_norm_steps": m["steps_count"] * optax.global_norm(g)}
+        g = clip_step_grad(g, self.c.ddpo.step_grad_clip)
       grads = jax.tree.map(jnp.add, grads, g)
       msum = jax.tree.map(jnp.add, msum, m)
       return (grads, msum), None
