@@ -58,17 +58,17 @@ def gaussian_log_prob(x: jax.Array, mean: jax.Array, std) -> jax.Array:
 
       mean_dims[ -(x - mean)^2 / (2 std^2) - log(std) - log(2 pi) / 2 ]
 
-  std is a scalar or (B,) and is floored at 1e-6 in the log. A (numerically) deterministic
-  transition, std <= 1e-6 (eta = 0, a = 0, or DDIM's last step when abar_prev = abar_t), gets the
-  constant -log(1e-6) - log(2 pi) / 2 with no quadratic term: x == mean up to rounding there, and
-  (rounding)^2 / std^2 would make a recomputed log-prob (the PPO ratio) arbitrary."""
+  std is a scalar or (B,). A (numerically) deterministic transition, std <= 1e-6 (eta = 0,
+  a = 0, or DDIM's last step when abar_prev = 1), has no density and gets log-prob 0 (not part of
+  the MDP: it adds nothing to a trajectory's log-likelihood, and a recomputed value is 0 too, so
+  the PPO ratio there is 1; trainers also mask such steps out of the loss)."""
   x = x.astype(jnp.float32)
   mean = mean.astype(jnp.float32)
   std = param.bcast(jnp.asarray(std, jnp.float32), x)
   stochastic = std > LOG_STD_FLOOR
   std = jnp.where(stochastic, std, LOG_STD_FLOOR)
   quad = jnp.where(stochastic, (x - mean) ** 2 / (2.0 * std ** 2), 0.0)
-  lp = -quad - jnp.log(std) - _HALF_LOG_2PI
+  lp = jnp.where(stochastic, -quad - jnp.log(std) - _HALF_LOG_2PI, 0.0)
   return lp.mean(axis=tuple(range(1, x.ndim)))
 
 
