@@ -3,9 +3,13 @@
 writes).
 
 The policy is the flow SDE of Flow-GRPO (``diffusion.flow``: noise level a = sample.eta = 0.7,
-10 steps, CFG w = 4.5 in training and sampling), group-relative advantages over
-sample.group_size images per prompt (mean of the group, std of the batch), a PPO clip of 1e-4,
-and a KL penalty 0.04 ||mu_theta - mu_ref||^2 / (2 std^2) to the frozen initial model.
+10 steps, CFG w = 4.5 in training and sampling; the last step is a deterministic Euler step, so
+9 steps are the MDP and all 9 are trained), group-relative advantages over sample.group_size
+images per prompt (mean of the group, std of the batch: ddpo.advantage_std), a PPO clip of 1e-4,
+and Flow-GRPO's KL penalty 0.04 ||mu_theta - mu_ref||^2 / (2 sig_t^2) to the frozen initial
+model, sig_t = a sqrt(sig / (1 - sig)) the SDE's noise coefficient. Flow-GRPO-Fast-style
+training: --config.sample.sde_window='(-1, 2)' (2 stochastic steps at a random place per
+batch); coefficients-preserving sampling: --config.sample.sde_type=cps.
 Evaluation samples with the deterministic ODE (eta 0).
 
 Guidance is standard CFG w (1 = off) as everywhere in didr_jax; diffusers' ZImagePipeline

@@ -82,7 +82,9 @@ def test_sharded_update_equals_single_device(toy_folder):
   s8, m8 = sharded._update(s8, b8, jax.device_put(uncond, rep), None, guidance,
                            jax.random.key(2))
   for k in m1:
-    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, atol=1e-7, err_msg=k)
+    # |log p_new - log p_old| at ratio 1 is float32 rounding of log p (~1e-7 per sample)
+    atol = 1e-6 if k.startswith("abs_dlogp") else 1e-7
+    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, atol=atol, err_msg=k)
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                        s8["params"], s1["params"])
   assert max(jax.tree.leaves(diffs)) < 1e-6

@@ -52,10 +52,14 @@ def _first_minibatch(c, advantages):
   trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
   state = trainer.init_state()
   prompts = ["a red circle"] * 4 + ["two blue squares"] * 4
+  levels = trainer.levels(c.sample.eta, c.sample.num_steps, max(c.sample.sde_window[0], 0))
   traj, images, cond, uncond = trainer.sample(trainer.policy_params(state), prompts,
-                                              jax.random.key(0))
+                                              jax.random.key(0), levels=levels)
+  n = len(prompts)
   data = {"latents": jnp.swapaxes(traj.latents, 0, 1),
           "log_probs": jnp.swapaxes(traj.log_probs, 0, 1), "cond": cond,
+          "levels": jnp.broadcast_to(traj.levels, (n,) + traj.levels.shape),
+          "stochastic": jnp.broadcast_to(traj.stochastic, (n,) + traj.stochastic.shape),
           "timesteps": traj.timesteps, "next_timesteps": traj.next_timesteps,
           "advantages": advantages, "rewards": jnp.linspace(0, 1, 8)}
   first = jax.tree.map(lambda x: x[0], trainer._prepare(jax.random.key(1), data))
@@ -70,7 +74,7 @@ def test_ratio_is_one_before_the_first_update(folder):
   assert float(traj.timesteps[0]) == 1.0 and float(traj.next_timesteps[-1]) == 0.0
   _, m = trainer._update(state, first, uncond, trainer.ref_params,
                          jnp.float32(c.sample.guidance_scale), jax.random.key(2))
-  print({k: float(v) for k, v in m.items()})
+  print({k: np.asarray(v).tolist() for k, v in m.items()})
   # the sampling-time parameters recompute the stored log-probabilities (a different XLA
   # program: float32 rounding only), nothing is clipped, and the policy is the reference.
   assert abs(float(m["ratio_mean"]) - 1.0) < 1e-6
@@ -78,6 +82,35 @@ def test_ratio_is_one_before_the_first_update(folder):
   assert float(m["clipfrac"]) == 0.0
   assert float(m["kl_ref"]) < 1e-12
   assert float(m["grad_norm"]) > 0
+  # deterministic last step: an Euler step, no log-prob, never trained
+  np.testing.assert_array_equal(traj.stochastic, [True, True, False])
+  assert (np.asarray(traj.log_probs[-1]) == 0).all() and (np.asarray(traj.log_probs[:2]) != 0).all()
+  assert not np.isin(np.asarray(first["step"]), [2]).any()
+  # per-step diagnostics: both stochastic steps trained once per micro-batch slot
+  np.testing.assert_allclose(np.asarray(m["steps_count"]) * 2, [1, 1, 0])
+  assert (np.asarray(m["grad_norm_steps"])[:2] > 0).all() and m["grad_norm_steps"][2] == 0
+
+
+def test_cps_window_ratio_one_and_ode_evaluation(folder):
+  """CPS in an SDE window of one step: log-probs only there, ratio 1 and KL 0 at the first
+  update; the evaluation sampler (eta 0) is the ODE: no stochastic step, no log-prob."""
+  c = small(folder, **{"sample.num_batches": 1, "train.grad_accum": 1, "sample.sde_type": "cps",
+                       "sample.sde_window": (1, 1)})
+  trainer, state, traj, _, first, uncond = _first_minibatch(c, jnp.linspace(-1.0, 2.0, 8))
+  assert trainer.num_train_t == 1
+  np.testing.assert_array_equal(traj.stochastic, [False, True, False])
+  lp = np.asarray(traj.log_probs)
+  assert (lp[[0, 2]] == 0).all() and (lp[1] != 0).all()
+  assert (np.asarray(first["step"]) == 1).all()
+  state, m = trainer._update(state, first, uncond, trainer.ref_params,
+                             jnp.float32(c.sample.guidance_scale), jax.random.key(2))
+  assert abs(float(m["ratio_mean"]) - 1.0) < 1e-6 and float(m["clipfrac"]) == 0.0
+  assert float(m["kl_ref"]) < 1e-12
+  params = trainer.policy_params(state)  # (the update donated the old state)
+  prompts = ["a red circle"] * 8
+  t1, _, _, _ = trainer.sample(params, prompts, jax.random.key(3), eta=c.eval.eta)
+  assert c.eval.eta == 0.0 and not np.asarray(t1.stochastic).any()
+  assert (np.asarray(t1.log_probs) == 0).all()
 
 
 def test_update_raises_the_advantage_weighted_log_prob(folder):
@@ -108,3 +141,10 @@ def test_config_runs_two_epochs(folder, tmp_path):
   assert metrics["clipfrac"] > 0  # step 2 of an epoch: some ratios left [1 - 1e-4, 1 + 1e-4]
   assert metrics["kl_ref"] > 1e-9  # after epoch 1's updates the policy has left the reference
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[-1] == "2"
+  # per-step diagnostics of the two stochastic steps (of 3) reach the epoch metrics and history
+  for name in ("clipfrac", "abs_dlogp", "grad_norm"):
+    assert f"{name}/step_00" in metrics and f"{name}/step_01" in metrics
+    assert f"{name}/step_02" not in metrics
+  import json
+  with open(tmp_path / "run" / "history.json") as f:
+    assert any("grad_norm/step_01" in h for h in json.load(f))

@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift as ref_shift,
                                                           get_default_z_image_sigmas)
 
-from didr_jax.diffusion import flow, guidance, kernels, param
+from didr_jax.diffusion import ddim, flow, guidance, kernels, param
 from didr_jax.diffusion.flow import FlowMatchConfig
 
 SHAPE = (2, 8, 8, 4)
@@ -139,7 +139,7 @@ def test_sde_a0_is_euler(x_1):
     x_next, lp, mean, std = sde(s, s_next)
     np.testing.assert_array_equal(x_next, euler(s, s_next))
     assert float(std) == 0.0
-    np.testing.assert_allclose(lp, [-np.log(1e-6) - 0.5 * np.log(2 * np.pi)] * 2, rtol=1e-6)
+    np.testing.assert_array_equal(lp, [0.0] * 2)  # no density: log-prob 0
 
 
 def test_sde_log_prob_matches_float64(x_1):
@@ -193,6 +193,95 @@ def test_flow_sample_ratio_is_one(x_1):
   assert np.isfinite(np.asarray(traj.latents)).all()
   with pytest.raises(ValueError, match="rng"):
     flow.flow_sample(fake_v, x_1, sig, a=0.7)
+
+
+def test_cps_step_and_log_prob_match_float64(x_1):
+  """CPS mean, std and log-prob against float64 NumPy (std = sig' sin(a pi/2), mean =
+  (1 - sig') x0_hat + sqrt(sig'^2 - std^2) x1_hat), incl. sig = 1 and the last step (std 0)."""
+  rng = np.random.default_rng(21)
+  v = rng.standard_normal(SHAPE).astype(np.float32)
+  z = rng.standard_normal(SHAPE).astype(np.float32)
+  x = x_1.astype(np.float64)
+  for a in (0.3, 0.7, 1.0):
+    for s, s_next in ((1.0, 0.8), (0.6, 0.45), (0.2, 0.05)):
+      mean, std = flow.cps_mean_std(v, x_1, np.float32(s), np.float32(s_next), a)
+      sd = s_next * np.sin(a * np.pi / 2)
+      x0_hat, x1_hat = x - s * v, x + (1 - s) * v
+      mu = (1 - s_next) * x0_hat + np.sqrt(s_next ** 2 - sd ** 2) * x1_hat
+      assert rel_err(mean, mu) < 2e-6 and abs(float(std) - sd) < 1e-6
+      xn = (mu + sd * z).astype(np.float32)
+      want = (-(xn - mu) ** 2 / (2 * sd ** 2) - np.log(sd) - 0.5 * np.log(2 * np.pi)).mean(
+          (1, 2, 3))
+      lp = ddim.gaussian_log_prob(jnp.asarray(xn), mean, std)
+      np.testing.assert_allclose(lp, want, rtol=2e-5, atol=2e-5)
+      # the KL scale of CPS is the step std itself
+      assert abs(float(flow.step_kl_std(s, s_next, a, "cps")) - sd) < 1e-6
+  # the last step (sig' = 0) is deterministic: std 0, mean = x0_hat
+  mean, std = flow.cps_mean_std(v, x_1, np.float32(0.1), np.float32(0.0), 0.7)
+  assert float(std) == 0.0 and rel_err(mean, x - 0.1 * v) < 1e-6
+
+
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+def test_a0_is_the_euler_step_in_both_types(x_1, sde_type):
+  v = fake_v(x_1, jnp.full((2,), 0.6))
+  for s, s_next in ((1.0, 0.8), (0.6, 0.45), (0.1, 0.0)):
+    mean, std = flow.step_mean_std(v, x_1, s, s_next, 0.0, sde_type)
+    np.testing.assert_array_equal(mean, flow.euler_step(v, x_1, s, s_next))
+    assert float(np.max(std)) == 0.0
+
+
+def test_sde_kl_scale_is_the_noise_coefficient():
+  """Flow-GRPO's KL divides by sig_t^2 = a^2 sig / (1 - sig) (cap at sig = 1), not by the step
+  variance sig_t^2 |dt|; kl_to_reference then is ||dmu||^2 / (2 sig_t^2) over dims."""
+  a, cap = 0.7, 0.9
+  s = np.array([1.0, 0.9, 0.55, 0.2])
+  s_next = np.array([0.9, 0.55, 0.2, 0.0])
+  got = flow.step_kl_std(s.astype(np.float32), s_next.astype(np.float32), a, sigma_cap=cap)
+  want = a * np.sqrt(s / (1 - np.where(s == 1, cap, s)))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # std of the step = sig_t sqrt(|dt|): the KL scale is not the step std
+  _, step_std = flow.sde_mean_std(jnp.zeros(SHAPE), jnp.zeros(SHAPE), s.astype(np.float32)[:2],
+                                  s_next.astype(np.float32)[:2], a, cap)
+  np.testing.assert_allclose(step_std, want[:2] * np.sqrt(s[:2] - s_next[:2]), rtol=1e-6)
+  from didr_jax.losses import ddpo
+  rng = np.random.default_rng(4)
+  mu, mu_ref = rng.standard_normal((2, 4, 5, 3)), rng.standard_normal((2, 4, 5, 3))
+  kl = ddpo.kl_to_reference(jnp.asarray(mu, jnp.float32), jnp.asarray(mu_ref, jnp.float32),
+                            got[:2])
+  np.testing.assert_allclose(kl, ((mu - mu_ref) ** 2).mean((1, 2, 3)) / (2 * want[:2] ** 2),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+def test_per_step_levels_window_and_ratio_one(x_1, sde_type):
+  """A per-step level vector: ODE steps (level 0, and CPS's last step) carry log-prob 0 and are
+  marked not stochastic; the window's steps have the log-prob a recomputation gives (ratio 1);
+  the final ODE step is the Euler step of the stored velocity."""
+  cfg = FlowMatchConfig.from_diffusers(ZIMAGE_CFG)
+  n = 6
+  sig, _ = flow.zimage_sigmas(cfg, n, 1024)
+  levels = np.array([0.0, 0.7, 0.7, 0.0, 0.0, 0.0], np.float32)  # window (1, 2)
+  sample = jax.jit(flow.flow_sample, static_argnums=0,
+                   static_argnames=("return_outputs", "sde_type"))
+  traj = sample(fake_v, x_1, jnp.asarray(sig), a=jnp.asarray(levels), sde_type=sde_type,
+                rng=key(5), return_outputs=True)
+  np.testing.assert_array_equal(traj.levels, levels)
+  np.testing.assert_array_equal(traj.stochastic, levels > 0)
+  lp = np.asarray(traj.log_probs)
+  assert (lp[levels == 0] == 0).all() and (lp[levels > 0] != 0).all()
+  cap = flow.largest_sigma_below_one(sig)
+  for i in range(n):
+    mean, std = flow.step_mean_std(traj.outputs[i], traj.latents[i], sig[i], sig[i + 1],
+                                   levels[i], sde_type, cap)
+    if levels[i] == 0:  # ODE step: the Euler step (to float32 rounding of another program)
+      assert rel_err(traj.latents[i + 1], mean) < 1e-6
+    else:
+      re = ddim.gaussian_log_prob(traj.latents[i + 1], mean, std)
+      assert np.abs(np.asarray(re) - lp[i]).max() < 1e-5
+      assert rel_err(traj.latents[i + 1], mean) > 1e-3  # noise was added
+  # a level vector of literal zeros needs no rng, as a literal 0 does
+  ode = flow.flow_sample(fake_v, x_1, sig, a=np.zeros(n, np.float32), sde_type=sde_type)
+  assert not np.asarray(ode.stochastic).any()
 
 
 # ---------------------------------------------------------------------------------- kernels

@@ -106,3 +106,59 @@ def test_dsm_loss_is_zero_at_the_target_and_matches_numpy():
     w = np.array([1.0, 2.0, 0.5])
     np.testing.assert_allclose(common.dsm_loss(jnp.asarray(out), x0, eps, alpha, sigma, ptype,
                                                weight=w), (per * w).mean(), rtol=1e-5)
+
+
+def test_ppo_loss_mask_drops_deterministic_steps(rng):
+  """Masked entries (std-0 steps) change neither the loss, its gradient nor the metrics, even
+  with an arbitrary recomputed log-prob there; the rest is the unmasked formula on the kept."""
+  n = 32
+  logp_old = rng.normal(size=n).astype(np.float32)
+  logp_new = (logp_old + rng.normal(scale=0.3, size=n)).astype(np.float32)
+  adv = rng.normal(scale=2.0, size=n).astype(np.float32)
+  mask = rng.random(n) < 0.6
+  garbage = np.where(mask, logp_new, 1e4).astype(np.float32)  # exp(1e4) would be inf
+  f = lambda lp: ddpo.ppo_loss(lp, jnp.asarray(logp_old), jnp.asarray(adv), clip_range=0.2,
+                               mask=jnp.asarray(mask))
+  (loss, m), g = jax.value_and_grad(f, has_aux=True)(jnp.asarray(garbage))
+  want, want_grad = _np_ppo(logp_new[mask].astype(np.float64), logp_old[mask].astype(np.float64),
+                            adv[mask].astype(np.float64), 0.2, 5.0)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g)[mask], want_grad, rtol=1e-5, atol=1e-7)
+  assert (np.asarray(g)[~mask] == 0).all()
+  d = logp_new[mask] - logp_old[mask]
+  np.testing.assert_allclose(m["approx_kl"], 0.5 * np.mean(d ** 2), rtol=1e-5)
+  np.testing.assert_allclose(m["abs_dlogp"], np.mean(np.abs(d)), rtol=1e-5)
+  np.testing.assert_allclose(m["clipfrac"], np.mean(np.abs(np.exp(d) - 1) > 0.2), rtol=1e-6)
+  # all masked: loss 0, no NaN
+  loss0, _ = ddpo.ppo_loss(jnp.asarray(garbage), jnp.asarray(logp_old), jnp.asarray(adv),
+                           mask=jnp.zeros(n, bool))
+  assert float(loss0) == 0.0
+
+
+def test_kl_to_reference_is_zero_at_std_zero():
+  """A deterministic step (std 0) with a mean difference of 1e-3 contributes 0 (the old floor
+  of 1e-6 gave 5e5); the other samples get ||dmu||^2 / (2 s^2)."""
+  mu = jnp.full((2, 4), 1e-3)
+  got = ddpo.kl_to_reference(mu, jnp.zeros((2, 4)), jnp.asarray([0.0, 0.5]))
+  np.testing.assert_allclose(got, [0.0, 1e-6 / (2 * 0.25)], rtol=1e-5)
+  g = jax.grad(lambda m: ddpo.kl_to_reference(m, jnp.zeros((2, 4)), jnp.asarray([0.0, 0.5]))
+               .sum())(mu)
+  assert np.isfinite(np.asarray(g)).all() and (np.asarray(g)[0] == 0).all()
+
+
+def test_ddim_kl_scale_is_the_step_std():
+  """DDIM's KL scale (ddim.ddim_std) against the float64 formula; the last step with
+  set_alpha_to_one has std 0 (masked)."""
+  from didr_jax.diffusion import ddim
+  from didr_jax.diffusion.schedules import VPSchedule, ddim_timesteps
+  sched = VPSchedule.from_diffusers({"beta_schedule": "linear", "set_alpha_to_one": True,
+                                     "timestep_spacing": "trailing"})
+  ts, prevs = ddim_timesteps(sched, 10)
+  betas = np.linspace(1e-4, 0.02, 1000)
+  abar = np.cumprod(1 - betas)
+  ab_t = abar[ts]
+  ab_p = np.where(prevs >= 0, abar[np.maximum(prevs, 0)], 1.0)
+  want = 0.8 * np.sqrt((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p))
+  got = ddim.ddim_std(jnp.asarray(ts), jnp.asarray(prevs), sched, 0.8)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+  assert float(got[-1]) == 0.0 and float(got[0]) > 0

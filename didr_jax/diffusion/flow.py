@@ -21,7 +21,20 @@ Steps from sig to sig' < sig (dt = sig' - sig < 0):
     sig_t = a sqrt(sig / (1 - sig))   (at sig = 1 the denominator uses the largest grid sigma < 1)
     mean  = x (1 + sig_t^2 dt / (2 sig)) + v (1 + sig_t^2 (1 - sig) / (2 sig)) dt
     std   = sig_t sqrt(-dt);  x' = mean + std z;  log p as ``ddim.gaussian_log_prob``
-  a = 0 is exactly the Euler step.
+- CPS (coefficients-preserving sampling, Wang & Yu 2025; Flow-GRPO's ``sde_type="cps"``):
+    std   = sig' sin(a pi / 2)
+    x0_hat = x - sig v,  x1_hat = x + (1 - sig) v
+    mean  = (1 - sig') x0_hat + sqrt(sig'^2 - std^2) x1_hat;  x' = mean + std z
+  x' has exactly the coefficients of a point on the path, (1 - sig') x0 + sig' (noise), with
+  unit-variance noise; the last step (sig' = 0) is deterministic. Flow-GRPO's CPS log-prob keeps
+  only -(x' - mean)^2 (constants and the 1 / (2 std^2) scale dropped); ours is the full Gaussian
+  log-density, like every other step here, so PPO ratios mean the same thing for both types.
+  a = 0 is exactly the Euler step in both types.
+
+The noise level a may differ per step (``flow_sample`` takes a scalar or an (n,) vector): 0 on a
+step makes it an ODE step, which the samplers record with log-prob 0 (no density; not part of the
+MDP). KL to a reference (``step_kl_std``): Flow-GRPO divides ||mu - mu_ref||^2 / 2 by sig_t^2,
+the SDE's noise coefficient (not the step variance sig_t^2 |dt|), and for CPS by std^2.
 """
 
 from __future__ import annotations
@@ -199,6 +212,44 @@ def sde_step(v_hat: jax.Array, x: jax.Array, sig, sig_next, a, noise: jax.Array 
   return x_next, gaussian_log_prob(jax.lax.stop_gradient(x_next), mean, std), mean, std
 
 
+def cps_mean_std(v: jax.Array, x: jax.Array, sig, sig_next, a) -> tuple[jax.Array, jax.Array]:
+  """(mean, std) of the CPS step sig -> sig' (see module docstring), written as the Euler step
+  plus (sqrt(sig'^2 - std^2) - sig') x1_hat so that a = 0 gives exactly ``euler_step``."""
+  sig = jnp.asarray(sig, jnp.float32)
+  sig_next = jnp.asarray(sig_next, jnp.float32)
+  std = sig_next * jnp.sin(jnp.asarray(a, jnp.float32) * (jnp.pi / 2))
+  x1_hat = x + param.bcast(1.0 - sig, x) * v
+  coef = jnp.sqrt(jnp.maximum(sig_next ** 2 - std ** 2, 0.0)) - sig_next
+  mean = euler_step(v, x, sig, sig_next) + param.bcast(coef, x) * x1_hat
+  return mean, std
+
+
+SDE_TYPES = ("sde", "cps")
+
+
+def step_mean_std(v: jax.Array, x: jax.Array, sig, sig_next, a, sde_type: str = "sde",
+                  sigma_cap=None) -> tuple[jax.Array, jax.Array]:
+  """(mean, std) of one policy step of ``sde_type`` ("sde": Flow-GRPO, "cps")."""
+  if sde_type == "sde":
+    return sde_mean_std(v, x, sig, sig_next, a, sigma_cap)
+  if sde_type == "cps":
+    return cps_mean_std(v, x, sig, sig_next, a)
+  raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+
+
+def step_kl_std(sig, sig_next, a, sde_type: str = "sde", sigma_cap=None) -> jax.Array:
+  """The std that Flow-GRPO's KL to the reference divides by, KL = ||mu - mu_ref||^2 /
+  (2 s^2) averaged over dims: for "sde" s = sig_t = a sqrt(sig / (1 - sig)), the noise
+  coefficient of the SDE (the exact KL of the two step Gaussians would use sig_t^2 |dt|, i.e.
+  be 1 / |dt| larger); for "cps" s = the step std sig' sin(a pi / 2)."""
+  sig = jnp.asarray(sig, jnp.float32)
+  sig_next = jnp.asarray(sig_next, jnp.float32)
+  if sde_type == "cps":
+    return cps_mean_std(jnp.zeros(()), jnp.zeros(()), sig, sig_next, a)[1]
+  cap = sig_next if sigma_cap is None else jnp.asarray(sigma_cap, jnp.float32)
+  return a * jnp.sqrt(sig / (1.0 - jnp.where(sig >= 1.0, cap, sig)))
+
+
 def sde_log_prob(v_hat: jax.Array, x: jax.Array, x_next: jax.Array, sig, sig_next, a, *,
                  sigma_cap=None) -> jax.Array:
   """log p(x_next | x) (B,) of a stored transition under a (new) velocity."""
@@ -213,19 +264,24 @@ def largest_sigma_below_one(sigmas: jax.Array) -> jax.Array:
 
 
 def flow_sample(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], x_1: jax.Array,
-                sigmas, *, a=0.7, rng: jax.Array | None = None, noise: jax.Array | None = None,
-                return_outputs: bool = False) -> SampleOutput:
+                sigmas, *, a=0.7, sde_type: str = "sde", rng: jax.Array | None = None,
+                noise: jax.Array | None = None, return_outputs: bool = False) -> SampleOutput:
   """Flow sampling over ``sigmas`` ((n+1,) including the terminal 0) as one ``lax.scan``:
-  SDE steps with noise level a (a = 0: Euler ODE). ``denoise_fn(x, sig)`` gets sig as a float32
-  (B,) vector and returns the (guided) velocity. Noise per step: ``noise`` (n, B, ...) if given,
-  else from ``rng``; without either, a must be the literal 0. Same outputs as ``ddim_sample``
-  (timesteps / next_timesteps hold sigmas[:-1] / sigmas[1:])."""
+  ``sde_type`` steps ("sde" or "cps") with noise level a, a scalar or an (n,) per-step vector
+  (a = 0: the Euler ODE step, recorded with log-prob 0). ``denoise_fn(x, sig)`` gets sig as a
+  float32 (B,) vector and returns the (guided) velocity. Noise per step: ``noise`` (n, B, ...)
+  if given, else from ``rng``; without either, a must be the literal 0. Same outputs as
+  ``ddim_sample`` (timesteps / next_timesteps hold sigmas[:-1] / sigmas[1:], levels the a of
+  each step)."""
   sigmas = jnp.asarray(sigmas, jnp.float32)
   cap = largest_sigma_below_one(sigmas)
+  if sde_type not in SDE_TYPES:
+    raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
 
-  def step(v, x, sig, sig_next, z):
-    x_next, log_prob, _, _ = sde_step(v, x, sig, sig_next, a, z, sigma_cap=cap)
-    return x_next, log_prob
+  def step(v, x, sig, sig_next, level, z):
+    mean, std = step_mean_std(v, x, sig, sig_next, level, sde_type, cap)
+    x_next = mean if z is None else mean + param.bcast(std, mean) * z
+    return x_next, gaussian_log_prob(jax.lax.stop_gradient(x_next), mean, std), std
 
-  return run_sampler(step, denoise_fn, x_1, sigmas[:-1], sigmas[1:], rng=rng, noise=noise,
-                     stochastic=a, return_outputs=return_outputs)
+  return run_sampler(step, denoise_fn, x_1, sigmas[:-1], sigmas[1:], levels=a, rng=rng,
+                     noise=noise, return_outputs=return_outputs)

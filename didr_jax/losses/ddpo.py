@@ -7,8 +7,12 @@ per-sample *means* over latent dims (as every public DDPO implementation does), 
   A clipped to [-adv_clip_max, adv_clip_max]. With a large ``eps`` and one inner epoch this is
   plain REINFORCE (DDPO_SF); with importance ratios over several minibatches it is DDPO_IS.
   The clip range defaults to 1e-4 because log p is a mean over ~16k dims: the ratio moves little.
-- ``kl_to_reference``: Flow-GRPO's per-step KL of two Gaussians with the same std,
-  ||mu_theta - mu_ref||^2 / (2 std^2), averaged over dims.
+  ``mask`` (1 = a stochastic step, 0 = a deterministic one) drops entries from the mean and the
+  metrics: a step whose std is 0 has no density, so it has no ratio and contributes nothing.
+- ``kl_to_reference``: Flow-GRPO's per-step KL penalty ||mu_theta - mu_ref||^2 / (2 s^2),
+  averaged over dims, with s the scale the caller passes (flow SDE: the noise coefficient sig_t,
+  not the step std; CPS and DDIM: the step std; see ``flow.step_kl_std`` / ``ddim.ddim_std``).
+  Samples whose s is 0 (deterministic steps) get 0, not a floored 1 / (2 * 1e-12).
 - ``rwr_loss``: reward-weighted regression, the paper's baseline: a per-sample denoising loss
   weighted by softmax(R / temperature) ("exp") or by 1[R >= percentile] ("sparse").
 """
@@ -19,31 +23,46 @@ import jax
 import jax.numpy as jnp
 
 
+def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """sum(mask x) / max(sum(mask), 1); the plain mean without a mask."""
+  if mask is None:
+    return jnp.mean(x)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(jnp.where(mask > 0, x, 0.0) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def ppo_loss(logp_new: jax.Array, logp_old: jax.Array, advantages: jax.Array, *,
-             clip_range: float = 1e-4, adv_clip_max: float = 5.0):
-  """Returns (loss, metrics) for one minibatch of (sample, timestep) pairs."""
+             clip_range: float = 1e-4, adv_clip_max: float = 5.0, mask: jax.Array | None = None):
+  """Returns (loss, metrics) for one minibatch of (sample, timestep) pairs; ``mask`` (same
+  shape, 1 = stochastic step) excludes deterministic steps from the loss and the metrics."""
   logp_new = logp_new.astype(jnp.float32)
   logp_old = logp_old.astype(jnp.float32)
   adv = jnp.clip(advantages.astype(jnp.float32), -adv_clip_max, adv_clip_max)
-  ratio = jnp.exp(logp_new - logp_old)
+  dlogp = logp_new - logp_old
+  if mask is not None:  # no ratio on a deterministic step (and no exp overflow there)
+    dlogp = jnp.where(mask > 0, dlogp, 0.0)
+  ratio = jnp.exp(dlogp)
   unclipped = -adv * ratio
   clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-  loss = jnp.mean(jnp.maximum(unclipped, clipped))
-  dlogp = logp_new - logp_old
+  loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
   metrics = {
-      "approx_kl": 0.5 * jnp.mean(dlogp ** 2),
-      "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
-      "ratio_mean": jnp.mean(ratio),
+      "approx_kl": 0.5 * masked_mean(dlogp ** 2, mask),
+      "abs_dlogp": masked_mean(jnp.abs(dlogp), mask),
+      "clipfrac": masked_mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32), mask),
+      "ratio_mean": masked_mean(ratio, mask),
   }
   return loss, metrics
 
 
-def kl_to_reference(mean: jax.Array, mean_ref: jax.Array, std: jax.Array) -> jax.Array:
-  """Per-sample KL(N(mean, std^2) || N(mean_ref, std^2)) averaged over non-batch dims."""
-  std = jnp.reshape(std, std.shape + (1,) * (mean.ndim - std.ndim)).astype(jnp.float32)
-  d = (mean.astype(jnp.float32) - mean_ref.astype(jnp.float32)) ** 2 / (
-      2.0 * jnp.maximum(std, 1e-6) ** 2)
-  return jnp.mean(d, axis=tuple(range(1, mean.ndim)))
+def kl_to_reference(mean: jax.Array, mean_ref: jax.Array, scale: jax.Array) -> jax.Array:
+  """Per-sample ||mean - mean_ref||^2 / (2 scale^2) averaged over non-batch dims (with scale
+  the step std this is KL(N(mean, std^2) || N(mean_ref, std^2))); 0 where scale <= 1e-6."""
+  scale = jnp.asarray(scale, jnp.float32)
+  sq = jnp.mean((mean.astype(jnp.float32) - mean_ref.astype(jnp.float32)) ** 2,
+                axis=tuple(range(1, mean.ndim)))
+  scale = jnp.broadcast_to(scale, sq.shape)
+  live = scale > 1e-6
+  return jnp.where(live, sq / (2.0 * jnp.where(live, scale, 1.0) ** 2), 0.0)
 
 
 def rwr_weights(rewards: jax.Array, *, mode: str = "exp", temperature: float = 1.0,

@@ -46,11 +46,16 @@ class Backbone(Protocol):
   def decode(frozen, latents: jax.Array) -> jax.Array:
     """Latents -> images (B, H, W, 3) in [0, 1]."""
 
-  def rollout(self, denoise_fn, x_init: jax.Array, *, num_steps: int, eta, rng):
-    """A ``diffusion.ddim.SampleOutput`` trajectory with per-step log-probabilities."""
+  def rollout(self, denoise_fn, x_init: jax.Array, *, num_steps: int, eta, rng,
+              sde_type: str = "sde"):
+    """A ``diffusion.ddim.SampleOutput`` trajectory with per-step log-probabilities; ``eta`` a
+    scalar or a (num_steps,) per-step noise level (0: a deterministic step, log-prob 0)."""
 
-  def log_prob(self, output, x_t, x_next, t, t_next, *, eta):
+  def log_prob(self, output, x_t, x_next, t, t_next, *, eta, sde_type: str = "sde"):
     """(log p(x_next | x_t), mean, std) of one stored transition under ``output``."""
+
+  def kl_std(self, t, t_next, *, eta, sde_type: str = "sde"):
+    """The scale s of the KL penalty ||mu - mu_ref||^2 / (2 s^2) at this step."""
 
   def training_pair(self, rng: jax.Array, x0: jax.Array):
     """(x_t, t, target) for a denoising / flow-matching loss on clean latents ``x0``."""

@@ -79,6 +79,11 @@ def guided_unet(unet: nnx.Module, x: jax.Array, t: jax.Array, cond: Cond, uncond
   return guidance.cfg(out_uncond, out_cond, scale)
 
 
+def _check_vp_sde_type(sde_type: str) -> None:
+  if sde_type != "sde":
+    raise ValueError(f"sde_type {sde_type!r}: DDIM (VP) policies have one step type, 'sde'")
+
+
 @dataclasses.dataclass
 class SDPipeline(PipelineBase):
   unet: nnx.Module
@@ -109,14 +114,25 @@ class SDPipeline(PipelineBase):
   def negative(self, batch: int) -> "Cond":
     return self.encode_negative(batch, self.size, self.size)
 
-  def rollout(self, denoise_fn, x_init, *, num_steps: int, eta, rng) -> ddim.SampleOutput:
-    """The policy's trajectory: DDIM with per-step log-probabilities, one scan."""
+  def rollout(self, denoise_fn, x_init, *, num_steps: int, eta, rng,
+              sde_type: str = "sde") -> ddim.SampleOutput:
+    """The policy's trajectory: DDIM with per-step log-probabilities, one scan; ``eta`` a
+    scalar or a (num_steps,) per-step vector. DDIM has one step type ("sde"): its eta step
+    already keeps the marginal's coefficients (what CPS adds to flow models)."""
+    _check_vp_sde_type(sde_type)
     return ddim.ddim_sample(denoise_fn, x_init, self.schedule, num_steps, eta=eta, rng=rng)
 
-  def log_prob(self, output, x_t, x_next, t, t_next, *, eta):
+  def log_prob(self, output, x_t, x_next, t, t_next, *, eta, sde_type: str = "sde"):
     """(log p(x_next | x_t), mean, std) of a stored DDIM transition under ``output``."""
+    _check_vp_sde_type(sde_type)
     mean, std, _ = ddim.ddim_mean_std(output, x_t, t, t_next, self.schedule, eta)
     return ddim.gaussian_log_prob(x_next, mean, std), mean, std
+
+  def kl_std(self, t, t_next, *, eta, sde_type: str = "sde"):
+    """The scale of the KL to the reference at this step: the DDIM step std
+    (``ddim.ddim_std``)."""
+    _check_vp_sde_type(sde_type)
+    return ddim.ddim_std(t, t_next, self.schedule, eta)
 
   def training_pair(self, rng, x0):
     """(x_t, t, target) of the denoising loss at a uniform random training timestep."""

@@ -184,18 +184,24 @@ class ZImagePipeline(PipelineBase):
     return flow.zimage_sigmas(self.scheduler, num_steps, image_seq_len(latent_shape))[0]
 
   def rollout(self, denoise_fn, x_init, *, num_steps: int, eta, rng, noise=None,
-              return_outputs: bool = False) -> ddim.SampleOutput:
-    """The policy's trajectory: Flow-GRPO SDE steps with noise level ``eta`` (0: Euler ODE) and
+              return_outputs: bool = False, sde_type: str = "sde") -> ddim.SampleOutput:
+    """The policy's trajectory: ``sde_type`` steps ("sde": Flow-GRPO, "cps") with noise level
+    ``eta`` (a scalar or a (num_steps,) per-step vector; 0: Euler ODE step, log-prob 0) and
     per-step log-probabilities, one scan. ``noise`` (num_steps, B, ...) overrides ``rng``."""
     return flow.flow_sample(denoise_fn, x_init, self.sigmas(num_steps, x_init.shape), a=eta,
-                            rng=rng, noise=noise, return_outputs=return_outputs)
+                            sde_type=sde_type, rng=rng, noise=noise,
+                            return_outputs=return_outputs)
 
-  def log_prob(self, output, x_t, x_next, t, t_next, *, eta):
-    """(log p(x_next | x_t), mean, std) of a stored SDE transition sig=t -> sig'=t_next under
+  def log_prob(self, output, x_t, x_next, t, t_next, *, eta, sde_type: str = "sde"):
+    """(log p(x_next | x_t), mean, std) of a stored transition sig=t -> sig'=t_next under
     velocity ``output``. The cap of sig = 1 (the largest grid sigma below 1) is t_next, which
     is what ``rollout`` used: Z-Image grids start at exactly 1."""
-    mean, std = flow.sde_mean_std(output, x_t, t, t_next, eta)
+    mean, std = flow.step_mean_std(output, x_t, t, t_next, eta, sde_type)
     return ddim.gaussian_log_prob(x_next, mean, std), mean, std
+
+  def kl_std(self, t, t_next, *, eta, sde_type: str = "sde"):
+    """The scale of the KL to the reference at this step (``flow.step_kl_std``)."""
+    return flow.step_kl_std(t, t_next, eta, sde_type)
 
   def training_pair(self, rng, x0):
     """(x_sig, sig, v) of the flow-matching loss: sig = shift u / (1 + (shift - 1) u),

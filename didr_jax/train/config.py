@@ -10,7 +10,15 @@ Batch semantics (stated once, logged at start):
   sample.group_size      images per prompt inside a batch (1 = independent prompts)
   train.batch_size       samples per micro-batch of the update (global)
   train.grad_accum       micro-batches accumulated into one optimizer step
-  train.timestep_fraction  fraction of the denoising steps trained on per sample (DDPO)
+  train.timestep_fraction  trained steps per sample = int(sample.num_steps x fraction), at
+                         least 1, at most the number of stochastic (MDP) steps (DDPO)
+
+Policy steps (DDPO): every step of the sampler is stochastic (noise level sample.eta) except
+  - the last one when sample.deterministic_last_step (default): an ODE / eta-0 step, no log-prob;
+  - those outside sample.sde_window = (start, size) when size > 0: only the `size` steps from
+    `start` (start -1: a random start per sampling batch, as Flow-GRPO-Fast / MixGRPO) are
+    stochastic and trained, the rest are ODE steps.
+  sample.sde_type picks the flow step: "sde" (Flow-GRPO) or "cps" (coefficients-preserving).
   -> optimizer steps per inner epoch = samples_per_epoch / (train.batch_size * train.grad_accum)
 """
 
@@ -61,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.batch_size = 32
   c.sample.num_batches = 2
   c.sample.group_size = 1
+  c.sample.sde_type = "sde"      # flow policies: "sde" (Flow-GRPO) or "cps"; DDIM: "sde" only
+  c.sample.deterministic_last_step = True  # last step ODE / eta 0, not part of the MDP
+  c.sample.sde_window = (0, 0)   # (start, size): stochastic + trained steps; size 0 = all;
+                                 # start -1 = random per sampling batch
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16
@@ -99,6 +111,57 @@ class ConfigError(ValueError):
 def _require(cond: bool, key: str, why: str):
   if not cond:
     raise ConfigError(f"config.{key}: {why}")
+
+
+FLOW_KINDS = ("zimage", "toy_dit")
+
+
+def mdp_steps(s: ml_collections.ConfigDict) -> int:
+  """Number of stochastic (trained) steps per trajectory: the SDE window's size, else every step
+  but a deterministic last one."""
+  size = int(s.sde_window[1])
+  return size if size > 0 else s.num_steps - int(bool(s.deterministic_last_step))
+
+
+def train_steps(s: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> int:
+  """Steps trained per sample: int(num_steps x timestep_fraction) as DDPO and Flow-GRPO compute
+  it (0.99 x 10 -> 9), at least 1 and at most ``mdp_steps``."""
+  return min(max(1, int(s.num_steps * t.timestep_fraction)), max(1, mdp_steps(s)))
+
+
+def _validate_policy(c: ml_collections.ConfigDict) -> None:
+  s = c.sample
+  flow = c.backbone.kind in FLOW_KINDS
+  _require(s.sde_type in (("sde", "cps") if flow else ("sde",)), "sample.sde_type",
+           f"{s.sde_type!r} is not one of {('sde', 'cps') if flow else ('sde',)}"
+           + ("" if flow else " (DDIM's eta step already preserves the coefficients)"))
+  _require(isinstance(s.deterministic_last_step, bool), "sample.deterministic_last_step",
+           "must be True or False")
+  w = tuple(s.sde_window)
+  _require(len(w) == 2 and all(isinstance(v, int) for v in w), "sample.sde_window",
+           f"must be (start, size) integers, got {w}")
+  start, size = w
+  last = s.num_steps - int(bool(s.deterministic_last_step))  # steps that may be stochastic
+  _require(last >= 1, "sample.deterministic_last_step",
+           "needs sample.num_steps >= 2 (the only step would be deterministic)")
+  _require(0 <= size <= last, "sample.sde_window",
+           f"size {size} must be in [0, {last}] (0 = every step"
+           + (" but the deterministic last one)" if s.deterministic_last_step else ")"))
+  _require(start == -1 or (start >= 0 and start + size <= last), "sample.sde_window",
+           f"start {start} must be -1 (random) or in [0, {last - size}] for size {size}")
+  _require(not (start == -1 and size == 0), "sample.sde_window",
+           "a random start (-1) needs a window size > 0")
+  if start == -1:
+    _require(s.batch_size % c.train.batch_size == 0, "train.batch_size",
+             f"a random sde_window needs sample.batch_size ({s.batch_size}) to be a multiple of "
+             f"train.batch_size ({c.train.batch_size}): a micro-batch shares one window")
+  if c.method == "ddpo":
+    d = c.ddpo
+    _require(d.advantage_std in ("global", "group"), "ddpo.advantage_std",
+             f"{d.advantage_std!r} is not 'global' (std of the batch) or 'group' (std of the "
+             "prompt's group)")
+    _require(d.step_grad_clip >= 0, "ddpo.step_grad_clip",
+             f"must be >= 0 (0 = off), got {d.step_grad_clip}")
 
 
 def _non_finite(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -267,12 +330,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
            f"must be >= 1, got {t.max_consecutive_nonfinite}")
   _check_prompts(c, training)
   _check_backbone_folder(c)
-  train_steps = max(1, int(round(s.num_steps * t.timestep_fraction)))
+  _validate_policy(c)
   return {
       "devices": num_devices,
       "processes": jax.process_count(),
       "samples_per_epoch": per_epoch,
       "samples_per_optimizer_step": per_step,
       "optimizer_steps_per_epoch": per_epoch // per_step * t.num_inner_epochs,
-      "timesteps_trained_per_sample": train_steps,
+      "timesteps_trained_per_sample": train_steps(s, t),
   }

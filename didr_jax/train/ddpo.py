@@ -5,9 +5,21 @@ The math lives in ``didr_jax.losses.ddpo``; this file only moves data. Per epoch
   1. ``sample.num_batches`` jitted rollouts (one ``lax.scan`` each) with the current policy;
      while batch b samples on the devices, batch b-1's images are scored on worker threads.
   2. Rewards of the global batch -> advantages (per-prompt buffer or per-epoch groups).
-  3. For each inner epoch: shuffle samples, draw a random subset of ``timestep_fraction`` of each
-     sample's steps, and run one jitted update per (train.batch_size x grad_accum) samples; the
-     update accumulates gradients over micro-batches and timesteps with a ``lax.scan``.
+  3. For each inner epoch: shuffle samples into micro-batches of ``train.batch_size``, draw for
+     each micro-batch k = ``config.train_steps`` of its stochastic steps (one set shared by the
+     micro-batch, as Flow-GRPO trains step j of a whole batch at once, which makes the gradient
+     norm of every trajectory step measurable), and run one jitted update per grad_accum
+     micro-batches; the update accumulates gradients over micro-batches and timesteps with a
+     ``lax.scan``.
+
+The policy's steps (``sample.deterministic_last_step``, ``sample.sde_window``): a per-step noise
+level vector, sample.eta on the stochastic (MDP) steps and 0 elsewhere (ODE steps, log-prob 0,
+never trained). Deterministic steps are masked out of the PPO loss and the KL (a step whose std
+is 0, e.g. DDIM's last step with set_alpha_to_one, is masked even at a nonzero level).
+
+Per-timestep diagnostics (epoch metrics, so TensorBoard and history.json): for every trajectory
+step s that was trained, ``clipfrac/step_s``, ``abs_dlogp/step_s`` (mean |log p_new - log p_old|)
+and ``grad_norm/step_s`` (the norm of one micro-batch's gradient at that step, before averaging).
 """
 
 from __future__ import annotations
@@ -19,12 +31,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from didr_jax.diffusion import ddim
 from didr_jax.losses import ddpo as ddpo_loss
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.train import advantages, common
+from didr_jax.train import advantages, common, config as config_lib
 
 
 def ddpo_section():
@@ -35,12 +49,43 @@ def ddpo_section():
   d.adv_clip_max = 5.0
   d.kl_beta = 0.0                # Flow-GRPO KL to the frozen reference (0 = off)
   d.advantage = "per_prompt"     # "per_prompt" (DDPO buffer) or "group" (Flow-GRPO)
+  d.advantage_std = "global"     # group mode: divide by the std of the batch or of the group
+  d.step_grad_clip = 0.0         # > 0: clip each trajectory step's gradient to this norm
+                                 # before averaging (the late steps dominate it on flow models)
   d.buffer_size = 32
   d.min_count = 16
   d.rwr_mode = "exp"             # "exp" or "sparse"
   d.rwr_temperature = 1.0
   d.rwr_percentile = 0.9
   return d
+
+
+_STEP_METRICS = {"clipfrac_steps": "clipfrac", "abs_dlogp_steps": "abs_dlogp",
+                 "grad_norm_steps": "grad_norm"}
+
+
+def epoch_metrics(updates: list[dict]) -> dict:
+  """Means over an epoch's updates; the per-step vectors become ``{name}/step_{s:02d}`` =
+  sum over updates / number of trained slots at step s (only steps that were trained)."""
+  host = [jax.tree.map(np.asarray, m) for m in updates]
+  out = {k: float(np.mean([m[k] for m in host])) for k in host[0] if np.ndim(host[0][k]) == 0}
+  if "steps_count" in host[0]:
+    count = np.sum([m["steps_count"] for m in host], axis=0)
+    for key, name in _STEP_METRICS.items():
+      total = np.sum([m[key] for m in host], axis=0)
+      for step in np.flatnonzero(count > 0):
+        out[f"{name}/step_{step:02d}"] = float(total[step] / count[step])
+  return out
+
+
+def clip_step_grad(grads, max_norm: float):
+  """``ddpo.step_grad_clip``: g min(1, max_norm / ||g||) for one trajectory step's gradient
+  (identity when max_norm <= 0), so no step's gradient outweighs the others by more than
+  max_norm in the average over steps."""
+  if max_norm <= 0:
+    return grads
+  scale = jnp.minimum(1.0, max_norm / jnp.maximum(optax.global_norm(grads), 1e-30))
+  return jax.tree.map(lambda x: x * scale.astype(x.dtype), grads)
 
 
 class DDPOTrainer:
@@ -55,16 +100,18 @@ class DDPOTrainer:
     t = config.train
     self.tx = common.make_optimizer(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                                     weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
-    self.num_train_t = max(1, int(round(config.sample.num_steps * t.timestep_fraction)))
+    self.num_train_t = config_lib.train_steps(config.sample, t)
     d = config.ddpo
     if d.objective not in ("ppo", "rwr"):
-      raise ValueError(f"config.ddpo.objective: {d.objective!r} is not 'ppo' or 'rwr'")
+      raise config_lib.ConfigError(f"config.ddpo.objective: {d.objective!r} is not 'ppo' or "
+                                   "'rwr'")
     self.ref_params = (jax.tree.map(jnp.copy, self.net.params) if d.kl_beta > 0 else None)
     self._sample = nnx.jit(self._sample_impl, static_argnames=("num_steps",))
     self._update = jax.jit(self._update_impl, donate_argnums=(0,))
     self._prepare = jax.jit(self._prepare_impl)
     # host state (checkpointed through host_state()): advantage statistics, skipped-step count
-    self.normalizer = advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count)
+    self.normalizer = advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count,
+                                                      d.advantage_std)
     self.guard = common.NonFiniteGuard(t.max_consecutive_nonfinite)
 
   # ------------------------------------------------------------------------------ state
@@ -90,19 +137,49 @@ class DDPOTrainer:
 
   # ------------------------------------------------------------------------------ sampling
 
-  def _sample_impl(self, params, frozen, cond, uncond, x_init, rng, guidance, eta, *, num_steps):
+  def _sample_impl(self, params, frozen, cond, uncond, x_init, rng, guidance, levels, *,
+                   num_steps):
     model = self.net.bind(params)
     denoise = lambda x, t: self.bb.denoise(model, x, t, cond, uncond, guidance)
-    traj = self.bb.rollout(denoise, x_init, num_steps=num_steps, eta=eta, rng=rng)
+    traj = self.bb.rollout(denoise, x_init, num_steps=num_steps, eta=levels, rng=rng,
+                           sde_type=self.c.sample.sde_type)
     images = self.bb.decode(frozen, traj.sample)
     return traj, images
 
-  def sample(self, params, prompts, rng, *, num_steps=None, guidance=None, eta=None):
-    """Rollouts for a list of prompts: (SampleOutput, images in [0, 1], cond, uncond)."""
+  def levels(self, eta: float, num_steps: int, window_start: int | None = None) -> np.ndarray:
+    """The (num_steps,) noise levels of a rollout: eta on the stochastic steps, 0 on the
+    deterministic last step (``sample.deterministic_last_step``) and, for training rollouts
+    (``window_start`` given), outside ``sample.sde_window`` = (window_start, size)."""
+    s = self.c.sample
+    levels = np.full((num_steps,), eta, np.float32)
+    if s.deterministic_last_step:
+      levels[-1] = 0.0
+    size = int(s.sde_window[1])
+    if window_start is not None and size > 0:
+      inside = np.zeros(num_steps, bool)
+      inside[window_start:window_start + size] = True
+      levels[~inside] = 0.0
+    return levels
+
+  def window_start(self, rng: np.random.Generator) -> int:
+    """The training rollout's window start: fixed, or uniform over the valid starts (-1)."""
+    s = self.c.sample
+    start, size = (int(v) for v in s.sde_window)
+    if start >= 0:
+      return start
+    last = s.num_steps - int(bool(s.deterministic_last_step))
+    return int(rng.integers(0, last - size + 1))
+
+  def sample(self, params, prompts, rng, *, num_steps=None, guidance=None, eta=None,
+             levels=None):
+    """Rollouts for a list of prompts: (SampleOutput, images in [0, 1], cond, uncond).
+    ``levels`` (num_steps,) overrides the per-step noise levels; else ``self.levels(eta)``
+    (eta default sample.eta): every step stochastic but a deterministic last one, no window."""
     s = self.c.sample
     num_steps = num_steps or s.num_steps
     guidance = s.guidance_scale if guidance is None else guidance
-    eta = s.eta if eta is None else eta
+    if levels is None:
+      levels = self.levels(s.eta if eta is None else eta, num_steps)
     cond = self.bb.encode(prompts)
     uncond = self.bb.negative(1) if guidance != 1.0 else None
     k_noise, k_steps = jax.random.split(rng)
@@ -110,55 +187,90 @@ class DDPOTrainer:
     x_init = jax.device_put(x_init, mesh_lib.batch_sharding(self.mesh, x_init.ndim, self.rules,
                                                             x_init.shape[0]))
     traj, images = self._sample(params, self.bb.frozen(), cond, uncond, x_init, k_steps,
-                                jnp.float32(guidance), jnp.float32(eta), num_steps=num_steps)
+                                jnp.float32(guidance), jnp.asarray(levels, jnp.float32),
+                                num_steps=num_steps)
     return traj, images, cond, uncond
 
   # ------------------------------------------------------------------------------ training
 
+  def _default_levels(self, n: int) -> np.ndarray:
+    """Training levels of a fixed window (for callers that pass no per-sample levels)."""
+    start = int(self.c.sample.sde_window[0])
+    return self.levels(self.c.sample.eta, n, max(start, 0))
+
   def _prepare_impl(self, rng, data):
-    """Shuffles samples and per-sample timesteps and lays the epoch out as
-    (num_updates, grad_accum, train.batch_size, num_train_t, ...)."""
+    """Lays the epoch out as (num_updates, grad_accum, train.batch_size, num_train_t, ...).
+
+    Samples are shuffled into micro-batches of train.batch_size (within each sampling batch when
+    the SDE window is placed at random per batch, so a micro-batch shares its window); each
+    micro-batch draws num_train_t distinct steps among its stochastic ones (all its samples train
+    the same steps). ``data`` may carry per-sample ``levels`` and ``stochastic`` (N, steps);
+    without them the fixed-window training levels apply."""
+    c = self.c
     n, steps = data["log_probs"].shape
     k = self.num_train_t
-    k_perm, k_t = jax.random.split(rng)
-    perm = jax.random.permutation(k_perm, n)
-    tperm = jax.vmap(lambda key: jax.random.permutation(key, steps))(
-        jax.random.split(k_t, n))[:, :k]                                  # (n, k)
+    b, acc = c.train.batch_size, c.train.grad_accum
+    levels = data.get("levels")
+    if levels is None:
+      levels = jnp.broadcast_to(jnp.asarray(self._default_levels(steps)), (n, steps))
+    stoch = data.get("stochastic")
+    stoch = (levels > 0) if stoch is None else (stoch & (levels > 0))
+    group = c.sample.batch_size if int(c.sample.sde_window[0]) == -1 else n
+    k_perm, k_mb, k_t = jax.random.split(rng, 3)
+    within = jax.vmap(lambda key: jax.random.permutation(key, group))(
+        jax.random.split(k_perm, n // group)) + (jnp.arange(n // group) * group)[:, None]
+    mb = within.reshape(-1, b)                                            # (M, b) micro-batches
+    mb = mb[jax.random.permutation(k_mb, mb.shape[0])]
+    perm = mb.reshape(-1)
+    # k distinct stochastic steps per micro-batch (deterministic ones sort last)
+    u = jax.random.uniform(k_t, (mb.shape[0], steps))
+    tsel = jnp.argsort(jnp.where(stoch[mb[:, 0]], u, 1.0 + u), axis=1)[:, :k]  # (M, k)
+    tsel = jnp.repeat(tsel, b, axis=0)                                    # (n, k)
     lat = data["latents"][perm]                                           # (n, steps+1, ...)
     rows = jnp.arange(n)[:, None]
     out = {
-        "x_t": lat[rows, tperm], "x_next": lat[rows, tperm + 1],
-        "t": data["timesteps"][tperm], "t_next": data["next_timesteps"][tperm],
-        "logp_old": data["log_probs"][perm][rows, tperm],
+        "x_t": lat[rows, tsel], "x_next": lat[rows, tsel + 1],
+        "t": data["timesteps"][tsel], "t_next": data["next_timesteps"][tsel],
+        "logp_old": data["log_probs"][perm][rows, tsel],
+        "level": levels[perm][rows, tsel], "step": tsel.astype(jnp.int32),
         "adv": data["advantages"][perm], "rewards": data["rewards"][perm],
         "x0": data["latents"][perm, -1],
         "cond": jax.tree.map(lambda x: x[perm], data["cond"]),
     }
-    b, acc = self.c.train.batch_size, self.c.train.grad_accum
     shaped = jax.tree.map(lambda x: x.reshape((n // (b * acc), acc, b) + x.shape[1:]), out)
     spec = mesh_lib.logical_to_spec((None, None, "batch"), self.rules, self.mesh)
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
         x, NamedSharding(self.mesh, P(*spec, *([None] * (x.ndim - len(spec)))))), shaped)
 
   def _ppo_loss(self, params, micro, j, uncond, ref_params, guidance):
-    d = self.c.ddpo
+    """PPO loss of micro-batch slot j (one trajectory step shared by the micro-batch), with the
+    deterministic steps masked out, the optional KL to the reference, and per-step diagnostics
+    (``*_steps``: (num_steps,) vectors, nonzero at this slot's step, summed by the update)."""
+    d, s = self.c.ddpo, self.c.sample
     model = self.net.bind(params)
     x_t, t = micro["x_t"][:, j], micro["t"][:, j]
-    t_next = micro["t_next"][:, j]
+    t_next, level = micro["t_next"][:, j], micro["level"][:, j]
     unc = None if uncond is None else jax.tree.map(
         lambda u: jnp.broadcast_to(u, (x_t.shape[0],) + u.shape[1:]), uncond)
     out = self.bb.denoise(model, x_t, t, micro["cond"], unc, guidance)
-    logp, mean, std = self.bb.log_prob(out, x_t, micro["x_next"][:, j], t, t_next,
-                                       eta=self.c.sample.eta)
+    logp, mean, std = self.bb.log_prob(out, x_t, micro["x_next"][:, j], t, t_next, eta=level,
+                                       sde_type=s.sde_type)
+    mask = jnp.asarray(std, jnp.float32) > ddim.LOG_STD_FLOOR
     loss, metrics = ddpo_loss.ppo_loss(logp, micro["logp_old"][:, j], micro["adv"],
-                                       clip_range=d.clip_range, adv_clip_max=d.adv_clip_max)
+                                       clip_range=d.clip_range, adv_clip_max=d.adv_clip_max,
+                                       mask=mask)
     if ref_params is not None:
       ref_out = self.bb.denoise(self.net.bind(ref_params), x_t, t, micro["cond"], unc, guidance)
       _, ref_mean, _ = self.bb.log_prob(ref_out, x_t, micro["x_next"][:, j], t, t_next,
-                                        eta=self.c.sample.eta)
-      kl = jnp.mean(ddpo_loss.kl_to_reference(mean, jax.lax.stop_gradient(ref_mean), std))
+                                        eta=level, sde_type=s.sde_type)
+      scale = self.bb.kl_std(t, t_next, eta=level, sde_type=s.sde_type)
+      kl = ddpo_loss.masked_mean(ddpo_loss.kl_to_reference(
+          mean, jax.lax.stop_gradient(ref_mean), scale), mask)
       loss = loss + d.kl_beta * kl
       metrics = {**metrics, "kl_ref": kl}
+    hit = jax.nn.one_hot(micro["step"][0, j], s.num_steps) * jnp.any(mask)
+    metrics = {**metrics, "steps_count": hit, "clipfrac_steps": hit * metrics["clipfrac"],
+               "abs_dlogp_steps": hit * metrics["abs_dlogp"]}
     return loss, {**metrics, "loss": loss}
 
   def _rwr_loss(self, params, micro, rng):
@@ -192,6 +304,9 @@ class DDPOTrainer:
       else:
         fn = lambda p: self._ppo_loss(p, micro, j, unc, ref_params, guidance)
       (_, m), g = jax.value_and_grad(fn, has_aux=True)(params)
+      if not rwr:  # per-step diagnostics: this slot's gradient norm at its trajectory step
+        m = {**m, "grad_norm_steps": m["steps_count"] * optax.global_norm(g)}
+        g = clip_step_grad(g, self.c.ddpo.step_grad_clip)
       grads = jax.tree.map(jnp.add, grads, g)
       msum = jax.tree.map(jnp.add, msum, m)
       return (grads, msum), None
@@ -201,6 +316,8 @@ class DDPOTrainer:
                                  if rwr else self._ppo_loss(params, jax.tree.map(
                                      lambda x: x[0], batch), 0, unc, ref_params, guidance))[1])
     m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+    if not rwr:
+      m0["grad_norm_steps"] = jnp.zeros((self.c.sample.num_steps,), jnp.float32)
     # XLA:CPU runs convolutions inside while-loop bodies far slower than unrolled (measured
     # 30x on the toy UNet); accelerators keep the rolled loop (compile time flat in acc * k).
     (grads, msum), _ = jax.lax.scan(body, (zeros, m0), jnp.arange(acc * k),
@@ -228,7 +345,7 @@ class DDPOTrainer:
         self.guard.observe(m["nonfinite"])
         metrics.append(m)
     self.guard.flush()
-    out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+    out = epoch_metrics(metrics)
     out["nonfinite"] = float(sum(float(m["nonfinite"]) for m in metrics))  # skipped steps
     return state, out
 
@@ -242,17 +359,23 @@ class DDPOTrainer:
     k_sample, k_train = jax.random.split(rng)
     t0 = time.time()
     parts, futures, pending = [], [], None
+    window_rng = np.random.default_rng([c.seed, epoch])
     for b in range(c.sample.num_batches):
       if stop is not None and stop():
         raise common.EpochAbandoned(epoch)
       prompts = stream.next(c.sample.batch_size // c.sample.group_size, c.sample.group_size)
+      levels = self.levels(c.sample.eta, c.sample.num_steps, self.window_start(window_rng))
       traj, images, cond, uncond = self.sample(self.policy_params(state), prompts,
-                                               jax.random.fold_in(k_sample, b))
+                                               jax.random.fold_in(k_sample, b), levels=levels)
       if pending is not None:  # score the previous batch while this one samples
         futures.append(rewarder.submit(common.host_rows(pending[0]), pending[1]))
       pending = (images, prompts)
+      nb = len(prompts)
       parts.append({"latents": jnp.swapaxes(traj.latents, 0, 1),
                     "log_probs": jnp.swapaxes(traj.log_probs, 0, 1), "cond": cond,
+                    "levels": jnp.broadcast_to(traj.levels, (nb,) + traj.levels.shape),
+                    "stochastic": jnp.broadcast_to(traj.stochastic,
+                                                   (nb,) + traj.stochastic.shape),
                     "prompts": prompts})
     futures.append(rewarder.submit(common.host_rows(pending[0]), pending[1]))
     first_images = np.asarray(common.host_rows(pending[0]))[: c.log_images]
@@ -267,6 +390,8 @@ class DDPOTrainer:
     data = {
         "latents": jnp.concatenate([p["latents"] for p in parts]),
         "log_probs": jnp.concatenate([p["log_probs"] for p in parts]),
+        "levels": jnp.concatenate([p["levels"] for p in parts]),
+        "stochastic": jnp.concatenate([p["stochastic"] for p in parts]),
         "cond": jax.tree.map(lambda *x: jnp.concatenate(x), *[p["cond"] for p in parts]),
         "timesteps": traj.timesteps, "next_timesteps": traj.next_timesteps,
         "advantages": jnp.asarray(adv), "rewards": jnp.asarray(rewards, jnp.float32),
