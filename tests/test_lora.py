@@ -1,0 +1,175 @@
+"""LoRA: adapted layers against a float64 NumPy reference, merge W' = W + (alpha / r) A B, the
+PEFT-format export read by diffusers' ``load_lora_weights`` (torch UNet == our LoRA UNet), the
+merged diffusers export, and a tiny DDPO update that trains only the adapters."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from didr_jax.convert import core, lora_export
+from didr_jax.models import layers, lora, unet as unet_lib
+from didr_jax.testing import tiny
+
+
+def _randomize_adapters(model, seed, scale=0.2):
+  """Non-zero A and B (B starts at zero: an export test with B = 0 could not fail)."""
+  g = np.random.default_rng(seed)
+  for _, layer in lora.adapters(model):
+    for var in (layer.lora_a, layer.lora_b):
+      var.set_value(jnp.asarray(scale * g.standard_normal(var.shape), jnp.float32))
+
+
+def test_lora_layers_match_numpy_and_merge():
+  g = np.random.default_rng(0)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.proj = layers.Dense(6, 5, rngs=rngs)
+      self.conv = layers.Conv2d(5, 3, 1, 1, 0, rngs=rngs)   # 1x1: adaptable
+      self.conv3 = layers.Conv2d(3, 3, 3, 1, 1, rngs=rngs)  # 3x3: not
+
+    def __call__(self, x):
+      return self.conv3(self.conv(self.proj(x)))
+
+  model = Net(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="not 1x1"):
+    lora.target_paths(model, ["conv3"])
+  with pytest.raises(ValueError, match="selects no"):
+    lora.target_paths(model, ["to_q"])
+  w_p, b_p = np.asarray(model.proj.kernel[...], np.float64), np.asarray(model.proj.bias[...])
+  w_c, b_c = np.asarray(model.conv.kernel[...], np.float64)[0, 0], np.asarray(model.conv.bias[...])
+  assert lora.inject(model, rank=2, alpha=3.0, targets=["proj", "conv"]) == ["proj", "conv"]
+  x = g.standard_normal((2, 4, 4, 6)).astype(np.float32)
+  y0 = np.asarray(model(jnp.asarray(x)))
+  _randomize_adapters(model, 1)
+  assert isinstance(model.proj, lora.LoRA) and model.proj.scale == 1.5
+
+  a_p, bb_p = (np.asarray(v[...], np.float64) for v in (model.proj.lora_a, model.proj.lora_b))
+  a_c, bb_c = (np.asarray(v[...], np.float64) for v in (model.conv.lora_a, model.conv.lora_b))
+  h = x @ w_p + b_p + 1.5 * (x @ a_p) @ bb_p                      # float64 reference
+  h = h @ w_c + b_c + 1.5 * (h @ a_c) @ bb_c
+  got = np.asarray(model.conv(model.proj(jnp.asarray(x))))
+  np.testing.assert_allclose(got, h, rtol=1e-5, atol=1e-5)
+
+  y1 = np.asarray(model(jnp.asarray(x)))
+  assert np.abs(y1 - y0).max() > 1e-2                              # the adapters act
+  merged = lora.merge(model)
+  assert lora.adapters(merged) == [] and len(lora.adapters(model)) == 2  # input untouched
+  np.testing.assert_allclose(np.asarray(merged.proj.kernel[...]), w_p + 1.5 * a_p @ bb_p,
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(merged.conv.kernel[...])[0, 0], w_c + 1.5 * a_c @ bb_c,
+                             rtol=1e-6, atol=1e-6)
+  assert isinstance(merged.proj, nnx.Linear) and not isinstance(merged.proj, lora.LoRA)
+  np.testing.assert_allclose(np.asarray(merged(jnp.asarray(x))), y1, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_targets_and_abstract_inject():
+  cfg = unet_lib.UNetConfig.from_diffusers(dict(
+      in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+      attention_head_dim=4, norm_num_groups=8, use_linear_projection=True))
+  model = unet_lib.abstract_unet(cfg)
+  paths = lora.target_paths(model)
+  # 4 transformers (down 1, mid 1, up 2) x 2 attentions x (q, k, v, out.0)
+  assert len(paths) == 32 and all(p[-1] in ("to_q", "to_k", "to_v", 0) for p in paths)
+  assert len(lora.target_paths(model, lora.UNET_ATTENTION + lora.UNET_FF + lora.UNET_PROJ)) == 48
+  assert len(lora.target_paths(model, [r"attn2\.to_(k|v)"])) == 8
+  lora.inject(model, rank=4)   # on a shape-only model: adapters are shapes too
+  leaves = jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+  assert len(leaves) == 64 and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  with pytest.raises(ValueError, match="already"):
+    lora.inject(model, rank=4)
+
+
+# ------------------------------------------------------------------------- diffusers parity
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("sd"))
+  tiny.save_tiny_sd(folder, kind="sd", seed=7)
+  return folder
+
+
+def _inputs(seed=0):
+  g = np.random.default_rng(seed)
+  x = g.standard_normal((2, 4, 16, 16)).astype(np.float32)       # NCHW (diffusers)
+  ctx = g.standard_normal((2, 16, 32)).astype(np.float32)
+  return x, np.array([17.0, 503.0], np.float32), ctx
+
+
+def _ours(unet, x, t, ctx):
+  out = jax.jit(lambda m, a, b, c: m(a, b, c))(unet, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                               jnp.asarray(t), jnp.asarray(ctx))
+  return np.asarray(out).transpose(0, 3, 1, 2)
+
+
+def _torch(unet, x, t, ctx):
+  import torch
+  with torch.no_grad():
+    return unet(torch.tensor(x), torch.tensor(t), torch.tensor(ctx)).sample.numpy()
+
+
+TARGETS = lora.UNET_ATTENTION + lora.UNET_FF + lora.UNET_PROJ   # proj_in/out: 1x1 convs in SD 1.x
+
+
+def test_peft_export_loads_in_diffusers(tiny_sd, tmp_path):
+  import torch
+  from diffusers import StableDiffusionPipeline
+  unet = unet_lib.load_unet(os.path.join(tiny_sd, "unet"))
+  lora.inject(unet, rank=4, alpha=2.0, targets=TARGETS)
+  _randomize_adapters(unet, 3)
+  x, t, ctx = _inputs()
+  ours = _ours(unet, x, t, ctx)
+  path = lora_export.save_lora_weights(unet, str(tmp_path / "lora"))
+  tensors = core.SafetensorsFile(path)
+  assert all(k.startswith("unet.") for k in tensors) and len(tensors) == 2 * 48
+  assert tensors.shape("unet.down_blocks.0.attentions.0.proj_in.lora_A.weight") == (4, 32, 1, 1)
+  assert tensors.shape(
+      "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight") == (4, 32)
+
+  pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, torch_dtype=torch.float32)
+  base = _torch(pipe.unet, x, t, ctx)
+  pipe.load_lora_weights(str(tmp_path / "lora"))
+  got = _torch(pipe.unet, x, t, ctx)
+  err = np.abs(got - ours).max()
+  effect = np.abs(base - ours).max()
+  print(f"torch LoRA UNet vs ours: max abs err {err:.2e} (LoRA effect {effect:.2e})")
+  assert effect > 0.05, "the adapters barely change the output: the check would be vacuous"
+  assert err < 1e-4 * max(1.0, np.abs(ours).max())
+
+  # Our reader inverts the writer: a fresh model with these weights gives the same output.
+  fresh = unet_lib.load_unet(os.path.join(tiny_sd, "unet"))
+  lora.inject(fresh, rank=4, alpha=2.0, targets=TARGETS, seed=9)
+  lora_export.load_lora_weights(fresh, tensors)
+  np.testing.assert_allclose(_ours(fresh, x, t, ctx), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_export_loads_in_diffusers(tiny_sd, tmp_path):
+  from diffusers import UNet2DConditionModel
+  from didr_jax.pipelines import registry
+  pipe = registry.load_pipeline(tiny_sd)
+  base_kernel = np.asarray(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+                           .attn1.to_q.kernel[...], np.float64)
+  lora.inject(pipe.model, rank=3, alpha=6.0)
+  _randomize_adapters(pipe.model, 4)
+  x, t, ctx = _inputs(1)
+  ours = _ours(pipe.model, x, t, ctx)
+  lora_export.export_merged(pipe, str(tmp_path / "merged"))
+  assert len(lora.adapters(pipe.model)) == 32          # the pipeline keeps its adapters
+  layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+  want = base_kernel + 2.0 * (np.asarray(layer.lora_a[...], np.float64)
+                              @ np.asarray(layer.lora_b[...], np.float64))
+  tensors = core.open_weights(str(tmp_path / "merged" / "unet"))
+  np.testing.assert_allclose(
+      tensors["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"].T, want,
+      rtol=1e-6, atol=1e-6)
+  torch_unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "merged" / "unet"))
+  got = _torch(torch_unet, x, t, ctx)
+  err = np.abs(got - ours).max()
+  print(f"merged export in diffusers vs our LoRA UNet: max abs err {err:.2e}")
+  assert err < 1e-4 * max(1.0, np.abs(ours).max())
