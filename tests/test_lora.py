@@ -173,3 +173,96 @@ def test_merged_export_loads_in_diffusers(tiny_sd, tmp_path):
   err = np.abs(got - ours).max()
   print(f"merged export in diffusers vs our LoRA UNet: max abs err {err:.2e}")
   assert err < 1e-4 * max(1.0, np.abs(ours).max())
+
+
+# ------------------------------------------------------------------------------- training
+
+def test_ddpo_update_trains_only_the_adapters(tmp_path):
+  import orbax.checkpoint as ocp
+  from didr_jax.parallel import mesh as mesh_lib
+  from didr_jax.testing.configs import load_config
+  from didr_jax.train import common, config as config_lib, loop
+  folder = tiny.save_tiny_toy(str(tmp_path / "toy"))
+  over = {"backbone.path": folder, "sample.batch_size": 8, "sample.num_batches": 1,
+          "sample.num_steps": 4, "train.batch_size": 8, "train.timestep_fraction": 0.5,
+          "train.learning_rate": 1e-3, "eval.num_samples": 0, "eval.batch_size": 8,
+          "num_epochs": 1, "log_images": 4, "async_checkpoint": False, "lora.enabled": True,
+          "lora.rank": 2, "lora.alpha": 4.0}
+  bad = load_config("toy_ddpo", **{**over, "lora.rank": 0})
+  with pytest.raises(config_lib.ConfigError, match="config.lora.rank"):
+    config_lib.validate(bad, num_devices=1)
+  c = load_config("toy_ddpo", **over)
+  mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  backbone = loop.build_backbone(c, mesh)
+  with pytest.raises(config_lib.ConfigError, match="config.lora.targets"):
+    common.Net.of(backbone.model, lora=load_config("toy_ddpo", **{**over,
+                                                                "lora.targets": ("nope",)}).lora)
+  base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(backbone.model, nnx.Param)))
+  trainer = loop.make_trainer(c, backbone, mesh)
+  n_adapters = len(lora.adapters(backbone.model))
+  assert n_adapters == 32        # 4 transformers (down, mid, 2 up) x 2 attentions x (q, k, v, out)
+  state = trainer.init_state()
+  policy = state["params"]["policy"]
+  names = {_key(p[-1]) for p, _ in jax.tree_util.tree_flatten_with_path(policy)[0]}
+  assert names == {"lora_a", "lora_b"} and len(jax.tree.leaves(policy)) == 2 * n_adapters
+  opt_sizes = sum(x.size for x in jax.tree.leaves(state["opt"]) if x.ndim > 0)
+  assert opt_sizes == 2 * sum(x.size for x in jax.tree.leaves(policy))   # Adam's mu and nu
+  before = jax.tree.map(np.asarray, policy)
+
+  prompts = ["a red circle"] * 4 + ["two blue squares"] * 4
+  traj, _, cond, uncond = trainer.sample(policy, prompts, jax.random.key(0))
+  data = {"latents": jnp.swapaxes(traj.latents, 0, 1),
+          "log_probs": jnp.swapaxes(traj.log_probs, 0, 1), "cond": cond,
+          "timesteps": traj.timesteps, "next_timesteps": traj.next_timesteps,
+          "advantages": jnp.linspace(-1.0, 2.0, 8), "rewards": jnp.linspace(0, 1, 8)}
+  batch = jax.tree.map(lambda x: x[0], trainer._prepare(jax.random.key(1), data))
+  state, metrics = trainer._update(state, batch, uncond, None,
+                                   jnp.float32(c.sample.guidance_scale), jax.random.key(2))
+  assert float(metrics["grad_norm"]) > 0
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                       state["params"]["policy"], before)
+  assert min(jax.tree.leaves(moved)) > 0      # every adapter matrix took a step
+  # the frozen base the policy is bound to is exactly the loaded one (LoRAParam excluded)
+  frozen = nnx.to_pure_dict(nnx.state(trainer.net.bind(state["params"]["policy"]),
+                                      nnx.Not(nnx.LoRAParam)))
+  flat_frozen = {tuple(_key(e) for e in p if _key(e) != "base_module"): v
+                 for p, v in jax.tree_util.tree_flatten_with_path(frozen)[0]}
+  flat_base = {tuple(_key(e) for e in p): v
+               for p, v in jax.tree_util.tree_flatten_with_path(base)[0]}
+  assert flat_frozen.keys() == flat_base.keys()
+  for k, want in flat_base.items():
+    np.testing.assert_array_equal(np.asarray(flat_frozen[k]), want, err_msg=str(k))
+
+  # the training checkpoint holds the adapters only; export them from the run's folder
+  from didr_jax.train import checkpoint
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json_best_effort())
+  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  ck.save(1, state, {"stream": {}})
+  ck.close()
+  ckpt = os.path.join(workdir, "checkpoints", "1", "state")
+  saved = ocp.StandardCheckpointer().restore(ckpt)
+  saved_names = {_key(p[-1]) for p, _ in jax.tree_util.tree_flatten_with_path(saved["params"])[0]}
+  assert saved_names == {"lora_a", "lora_b"}
+  n_saved = sum(np.size(x) for x in jax.tree.leaves(saved))
+  n_base = sum(x.size for x in jax.tree.leaves(base))
+  assert n_saved < n_base / 10, (n_saved, n_base)
+  msg = lora_export.export_run(workdir, str(tmp_path / "export"))
+  assert "step 1" in msg
+  # the file holds lora_A = A^T, lora_B = (alpha / r) B^T of the checkpoint's adapters
+  tensors = core.SafetensorsFile(os.path.join(tmp_path / "export", lora_export.WEIGHT_NAME))
+  assert len(tensors) == 2 * n_adapters
+  layer = saved["params"]["policy"]
+  for k in ("up_blocks", 0, "attentions", 1, "transformer_blocks", 0, "attn2", "to_out", 0):
+    layer = layer[k] if k in layer else layer[str(k)]     # Orbax restores list keys as str
+  key = "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0"
+  np.testing.assert_array_equal(tensors[key + ".lora_A.weight"], np.asarray(layer["lora_a"]).T)
+  np.testing.assert_allclose(tensors[key + ".lora_B.weight"], 2.0 * np.asarray(layer["lora_b"]).T,
+                             rtol=1e-7)
+  assert np.abs(tensors[key + ".lora_B.weight"]).max() > 0     # trained away from B = 0
+
+
+def _key(entry) -> str:
+  return str(getattr(entry, "key", getattr(entry, "idx", entry)))

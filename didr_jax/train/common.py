@@ -25,8 +25,22 @@ class Net:
   rest: Any
 
   @classmethod
-  def of(cls, module: nnx.Module) -> "Net":
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  def of(cls, module: nnx.Module, *, trainable: Any = nnx.Param, lora: Any = None) -> "Net":
+    """Splits ``module`` into the ``trainable`` variables (``params``) and everything else.
+
+    ``lora``: a ``config.lora`` section. When enabled, LoRA adapters are injected into the
+    module's target layers (in place, see ``didr_jax.models.lora``) and only they
+    (``nnx.LoRAParam``) are trainable: the frozen base weights stay in ``rest``, out of the
+    optimizer state and the training checkpoints."""
+    if lora is not None and lora.enabled:
+      from didr_jax.models import lora as lora_lib
+      from didr_jax.train.config import ConfigError
+      try:
+        lora_lib.from_config(module, lora)
+      except ValueError as e:
+        raise ConfigError(f"config.lora.targets: {e}") from None
+      trainable = nnx.LoRAParam
+    graphdef, params, rest = nnx.split(module, trainable, ...)
     return cls(graphdef, nnx.to_pure_dict(params), rest)
 
   def take_params(self) -> Any:

@@ -16,6 +16,8 @@ Batch semantics (stated once, logged at start):
 
 from __future__ import annotations
 
+import re
+
 import jax
 import ml_collections
 
@@ -71,6 +73,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 1e-4
   c.train.max_grad_norm = 1.0
   c.train.cfg = True             # use CFG inside the policy (as sampled) while training
+
+  # LoRA (models/lora.py): train low-rank adapters W + (alpha / rank) A B on the target layers
+  # instead of all weights; only the adapters are optimised and checkpointed.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.enabled = False
+  c.lora.rank = 16
+  c.lora.alpha = 16.0
+  c.lora.targets = ()            # regexes over module paths; () = the attention projections
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 256
@@ -128,6 +138,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> di
            f"{c.eval.num_samples} is not a multiple of eval.batch_size={c.eval.batch_size}")
   _require(c.eval.batch_size % num_devices == 0, "eval.batch_size",
            f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
+  if c.lora.enabled:
+    _require(int(c.lora.rank) >= 1, "lora.rank", f"must be >= 1, got {c.lora.rank}")
+    _require(float(c.lora.alpha) > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
+    for pattern in c.lora.targets:
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        raise ConfigError(f"config.lora.targets: {pattern!r} is not a regular expression: "
+                          f"{e}") from None
   train_steps = max(1, int(round(s.num_steps * t.timestep_fraction)))
   return {
       "devices": num_devices,
