@@ -60,8 +60,8 @@ class DDPOTrainer:
     if d.objective not in ("ppo", "rwr"):
       raise ValueError(f"config.ddpo.objective: {d.objective!r} is not 'ppo' or 'rwr'")
     self.ref_params = (jax.tree.map(jnp.copy, self.net.params) if d.kl_beta > 0 else None)
-    self._sample = nnx.jit(self._sample_impl, static_argnames=("num_steps",))
-    self._update = jax.jit(self._update_impl, donate_argnums=(0,))
+    self._sample = self.net.jit(self._sample_impl, jit=nnx.jit, static_argnames=("num_steps",))
+    self._update = self.net.jit(self._update_impl, donate_argnums=(0,))
     self._prepare = jax.jit(self._prepare_impl)
 
   # ------------------------------------------------------------------------------ state
