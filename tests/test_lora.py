@@ -271,3 +271,47 @@ def test_ddpo_update_trains_only_the_adapters(tmp_path):
 
 def _key(entry) -> str:
   return str(getattr(entry, "key", getattr(entry, "idx", entry)))
+
+
+def test_zimage_scanned_adapters_load_in_diffusers():
+  """Stacked adapters of a scanned Z-Image trunk export per layer and act as diffusers' do."""
+  import torch
+  from diffusers import ZImageTransformer2DModel
+  from didr_jax.models import zimage_dit as Z
+  torch.manual_seed(0)
+  tm = ZImageTransformer2DModel(all_patch_size=[2], all_f_patch_size=[1], in_channels=4, dim=32,
+                                n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[64, 8, 8]).eval()
+  with torch.no_grad():
+    for p in tm.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  sd = {k: v.numpy().copy() for k, v in tm.state_dict().items()}
+  model = Z.zimage_from_torch(Z.ZImageConfig.from_diffusers(dict(tm.config)), sd,
+                              scan_layers=True)
+  lora.inject(model, rank=2, alpha=4.0)
+  assert model.layers.attention.to_q.lora_a.shape == (2, 32, 2)       # stacked over 2 layers
+  _randomize_adapters(model, 5)
+  g = np.random.default_rng(1)
+  lat = g.standard_normal((2, 4, 4, 4)).astype(np.float32)
+  t = np.array([0.3, 0.8], np.float32)
+  cap = g.standard_normal((2, 8, 16)).astype(np.float32)
+  fwd = nnx.jit(lambda m, a, b, c: m(a, b, c))
+  ours = np.asarray(fwd(model, jnp.asarray(lat), jnp.asarray(t), jnp.asarray(cap)))
+  sd_lora = lora_export.lora_state_dict(model)
+  # 2 trunk layers + 1 noise + 1 context refiner, x (q, k, v, out.0), x (A, B)
+  assert len(sd_lora) == 32 and "transformer.layers.1.attention.to_out.0.lora_B.weight" in sd_lora
+
+  def run_torch():
+    with torch.no_grad():
+      outs = tm([torch.from_numpy(lat[i].transpose(2, 0, 1)[:, None]) for i in range(2)],
+                torch.from_numpy(t), [torch.from_numpy(cap[i]) for i in range(2)],
+                patch_size=2, f_patch_size=1, return_dict=False)[0]
+    return np.stack([o[:, 0].numpy().transpose(1, 2, 0) for o in outs])
+
+  base = run_torch()
+  tm.load_lora_adapter({k: torch.from_numpy(v) for k, v in sd_lora.items()},
+                       prefix="transformer")
+  got = run_torch()
+  err, effect = np.abs(got - ours).max(), np.abs(base - ours).max()
+  print(f"Z-Image torch LoRA vs ours (scanned): max abs err {err:.2e} (LoRA effect {effect:.2e})")
+  assert effect > 0.05 and err < 1e-4 * max(1.0, np.abs(ours).max())
