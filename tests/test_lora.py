@@ -177,14 +177,14 @@ def test_merged_export_loads_in_diffusers(tiny_sd, tmp_path):
 
 # ------------------------------------------------------------------------------- training
 
-def test_ddpo_update_trains_only_the_adapters(tmp_path):
+def test_ddpo_update_trains_only_the_adapters(tiny_sd, tmp_path):
   import orbax.checkpoint as ocp
   from didr_jax.parallel import mesh as mesh_lib
   from didr_jax.testing.configs import load_config
   from didr_jax.train import common, config as config_lib, loop
-  folder = tiny.save_tiny_toy(str(tmp_path / "toy"))
-  over = {"backbone.path": folder, "sample.batch_size": 8, "sample.num_batches": 1,
-          "sample.num_steps": 4, "train.batch_size": 8, "train.timestep_fraction": 0.5,
+  over = {"backbone.kind": "sd", "backbone.path": tiny_sd, "sample.batch_size": 4,
+          "sample.group_size": 4, "sample.num_batches": 1, "sample.num_steps": 2,
+          "train.batch_size": 4, "train.timestep_fraction": 0.5,
           "train.learning_rate": 1e-3, "eval.num_samples": 0, "eval.batch_size": 8,
           "num_epochs": 1, "log_images": 4, "async_checkpoint": False, "lora.enabled": True,
           "lora.rank": 2, "lora.alpha": 4.0}
@@ -200,7 +200,7 @@ def test_ddpo_update_trains_only_the_adapters(tmp_path):
   base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(backbone.model, nnx.Param)))
   trainer = loop.make_trainer(c, backbone, mesh)
   n_adapters = len(lora.adapters(backbone.model))
-  assert n_adapters == 32        # 4 transformers (down, mid, 2 up) x 2 attentions x (q, k, v, out)
+  assert n_adapters == 32        # 4 transformers (down, 2 up, mid) x 2 attentions x (q, k, v, out)
   state = trainer.init_state()
   policy = state["params"]["policy"]
   names = {_key(p[-1]) for p, _ in jax.tree_util.tree_flatten_with_path(policy)[0]}
@@ -209,12 +209,12 @@ def test_ddpo_update_trains_only_the_adapters(tmp_path):
   assert opt_sizes == 2 * sum(x.size for x in jax.tree.leaves(policy))   # Adam's mu and nu
   before = jax.tree.map(np.asarray, policy)
 
-  prompts = ["a red circle"] * 4 + ["two blue squares"] * 4
+  prompts = ["a red circle"] * 2 + ["two blue squares"] * 2
   traj, _, cond, uncond = trainer.sample(policy, prompts, jax.random.key(0))
   data = {"latents": jnp.swapaxes(traj.latents, 0, 1),
           "log_probs": jnp.swapaxes(traj.log_probs, 0, 1), "cond": cond,
           "timesteps": traj.timesteps, "next_timesteps": traj.next_timesteps,
-          "advantages": jnp.linspace(-1.0, 2.0, 8), "rewards": jnp.linspace(0, 1, 8)}
+          "advantages": jnp.linspace(-1.0, 2.0, 4), "rewards": jnp.linspace(0, 1, 4)}
   batch = jax.tree.map(lambda x: x[0], trainer._prepare(jax.random.key(1), data))
   args = (batch, uncond, None, jnp.float32(c.sample.guidance_scale), jax.random.key(2))
   # the frozen base enters the update as an argument: no captured constants (a plain jax.jit
@@ -260,9 +260,9 @@ def test_ddpo_update_trains_only_the_adapters(tmp_path):
   tensors = core.SafetensorsFile(os.path.join(tmp_path / "export", lora_export.WEIGHT_NAME))
   assert len(tensors) == 2 * n_adapters
   layer = saved["params"]["policy"]
-  for k in ("up_blocks", 0, "attentions", 1, "transformer_blocks", 0, "attn2", "to_out", 0):
+  for k in ("up_blocks", 1, "attentions", 1, "transformer_blocks", 0, "attn2", "to_out", 0):
     layer = layer[k] if k in layer else layer[str(k)]     # Orbax restores list keys as str
-  key = "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0"
+  key = "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0"
   np.testing.assert_array_equal(tensors[key + ".lora_A.weight"], np.asarray(layer["lora_a"]).T)
   np.testing.assert_allclose(tensors[key + ".lora_B.weight"], 2.0 * np.asarray(layer["lora_b"]).T,
                              rtol=1e-7)

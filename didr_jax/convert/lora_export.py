@@ -140,7 +140,11 @@ def _latest_policy_params(workdir: str) -> tuple[Any, int]:
                  if n.isdigit())
   if not steps:
     raise core.ConversionError(f"no training checkpoint in {directory}")
-  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(steps[-1]), "state"))
+  path = os.path.join(directory, str(steps[-1]), "state")
+  try:
+    state = ocp.StandardCheckpointer().restore(path)
+  except Exception as e:  # orbax raises many types; name the checkpoint and keep the cause
+    raise core.ConversionError(f"could not read the training checkpoint {path}: {e}") from e
   return state["params"]["policy"], steps[-1]
 
 
@@ -164,10 +168,15 @@ def export_run(workdir: str, dst: str, *, merge: bool = False) -> str:
 
 
 def main(argv):
-  from absl import flags
-  del argv
+  from absl import app, flags
+  from didr_jax.train.config import ConfigError
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  print(export_run(f.workdir, f.dst, merge=f.merge))
+  try:
+    print(export_run(f.workdir, f.dst, merge=f.merge))
+  except (core.ConversionError, ConfigError) as e:  # bad input: one line, no traceback
+    raise app.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":
