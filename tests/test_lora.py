@@ -267,6 +267,14 @@ def test_ddpo_update_trains_only_the_adapters(tiny_sd, tmp_path):
   np.testing.assert_allclose(tensors[key + ".lora_B.weight"], 2.0 * np.asarray(layer["lora_b"]).T,
                              rtol=1e-7)
   assert np.abs(tensors[key + ".lora_B.weight"]).max() > 0     # trained away from B = 0
+  # --merge: the run's diffusers pipeline with W' = W + (alpha / r) A B
+  lora_export.export_run(workdir, str(tmp_path / "merged"), merge=True)
+  merged = core.open_weights(str(tmp_path / "merged" / "unet"))
+  w = flat_base[tuple(key.split(".")[1:-1]) + ("0", "kernel")]
+  want = np.asarray(w, np.float64) + 2.0 * (np.asarray(layer["lora_a"], np.float64)
+                                            @ np.asarray(layer["lora_b"], np.float64))
+  np.testing.assert_allclose(merged[key[len("unet."):] + ".weight"].T, want, rtol=1e-6,
+                             atol=1e-7)
 
 
 def _key(entry) -> str:

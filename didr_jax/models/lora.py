@@ -145,9 +145,7 @@ def target_paths(model: nnx.Module, targets: Iterable[str] = ()) -> list[tuple]:
 
 
 def _set(model: nnx.Module, path: tuple, value: nnx.Module) -> None:
-  parent = model
-  for p in path[:-1]:
-    parent = parent[p] if isinstance(p, int) or not hasattr(parent, str(p)) else getattr(parent, p)
+  parent = _layer_at(model, path[:-1])
   last = path[-1]
   if isinstance(last, int) or isinstance(parent, (nnx.List, nnx.Dict, list, dict)):
     parent[last] = value
