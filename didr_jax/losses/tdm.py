@@ -127,7 +127,7 @@ def normalised_target_loss(x0_hat: jax.Array, delta: jax.Array, x0_norm: jax.Arr
 
   whose gradient with respect to x0_hat is exactly -delta / (w B). ``delta`` and ``w`` are
   stop-gradient. Returns w with shape (B,)."""
-  w = jax.lax.stop_gradient(jnp.maximum(common.mean_abs(x0_hat - x0_norm), floor))
+  w = common.dmd_normaliser(x0_hat, x0_norm, floor)
   g = -jax.lax.stop_gradient(delta) / w
   return common.stop_gradient_target_loss(x0_hat, g), w.reshape(x0_hat.shape[0])
 
