@@ -7,6 +7,7 @@ to the static module graph inside jitted functions with ``Net.bind``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -22,10 +23,25 @@ class Net:
   graphdef: Any
   params: Any
   rest: Any
+  _traced_rest: list = dataclasses.field(default_factory=list, repr=False)
 
   @classmethod
-  def of(cls, module: nnx.Module) -> "Net":
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  def of(cls, module: nnx.Module, *, trainable: Any = nnx.Param, lora: Any = None) -> "Net":
+    """Splits ``module`` into the ``trainable`` variables (``params``) and everything else.
+
+    ``lora``: a ``config.lora`` section. When enabled, LoRA adapters are injected into the
+    module's target layers (in place, see ``didr_jax.models.lora``) and only they
+    (``nnx.LoRAParam``) are trainable: the frozen base weights stay in ``rest``, out of the
+    optimizer state and the training checkpoints."""
+    if lora is not None and lora.enabled:
+      from didr_jax.models import lora as lora_lib
+      from didr_jax.train.config import ConfigError
+      try:
+        lora_lib.from_config(module, lora)
+      except ValueError as e:
+        raise ConfigError(f"config.lora.targets: {e}") from None
+      trainable = nnx.LoRAParam
+    graphdef, params, rest = nnx.split(module, trainable, ...)
     return cls(graphdef, nnx.to_pure_dict(params), rest)
 
   def take_params(self) -> Any:
@@ -36,7 +52,29 @@ class Net:
     return params
 
   def bind(self, params: Any) -> nnx.Module:
-    return nnx.merge(self.graphdef, nnx.State(params), self.rest)
+    """The module with ``params``; inside a function jitted by ``Net.jit`` the frozen ``rest``
+    is that function's hidden argument, not a constant captured from ``self``."""
+    rest = self._traced_rest[-1] if self._traced_rest else self.rest
+    return nnx.merge(self.graphdef, nnx.State(params), rest)
+
+  def jit(self, fn: Callable, *, jit: Callable = jax.jit, donate_argnums: tuple[int, ...] = (),
+          **kwargs) -> Callable:
+    """``jit(fn, ...)`` (``jax.jit`` or ``nnx.jit``) with the frozen ``rest`` passed as an extra
+    argument: a LoRA run's base weights then stay device arrays in their shardings instead of
+    being captured by ``bind`` as constants that XLA would embed, unsharded, in every program.
+    Same call signature as ``fn``; ``.lower`` / ``.trace`` take ``fn``'s arguments too."""
+    def inner(rest, *args, **kw):
+      self._traced_rest.append(rest)
+      try:
+        return fn(*args, **kw)
+      finally:
+        self._traced_rest.pop()
+
+    jitted = jit(inner, donate_argnums=tuple(i + 1 for i in donate_argnums), **kwargs)
+    call = functools.wraps(fn)(lambda *args, **kw: jitted(self.rest, *args, **kw))
+    call.lower = lambda *args, **kw: jitted.lower(self.rest, *args, **kw)
+    call.trace = lambda *args, **kw: jitted.trace(self.rest, *args, **kw)
+    return call
 
 
 def on_mesh(tree: Any, mesh) -> Any:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import jax
 import ml_collections
@@ -90,6 +91,14 @@ def base_config() -> ml_collections.ConfigDict:
   # fault handling (train/loop.py): optimizer steps with a non-finite loss, gradient norm or
   # update are skipped; this many skipped steps in a row stop the run (exit code 3)
   c.train.max_consecutive_nonfinite = 3
+
+  # LoRA (models/lora.py): train low-rank adapters W + (alpha / rank) A B on the target layers
+  # instead of all weights; only the adapters are optimised and checkpointed.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.enabled = False
+  c.lora.rank = 16
+  c.lora.alpha = 16.0
+  c.lora.targets = ()            # regexes over module paths; () = the attention projections
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 256
@@ -328,6 +337,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
            f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
   _require(int(t.max_consecutive_nonfinite) >= 1, "train.max_consecutive_nonfinite",
            f"must be >= 1, got {t.max_consecutive_nonfinite}")
+  if c.lora.enabled:
+    _require(int(c.lora.rank) >= 1, "lora.rank", f"must be >= 1, got {c.lora.rank}")
+    _require(float(c.lora.alpha) > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
+    for pattern in c.lora.targets:
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        raise ConfigError(f"config.lora.targets: {pattern!r} is not a regular expression: "
+                          f"{e}") from None
   _check_prompts(c, training)
   _check_backbone_folder(c)
   _validate_policy(c)

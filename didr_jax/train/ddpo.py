@@ -96,7 +96,7 @@ class DDPOTrainer:
     self.bb = backbone
     self.mesh = mesh
     self.rules = tuple(config.mesh.rules) + mesh_lib.DEFAULT_RULES
-    self.net = common.Net.of(backbone.model)
+    self.net = common.Net.of(backbone.model, lora=config.lora)
     t = config.train
     self.tx = common.make_optimizer(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                                     weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
@@ -106,8 +106,8 @@ class DDPOTrainer:
       raise config_lib.ConfigError(f"config.ddpo.objective: {d.objective!r} is not 'ppo' or "
                                    "'rwr'")
     self.ref_params = (jax.tree.map(jnp.copy, self.net.params) if d.kl_beta > 0 else None)
-    self._sample = nnx.jit(self._sample_impl, static_argnames=("num_steps",))
-    self._update = jax.jit(self._update_impl, donate_argnums=(0,))
+    self._sample = self.net.jit(self._sample_impl, jit=nnx.jit, static_argnames=("num_steps",))
+    self._update = self.net.jit(self._update_impl, donate_argnums=(0,))
     self._prepare = jax.jit(self._prepare_impl)
     # host state (checkpointed through host_state()): advantage statistics, skipped-step count
     self.normalizer = advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count,
