@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-METHODS = ("ddpo",)
+METHODS = ("ddpo", "crd")
 BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit")
 
 
@@ -129,6 +129,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> di
   _require(c.eval.batch_size % num_devices == 0, "eval.batch_size",
            f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
   train_steps = max(1, int(round(s.num_steps * t.timestep_fraction)))
+  if c.method == "crd":  # centering needs whole groups of >= 2 samples in every minibatch
+    from didr_jax.train.crd_config import validate_crd_section
+    validate_crd_section(c.crd)
+    _require(s.group_size >= 2, "sample.group_size", f"CRD centers rewards within a prompt's "
+             f"samples: needs >= 2 per prompt, got {s.group_size}")
+    _require(t.batch_size % s.group_size == 0, "train.batch_size",
+             f"{t.batch_size} is not a multiple of sample.group_size={s.group_size} (CRD "
+             "minibatches hold whole groups)")
+    train_steps = int(c.crd.num_train_times)
   return {
       "devices": num_devices,
       "processes": jax.process_count(),
