@@ -14,6 +14,7 @@ from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.testing import tiny, tiny_zimage
 from didr_jax.testing.configs import load_config
 from didr_jax.train import checkpoint, config as config_lib, loop, prompts as prompts_lib
+from didr_jax.train import crd as crd_lib
 from didr_jax.train.crd import CRDTrainer
 
 # one optimizer step per epoch (8 samples = 2 prompts x 4, one minibatch of both groups), one
@@ -54,12 +55,17 @@ def _check_epochs(trainer, c, epochs=2, ckpt_dir=None):
     ck = checkpoint.Checkpointer(ckpt_dir, async_save=False)
     ck.save(0, state, {"stream": stream.state_dict(), "trainer": trainer.host_state()})
     ck.close()
-  hist, metrics = [_host(state)], []
+  hist, metrics, shown = [_host(state)], [], []
   try:
+    # asked to stop before anything changed: abandoned, the stream untouched
+    with pytest.raises(crd_lib.EpochAbandoned):
+      trainer.epoch(state, 0, stream, rewarder, stop=lambda: True)
+    assert stream.position == 0
     for e in range(epochs):
-      state, m, images = trainer.epoch(state, e, stream, rewarder)
+      state, m, images = trainer.epoch(state, e, stream, rewarder, stop=lambda: False)
       hist.append(_host(state))
       metrics.append(m)
+      shown.append(images)
   finally:
     rewarder.close()
   assert images.shape[0] == c.log_images and 0.0 <= images.min() and images.max() <= 1.0
@@ -86,7 +92,7 @@ def _check_epochs(trainer, c, epochs=2, ckpt_dir=None):
       want = jax.tree.map(lambda snap, th: d * snap + (1 - d) * th, before["ema"][name],
                           after["params"]["policy"])
       assert _max_diff(after["ema"][name], want) < 1e-6, (name, step)
-  return state, hist, metrics
+  return state, hist, metrics, shown
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +111,18 @@ def test_toy_epochs_snapshots_and_resume(toy_folder, tmp_path):
   trainer = _trainer(c)
   assert trainer.bb.prediction_type == "epsilon" and trainer.ref_params is not None
   ckpt_dir = str(tmp_path / "ck")
-  state, hist, _ = _check_epochs(trainer, c, ckpt_dir=ckpt_dir)
+  state, hist, _, shown = _check_epochs(trainer, c, ckpt_dir=ckpt_dir)
+  # epoch 1 rolled out from the sampling snapshot after epoch 0 (decay 0.5: not theta)
+  on = lambda h: jax.tree.map(lambda x, ref: jax.device_put(x.astype(ref.dtype), ref.sharding), h,
+                              state["params"]["policy"])
+  stream = _stream(c)
+  stream.next(2, 4)
+  prompts = stream.next(2, 4)
+  key = jax.random.fold_in(jax.random.split(jax.random.fold_in(jax.random.key(c.seed), 1))[0], 0)
+  from_sampler = trainer.sample(on(hist[1]["ema"]["sampler"]), prompts, key)[1]
+  from_theta = trainer.sample(on(hist[1]["params"]["policy"]), prompts, key)[1]
+  np.testing.assert_array_equal(np.asarray(from_sampler)[: c.log_images], shown[1])
+  assert np.max(np.abs(np.asarray(from_theta)[: c.log_images] - shown[1])) > 1e-6
   abstract = checkpoint.abstract_like(state)
   rewarder = rewards_lib.AsyncRewards(rewards_lib.from_config(dict(c.rewards)))
   try:
