@@ -23,7 +23,8 @@ The maths lives in ``didr_jax.losses.crd``; this file only moves data. Per epoch
      taken so far (``SnapshotSchedule``; the config's crd.old / crd.sampler).
 
 State (a pytree, all checkpointed): {"step", "params": {"policy"}, "opt": {"policy"},
-"ema": {"old", "sampler"}}; the frozen reference stays in the trainer (it is the loaded model).
+"ema": {"old", "sampler"}} (snapshots in float32); the frozen reference stays in the trainer
+(it is the loaded model).
 """
 
 from __future__ import annotations
@@ -86,10 +87,14 @@ class CRDTrainer:
   # ------------------------------------------------------------------------------ state
 
   def init_state(self) -> dict:
-    """The initial state; both snapshots start equal to theta. It takes over the loaded
-    parameters (updates donate the state); call it once per trainer."""
+    """The initial state; both snapshots start equal to theta, kept in float32 whatever the
+    parameter dtype (an EMA step of weight 1 - d = 1e-3 is below bfloat16's resolution 2^-8,
+    so a bfloat16 snapshot would freeze). It takes over the loaded parameters (updates donate
+    the state); call it once per trainer."""
     params = self.net.take_params()
-    copy = lambda: jax.tree.map(jnp.copy, params)
+    copy = lambda: jax.tree.map(lambda x: jnp.array(x, dtype=jnp.promote_types(x.dtype,
+                                                                               jnp.float32)),
+                                params)
     state = {"step": jnp.zeros((), jnp.int32), "params": {"policy": params},
              "opt": {"policy": self.tx.init(params)},
              "ema": {"old": copy(), "sampler": copy()}}
