@@ -1,11 +1,11 @@
-"""The CRD trainer (train/crd.py) on tiny random pipelines: the implicit reward is exactly 0 at
-the first update (theta == old) while the parameters move; both EMA snapshots follow their
-schedules across epochs (against the formula in float64 NumPy); a run resumed from a checkpoint
-equals the uninterrupted run; configs/crd_zimage.py and configs/crd_sdxl.py run two epochs on
-tiny random folders; the config checks name the key."""
+"""The CRD trainer (train/crd.py) on tiny random pipelines of both families (configs/crd_zimage.py
+on a tiny Z-Image, configs/crd_sdxl.py on a tiny SDXL, two epochs each): the implicit reward is
+exactly 0 at the first update (theta == old) while the parameters move; both EMA snapshots follow
+their schedules across epochs (against the formula in float64 NumPy); rollouts come from the
+sampling snapshot; a run resumed from a checkpoint equals the uninterrupted run; an epoch asked to
+stop before it changed anything is abandoned; the config checks name the key."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -95,21 +95,34 @@ def _check_epochs(trainer, c, epochs=2, ckpt_dir=None):
   return state, hist, metrics, shown
 
 
-@pytest.fixture(scope="module")
-def toy_folder(tmp_path_factory):
-  return tiny.save_tiny_toy(str(tmp_path_factory.mktemp("toy")))
+def _config(name, folder, **kw):
+  return load_config(name, **{**SMALL, "backbone.path": folder, "backbone.dtype": "float32",
+                              "backbone.remat": False, **kw})
 
 
-def test_toy_epochs_snapshots_and_resume(toy_folder, tmp_path):
-  """eps-prediction VP pipeline (the toy UNet): two epochs straight, then the same two epochs
-  with a checkpoint round trip (state and prompt stream) before each: equal states. The trainer
-  keeps no state of its own between epochs (``host_state`` is {} and saved anyway), so one
-  instance serves both runs (one compilation)."""
-  c = load_config("toy_crd", **{**SMALL, "backbone.path": toy_folder,
-                                "crd.sampler.start": 0.5, "crd.sampler.slope": 0.1,
-                                "crd.sampler.start_step": 2, "crd.sampler.end": 0.9})
+def test_crd_zimage_config_runs_two_epochs(tmp_path):
+  """The flow family (velocity outputs, Euler ODE rollouts) on a tiny random Z-Image."""
+  folder = str(tmp_path / "zimage")
+  tiny_zimage.save_tiny_zimage(folder, seed=5)
+  c = _config("crd_zimage", folder)
   trainer = _trainer(c)
-  assert trainer.bb.prediction_type == "epsilon" and trainer.ref_params is not None
+  assert trainer.bb.prediction_type == "flow" and trainer.bb.family == "flow"
+  _check_epochs(trainer, c)
+
+
+def test_crd_sdxl_config_runs_two_epochs_and_resumes(tmp_path):
+  """The VP family (eps outputs, DDIM eta 0 rollouts) on a tiny random SDXL: two epochs
+  straight, the rollouts of epoch 1 come from the sampling snapshot, and the same two epochs
+  with a checkpoint round trip (state and prompt stream) before each give equal states. The
+  trainer keeps no state of its own between epochs (``host_state`` is {}, saved anyway), so
+  one instance serves both runs (one compilation)."""
+  folder = str(tmp_path / "sdxl")
+  tiny.save_tiny_sd(folder, kind="sdxl", seed=5)
+  c = _config("crd_sdxl", folder, **{"crd.sampler.start": 0.5, "crd.sampler.slope": 0.1,
+                                     "crd.sampler.start_step": 2, "crd.sampler.end": 0.9})
+  trainer = _trainer(c)
+  assert trainer.bb.prediction_type == "epsilon" and trainer.bb.kind == "sdxl"
+  assert trainer.ref_params is not None
   ckpt_dir = str(tmp_path / "ck")
   state, hist, _, shown = _check_epochs(trainer, c, ckpt_dir=ckpt_dir)
   # epoch 1 rolled out from the sampling snapshot after epoch 0 (decay 0.5: not theta)
@@ -123,6 +136,7 @@ def test_toy_epochs_snapshots_and_resume(toy_folder, tmp_path):
   from_theta = trainer.sample(on(hist[1]["params"]["policy"]), prompts, key)[1]
   np.testing.assert_array_equal(np.asarray(from_sampler)[: c.log_images], shown[1])
   assert np.max(np.abs(np.asarray(from_theta)[: c.log_images] - shown[1])) > 1e-6
+  # resume == uninterrupted
   abstract = checkpoint.abstract_like(state)
   rewarder = rewards_lib.AsyncRewards(rewards_lib.from_config(dict(c.rewards)))
   try:
@@ -138,30 +152,7 @@ def test_toy_epochs_snapshots_and_resume(toy_folder, tmp_path):
       ck.close()
   finally:
     rewarder.close()
-  assert step == 1
   jax.tree.map(np.testing.assert_array_equal, _host(resumed), hist[2])
-
-
-def _config_run(name, folder, **kw):
-  c = load_config(name, **{**SMALL, "backbone.path": folder, "backbone.dtype": "float32",
-                           "backbone.remat": False, **kw})
-  trainer = _trainer(c)
-  _check_epochs(trainer, c)
-  return trainer
-
-
-def test_crd_zimage_config_runs_two_epochs(tmp_path):
-  folder = str(tmp_path / "zimage")
-  tiny_zimage.save_tiny_zimage(folder, seed=5)
-  trainer = _config_run("crd_zimage", folder)
-  assert trainer.bb.prediction_type == "flow" and trainer.bb.family == "flow"
-
-
-def test_crd_sdxl_config_runs_two_epochs(tmp_path):
-  folder = str(tmp_path / "sdxl")
-  tiny.save_tiny_sd(folder, kind="sdxl", seed=5)
-  trainer = _config_run("crd_sdxl", folder)
-  assert trainer.bb.prediction_type == "epsilon" and trainer.bb.kind == "sdxl"
 
 
 def test_configs_follow_the_authors_and_validate():
