@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from didr_jax.convert import core
 from didr_jax.models import clip
 from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.testing.tiny import randomize_torch
 
 ERRORS: dict[str, tuple[float, float]] = {}
 
@@ -22,22 +23,6 @@ TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, pad_token_id=1)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               image_size=16, patch_size=4, num_channels=3, hidden_act="quick_gelu")
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  """Random weights everywhere (norm scales around 1, biases nonzero) so parity can fail."""
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name == "logit_scale":
-        p.fill_(1.7)
-      elif p.ndim >= 2:
-        p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
-      elif "norm" in name and name.endswith("weight"):
-        p.copy_(1 + 0.2 * torch.randn_like(p))
-      else:
-        p.copy_(0.3 * torch.randn_like(p))
-  return model.eval()
 
 
 def _save(model, tmp_path_factory, name) -> str:
@@ -72,7 +57,7 @@ def _text_ids(rng, b=3, t=12, vocab=64):
 def legacy_text(tmp_path_factory):
   """quick_gelu, eos_token_id == 2: pooled at argmax(input_ids)."""
   cfg = tf.CLIPTextConfig(**TEXT, hidden_act="quick_gelu", eos_token_id=2)
-  tm = _randomize(tf.CLIPTextModel(cfg), 0)
+  tm = randomize_torch(tf.CLIPTextModel(cfg), 0)
   return tm, _save(tm, tmp_path_factory, "legacy_text")
 
 
@@ -80,7 +65,7 @@ def legacy_text(tmp_path_factory):
 def gelu_text(tmp_path_factory):
   """gelu, eos_token_id == 5: pooled at the first 5."""
   cfg = tf.CLIPTextConfig(**TEXT, hidden_act="gelu", eos_token_id=5)
-  tm = _randomize(tf.CLIPTextModel(cfg), 1)
+  tm = randomize_torch(tf.CLIPTextModel(cfg), 1)
   return tm, _save(tm, tmp_path_factory, "gelu_text")
 
 
@@ -100,7 +85,7 @@ def _padded_batch(rng):
 def clip_pair(tmp_path_factory):
   cfg = tf.CLIPConfig(text_config=dict(TEXT, hidden_act="gelu", eos_token_id=5),
                       vision_config=VISION, projection_dim=24)
-  tm = _randomize(tf.CLIPModel(cfg), 2)
+  tm = randomize_torch(tf.CLIPModel(cfg), 2)
   return tm, _save(tm, tmp_path_factory, "clip")
 
 
@@ -145,7 +130,7 @@ def test_text_parity_eos_and_padding(gelu_text, rng):
 
 def test_text_projection_parity(tmp_path_factory, rng):
   cfg = tf.CLIPTextConfig(**TEXT, hidden_act="quick_gelu", eos_token_id=7, projection_dim=24)
-  tm = _randomize(tf.CLIPTextModelWithProjection(cfg), 3)
+  tm = randomize_torch(tf.CLIPTextModelWithProjection(cfg), 3)
   model = clip.load_clip(_save(tm, tmp_path_factory, "text_proj"))
   assert type(model) is clip.CLIPTextModelWithProjection
   ids = _text_ids(rng, b=2)
@@ -160,7 +145,7 @@ def test_text_projection_parity(tmp_path_factory, rng):
 
 
 def test_vision_projection_parity(tmp_path_factory, rng):
-  tm = _randomize(tf.CLIPVisionModelWithProjection(
+  tm = randomize_torch(tf.CLIPVisionModelWithProjection(
       tf.CLIPVisionConfig(**VISION, projection_dim=24)), 4)
   model = clip.load_clip(_save(tm, tmp_path_factory, "vision_proj"))
   assert type(model) is clip.CLIPVisionModelWithProjection

@@ -146,3 +146,23 @@ class SnapshotSchedule:
     """(new snapshot, decay used)."""
     d = self.decay(step)
     return ema_update(snapshot, params, d), d
+
+
+# --- per-sample squared distance (TDM fake-score regulariser, TDM-R1 surrogate; CRD's KL anchor) --
+
+def mean_sq_dist(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per-sample mean over non-batch dims of (a - b)^2 (B,), in ``compute_dtype(a)``. b is used as
+  given: wrap it in stop_gradient where it is a target."""
+  dt = compute_dtype(a)
+  d = a.astype(dt) - b.astype(dt)
+  return jnp.mean(d ** 2, axis=tuple(range(1, d.ndim)))
+
+
+# --- DMD normaliser of distribution-matching directions (DIDR / DI / DI++, TDM, TDM-R1) -----------
+
+def dmd_normaliser(x0: jax.Array, x0_ref: jax.Array, floor: float = 1e-8) -> jax.Array:
+  """n = sg(max(mean |x0 - x0_ref|, floor)) per sample, shaped to broadcast against x0, in
+  ``compute_dtype(x0)``: DMD's per-sample normaliser of a direction in x0 units."""
+  dt = compute_dtype(x0)
+  x0, x0_ref = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x0_ref)
+  return jnp.maximum(mean_abs(x0.astype(dt) - x0_ref.astype(dt)), floor)

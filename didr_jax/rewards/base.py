@@ -2,8 +2,11 @@
 
 A reward takes a batch of images (B, H, W, 3) float in [0, 1] and the batch's prompts and returns
 float32 scores (B,). ``differentiable`` rewards are JAX functions that may also be used inside a
-jitted loss (``jax_fn``); host rewards (JPEG, detectors, servers) run in NumPy on worker threads
-(``AsyncRewards``) while the devices sample the next batch.
+jitted loss: ``jax_fn(module, images, features) -> (B,)`` with ``module = reward.module`` (its
+weights) and ``features = reward.prompt_features(prompts)`` (computed on the host), both passed
+as arguments of the jit (weights closed over would be compiled into the program as constants).
+Host rewards (JPEG, detectors, servers) run in NumPy on worker threads (``AsyncRewards``) while
+the devices sample the next batch.
 """
 
 from __future__ import annotations
@@ -18,12 +21,19 @@ import numpy as np
 _REGISTRY: dict[str, Callable[..., "Reward"]] = {}
 
 
+class RewardError(RuntimeError):
+  """A reward could not score a batch (its server is down, answered garbage, ...). The message is
+  one line naming the problem; command-line entry points print it without a traceback."""
+
+
 @dataclasses.dataclass
 class Reward:
   name: str
   fn: Callable[[np.ndarray, Sequence[str]], np.ndarray]
   differentiable: bool = False
-  jax_fn: Callable[..., Any] | None = None  # (images, prompt_features) -> (B,) for jitted use
+  jax_fn: Callable[..., Any] | None = None  # (module, images, features) -> (B,) for jitted use
+  module: Any = None  # jax_fn's weights: an nnx module or pytree (a jit argument)
+  prompt_features: Callable[[Sequence[str]], Any] | None = None  # prompts -> jax_fn's features
 
   def __call__(self, images, prompts: Sequence[str]) -> np.ndarray:
     images = np.asarray(images)
@@ -52,7 +62,7 @@ def names() -> list[str]:
 
 def make(name: str, **kwargs) -> Reward:
   if name not in _REGISTRY:
-    raise ValueError(f"unknown reward {name!r}; registered: {names()}")
+    raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(names())}")
   return _REGISTRY[name](**kwargs)
 
 
@@ -83,22 +93,31 @@ def jpeg_incompressibility(quality: int = 95) -> Reward:
 
 
 def weighted_sum(rewards: Mapping[str, tuple[Reward, float]]) -> Reward:
-  """sum_k w_k R_k. Differentiable only when every term is."""
+  """sum_k w_k R_k. Differentiable only when every term is; then its module and features are
+  the tuples of the terms' (features None for a term without ``prompt_features``)."""
   items = list(rewards.values())
+  name = "+".join(f"{w:g}*{r.name}" for r, w in items)
 
   def fn(images, prompts):
     return sum(w * r(images, prompts) for r, w in items)
 
-  diff = all(r.differentiable for r, _ in items)
-  jax_fn = None
-  if diff:
-    def jax_fn(images, *args):
-      return sum(w * r.jax_fn(images, *args) for r, w in items)
-  return Reward("+".join(f"{w:g}*{r.name}" for r, w in items), fn, diff, jax_fn)
+  if not all(r.differentiable for r, _ in items):
+    return Reward(name, fn)
+
+  def jax_fn(modules, images, features):
+    return sum(w * r.jax_fn(m, images, f) for (r, w), m, f in zip(items, modules, features,
+                                                                   strict=True))
+
+  def prompt_features(prompts):
+    return tuple(r.prompt_features(prompts) if r.prompt_features else None for r, _ in items)
+  return Reward(name, fn, True, jax_fn, tuple(r.module for r, _ in items), prompt_features)
 
 
 def from_config(spec: Mapping[str, float], **kwargs_by_name) -> Reward:
-  """Builds the reward of a config's ``rewards`` dict {name: weight}."""
+  """Builds the reward of a config's ``rewards`` dict {name: weight}; weight-0 entries are
+  left out (``--config.rewards.toy_detector=0`` switches a reward off); ``kwargs_by_name[name]``
+  are reward ``name``'s options (e.g. ``pickscore={"folder": "/models/PickScore_v1"}``)."""
+  spec = {n: w for n, w in spec.items() if w != 0}
   if not spec:
     raise ValueError("config.rewards is empty: name at least one reward, e.g. {'toy_detector': 1.0}")
   parts = {n: (make(n, **kwargs_by_name.get(n, {})), float(w)) for n, w in spec.items()}

@@ -14,7 +14,8 @@ def toy_detector() -> Reward:
 @register("toy_clip")
 def toy_clip(folder: str | None = None) -> Reward:
   """exp(logit_scale) * cos(text, image) of the shipped toy CLIP (differentiable: ``jax_fn``
-  takes (model, images, input_ids))."""
+  takes (model, images, input_ids); ``prompt_features`` gives the input_ids)."""
   from didr_jax.toy import toy_clip as tc
   m = tc.load(folder) if folder else tc.load()
-  return Reward("toy_clip", m, differentiable=True, jax_fn=tc.score)
+  return Reward("toy_clip", m, differentiable=True, jax_fn=tc.score, module=m.model,
+                prompt_features=m.ids)

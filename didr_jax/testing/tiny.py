@@ -23,6 +23,25 @@ def _perturb(module, seed: int, scale: float = 0.05):
   return module
 
 
+def randomize_torch(model, seed: int, logit_scale: float = 1.7):
+  """Random weights everywhere (matrices ~ N(0, 1/fan_in), norm scales around 1, biases
+  nonzero, CLIP's ``logit_scale`` set) so a parity test can fail; returns the model in eval
+  mode."""
+  import torch
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name == "logit_scale":
+        p.fill_(logit_scale)
+      elif p.ndim >= 2:
+        p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+      elif "norm" in name and name.endswith("weight"):
+        p.copy_(1 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.3 * torch.randn_like(p))
+  return model.eval()
+
+
 def tiny_clip_text_config(vocab_size: int, *, hidden: int = 32, projection: int | None = None,
                           max_len: int = 16, act: str = "quick_gelu"):
   from transformers import CLIPTextConfig
@@ -31,6 +50,44 @@ def tiny_clip_text_config(vocab_size: int, *, hidden: int = 32, projection: int 
                         max_position_embeddings=max_len, hidden_act=act,
                         projection_dim=projection or hidden, bos_token_id=vocab_size - 2,
                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, image_size=16, patch_size=4, hidden_act="quick_gelu")
+
+
+def save_tiny_pickscore(folder: str, *, seed: int = 0, words: tuple[str, ...] = ()):
+  """A tiny random transformers ``CLIPModel`` (PickScore's architecture, 16 px images) with a
+  CLIP tokenizer in ``folder`` (the ``pickscore`` reward's folder); returns the torch model."""
+  from transformers import CLIPConfig, CLIPModel
+  vocab = write_clip_tokenizer(folder, words, max_length=16)
+  cfg = CLIPConfig(text_config=tiny_clip_text_config(vocab, act="gelu").to_dict(),
+                   vision_config=TINY_CLIP_VISION, projection_dim=24)
+  model = randomize_torch(CLIPModel(cfg), seed, logit_scale=2.3)
+  model.save_pretrained(folder)
+  return model
+
+
+def save_tiny_aesthetic(folder: str, *, seed: int = 0):
+  """The ``aesthetic`` reward's files in ``folder``: ``clip/`` (a tiny random
+  CLIPVisionModelWithProjection with ViT-L/14's 768-d projection) and ``mlp.safetensors``
+  (the published MLP's layout, random). Returns (vision model, torch module whose ``layers``
+  is the MLP as an nn.Sequential)."""
+  import torch
+  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+  from didr_jax.convert import core
+  vision = randomize_torch(CLIPVisionModelWithProjection(
+      CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=768)), seed)
+  vision.save_pretrained(os.path.join(folder, "clip"))
+  head = torch.nn.Module()
+  head.layers = torch.nn.Sequential(
+      torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+      torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+      torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+  head = randomize_torch(head, seed + 1)
+  core.save_safetensors({k: v.numpy() for k, v in head.state_dict().items()},
+                        os.path.join(folder, "mlp.safetensors"))
+  return vision, head
 
 
 def save_tiny_sd(folder: str, *, kind: str = "sd", seed: int = 0, sample_size: int = 16,

@@ -14,15 +14,23 @@ from flax import nnx
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 
 
-def pixels(images: jax.Array) -> jax.Array:
-  """Images in [0, 1] -> the toy CLIP's input range [-1, 1] (as in pretraining)."""
-  return images * 2.0 - 1.0
+MEAN = STD = (0.5, 0.5, 0.5)  # (x - 0.5) / 0.5 = 2x - 1: the range of pretraining
+
+
+def pixels(model, images: jax.Array) -> jax.Array:
+  """Images in [0, 1] of any size -> the toy CLIP's input: resized to its size (bilinear,
+  antialiased; the shared CLIP preprocessing of ``rewards.clip_rewards``) and mapped to
+  [-1, 1]. Differentiable, jit-able."""
+  from didr_jax.rewards.clip_rewards import ImagePrep, preprocess
+  n = model.config.vision_config.image_size
+  return preprocess(images, ImagePrep(n, MEAN, STD, "bilinear"))
 
 
 def score(model, images: jax.Array, input_ids: jax.Array) -> jax.Array:
-  """exp(logit_scale) * cos(text features, image features), per sample (differentiable)."""
+  """exp(logit_scale) * cos(text features, image features), per sample (differentiable;
+  images (B, H, W, 3) in [0, 1], any size)."""
   from didr_jax.models.clip import l2_normalize
-  img = l2_normalize(model.get_image_features(pixels(images)))
+  img = l2_normalize(model.get_image_features(pixels(model, images)))
   txt = l2_normalize(model.get_text_features(input_ids))
   return jnp.exp(model.logit_scale[...]) * jnp.sum(img * txt, axis=-1)
 
@@ -36,15 +44,7 @@ class ToyCLIP:
     self.model = clip.load_clip(folder, clip.CLIPModel)
     self.tokenizer = AutoTokenizer.from_pretrained(folder)
     self._score = nnx.jit(score)
-    self._features = nnx.jit(lambda m, x: m.get_image_features(pixels(x)))
-
-  def fit(self, images) -> jax.Array:
-    """Resizes images to the toy CLIP's input size when they differ (bilinear)."""
-    images = jnp.asarray(images, jnp.float32)
-    n = self.model.config.vision_config.image_size
-    if images.shape[1:3] != (n, n):
-      images = jax.image.resize(images, (images.shape[0], n, n, images.shape[3]), "bilinear")
-    return images
+    self._features = nnx.jit(lambda m, x: m.get_image_features(pixels(m, x)))
 
   def ids(self, prompts) -> jax.Array:
     n = self.model.config.text_config.max_position_embeddings
@@ -52,11 +52,13 @@ class ToyCLIP:
                                       truncation=True, return_tensors="np").input_ids)
 
   def __call__(self, images, prompts) -> np.ndarray:
-    return np.asarray(self._score(self.model, self.fit(images), self.ids(prompts)))
+    return np.asarray(self._score(self.model, jnp.asarray(images, jnp.float32),
+                                  self.ids(prompts)))
 
   def features(self, images, batch: int = 256) -> np.ndarray:
     images = np.asarray(images, np.float32)
-    return np.concatenate([np.asarray(self._features(self.model, self.fit(images[i:i + batch])))
+    return np.concatenate([np.asarray(self._features(self.model,
+                                                     jnp.asarray(images[i:i + batch])))
                            for i in range(0, len(images), batch)])
 
   def fidelity(self, images, prompts, seed: int = 0) -> float:
