@@ -60,6 +60,14 @@ class Backbone(Protocol):
   def training_pair(self, rng: jax.Array, x0: jax.Array):
     """(x_t, t, target) for a denoising / flow-matching loss on clean latents ``x0``."""
 
+  prediction_type: str     # what ``denoise`` outputs, a ``diffusion.param`` type ("flow": v)
+
+  def train_times(self, rng: jax.Array, shape, *, t_max: float = 1.0, shift: float = 1.0):
+    """Random training times of the family (VP: integer t; flow: sigma, shifted by ``shift``)."""
+
+  def alpha_sigma(self, t) -> tuple[jax.Array, jax.Array]:
+    """(alpha_t, sigma_t) of the forward kernel x_t = alpha_t x0 + sigma_t eps."""
+
 
 class PipelineBase:
   """What the pipeline classes share: the frozen VAE (None in pixel space), image sizes, and

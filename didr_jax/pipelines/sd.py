@@ -143,6 +143,22 @@ class SDPipeline(PipelineBase):
     target = param.x0_eps_to_output(x0, eps, alpha, sigma, self.schedule.prediction_type)
     return kernels.q_sample(x0, eps, alpha, sigma), t, target
 
+  @property
+  def prediction_type(self) -> str:
+    """What the UNet outputs ("epsilon", "v_prediction" or "sample"; ``diffusion.param``)."""
+    return self.schedule.prediction_type
+
+  def train_times(self, rng, shape, *, t_max: float = 1.0, shift: float = 1.0):
+    """Random training times: integer t ~ U{0, ..., int(t_max T)} (``sample_vp_timesteps``;
+    ``shift`` is a flow-sigma option and is not used here)."""
+    del shift
+    return kernels.sample_vp_timesteps(rng, shape, self.schedule.num_train_timesteps,
+                                       t_max=t_max)
+
+  def alpha_sigma(self, t):
+    """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) of x_t = alpha x0 + sigma eps."""
+    return kernels.vp_alpha_sigma(self.schedule, t)
+
   # ---------------------------------------------------------------------------- loading
 
   @classmethod

@@ -213,6 +213,17 @@ class ZImagePipeline(PipelineBase):
     x_t = kernels.q_sample(x0, eps, *kernels.flow_alpha_sigma(sig))
     return x_t, sig, eps - x0
 
+  prediction_type = "flow"  # the DiT outputs v = eps - x0 (``dit_velocity``)
+
+  def train_times(self, rng, shape, *, t_max: float = 1.0, shift: float = 1.0):
+    """Random flow sigmas sig = shift u / (1 + (shift - 1) u), u ~ U[0, t_max)
+    (``kernels.sample_flow_sigmas``)."""
+    return kernels.sample_flow_sigmas(rng, shape, t_max=t_max, shift=shift)
+
+  def alpha_sigma(self, t):
+    """(1 - sig, sig) of x_sig = (1 - sig) x0 + sig eps."""
+    return kernels.flow_alpha_sigma(t)
+
   # ---------------------------------------------------------------------------- loading
 
   @classmethod

@@ -79,10 +79,14 @@ class Net:
 
 def on_mesh(tree: Any, mesh) -> Any:
   """Replicates over ``mesh`` every leaf that is not already laid out on its devices (scalars
-  such as step counters, states created on the default device); others keep their sharding."""
+  such as step counters, states created on the default device); others keep their sharding.
+  A leaf on a single device is placed even when the mesh is that one device: an uncommitted
+  ``SingleDeviceSharding`` input and the ``NamedSharding`` a jitted update returns are
+  different cache keys, so the second update would compile again."""
   devices = set(mesh.devices.flat)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda x: x if set(x.sharding.device_set) == devices
+  return jax.tree.map(lambda x: x if (isinstance(x.sharding, jax.sharding.NamedSharding) and
+                                      set(x.sharding.device_set) == devices)
                       else jax.device_put(x, replicated), tree)
 
 

@@ -31,7 +31,7 @@ import re
 import jax
 import ml_collections
 
-METHODS = ("ddpo",)
+METHODS = ("ddpo", "crd")
 BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit")
 
 
@@ -349,11 +349,21 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
   _check_prompts(c, training)
   _check_backbone_folder(c)
   _validate_policy(c)
+  steps = train_steps(s, t)
+  if c.method == "crd":  # centering needs whole groups of >= 2 samples in every minibatch
+    from didr_jax.train.crd_config import validate_crd_section
+    validate_crd_section(c.crd)
+    _require(s.group_size >= 2, "sample.group_size", f"CRD centers rewards within a prompt's "
+             f"samples: needs >= 2 per prompt, got {s.group_size}")
+    _require(t.batch_size % s.group_size == 0, "train.batch_size",
+             f"{t.batch_size} is not a multiple of sample.group_size={s.group_size} (CRD "
+             "minibatches hold whole groups)")
+    steps = int(c.crd.num_train_times)
   return {
       "devices": num_devices,
       "processes": jax.process_count(),
       "samples_per_epoch": per_epoch,
       "samples_per_optimizer_step": per_step,
       "optimizer_steps_per_epoch": per_epoch // per_step * t.num_inner_epochs,
-      "timesteps_trained_per_sample": train_steps(s, t),
+      "timesteps_trained_per_sample": steps,
   }

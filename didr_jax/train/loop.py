@@ -159,6 +159,9 @@ def make_trainer(c, backbone, mesh) -> Trainer:
   if c.method == "ddpo":
     from didr_jax.train.ddpo import DDPOTrainer
     return DDPOTrainer(c, backbone, mesh)
+  if c.method == "crd":
+    from didr_jax.train.crd import CRDTrainer
+    return CRDTrainer(c, backbone, mesh)
   raise config_lib.ConfigError(f"config.method: unknown method {c.method!r}")
 
 
