@@ -167,9 +167,11 @@ def test_flow_eval_is_the_ode_and_advantage_std_is_passed():
   np.testing.assert_allclose([group[:4].std(), group[4:].std()], [1, 1], rtol=1e-3)
   glob = advantages.AdvantageNormalizer("group", group_std="global")(prompts, r)
   np.testing.assert_allclose(glob * (r.std() + 1e-4), r - np.repeat([1.5, 15], 4), rtol=1e-5)
-  import inspect
-  from didr_jax.train import loop
-  assert "d.advantage_std" in inspect.getsource(loop.train)
+  from didr_jax.train.ddpo import make_normalizer
+  d = dit().ddpo
+  for std in ("group", "global"):
+    d.advantage_std = std
+    np.testing.assert_allclose(make_normalizer(d)(prompts, r), group if std == "group" else glob)
 
 
 def test_clip_step_grad():

@@ -88,6 +88,11 @@ def clip_step_grad(grads, max_norm: float):
   return jax.tree.map(lambda x: x * scale.astype(x.dtype), grads)
 
 
+def make_normalizer(d) -> advantages.AdvantageNormalizer:
+  """The advantage normaliser a ``ddpo`` config section asks for (the trainer's host state)."""
+  return advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count, d.advantage_std)
+
+
 class DDPOTrainer:
   """Holds static things (graphs, optimizer, compiled functions); state is a pytree."""
 
@@ -110,8 +115,7 @@ class DDPOTrainer:
     self._update = self.net.jit(self._update_impl, donate_argnums=(0,))
     self._prepare = jax.jit(self._prepare_impl)
     # host state (checkpointed through host_state()): advantage statistics, skipped-step count
-    self.normalizer = advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count,
-                                                      d.advantage_std)
+    self.normalizer = make_normalizer(d)
     self.guard = common.NonFiniteGuard(t.max_consecutive_nonfinite)
 
   # ------------------------------------------------------------------------------ state
