@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-METHODS = ("ddpo",)
+METHODS = ("ddpo", "didr")
 BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit")
 
 
@@ -128,6 +128,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> di
            f"{c.eval.num_samples} is not a multiple of eval.batch_size={c.eval.batch_size}")
   _require(c.eval.batch_size % num_devices == 0, "eval.batch_size",
            f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
+  if c.method == "didr":
+    from didr_jax.train.didr_config import validate_didr_section
+    _require("didr" in c, "didr", "method 'didr' needs the didr section (didr_config.didr_section)")
+    validate_didr_section(c.didr)
   train_steps = max(1, int(round(s.num_steps * t.timestep_fraction)))
   return {
       "devices": num_devices,
