@@ -26,35 +26,10 @@ deterministic K = 2). Mode ``di`` gives DI* (no reward), ``dipp`` DI++.
 """
 
 from didr_jax.train import config as config_lib
-from didr_jax.train.didr_config import didr_section
+from didr_jax.train.didr_config import real_config
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.method = "didr"
-  c.backbone.kind = "sdxl"
-  c.backbone.path = ""            # required: the SDXL reference folder
-  c.backbone.dtype = "bfloat16"
-  c.backbone.remat = True
-  c.rewards = {"pickscore": 1.0}  # host metric (reward_mean)
-  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
-  c.prompts.eval = "toy:heldout"
-  c.num_epochs = 100
-  c.checkpoint_every = 5
-  c.eval_every = 10
-  c.sample.num_steps = 1
-  c.sample.batch_size = 32
-  c.sample.num_batches = 8
-  c.sample.group_size = 1
-  c.train.batch_size = 32
-  c.train.learning_rate = 5e-7
-  c.train.weight_decay = 0.0
-  c.didr = didr_section()
+  c = real_config("sdxl", ref_cfg=8.0)
   c.didr.generator_path = ""      # the one-step generator folder (see above)
-  c.didr.reward = {"pickscore": 1.0}
-  c.didr.ref_cfg = 8.0
-  c.didr.fake_updates = 5
-  c.didr.ema_decay = 0.999
-  c.eval.num_samples = 64
-  c.eval.batch_size = 32
   return config_lib.finalize(c)

@@ -18,35 +18,10 @@ beta1 0, lr 5e-7 (full transformer), 5 fake updates per generator update, K = 2 
 """
 
 from didr_jax.train import config as config_lib
-from didr_jax.train.didr_config import didr_section
+from didr_jax.train.didr_config import real_config
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.method = "didr"
-  c.backbone.kind = "zimage"
-  c.backbone.path = ""            # required: the Z-Image reference folder
-  c.backbone.dtype = "bfloat16"
-  c.backbone.remat = True
-  c.rewards = {"pickscore": 1.0}
-  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
-  c.prompts.eval = "toy:heldout"
-  c.num_epochs = 100
-  c.checkpoint_every = 5
-  c.eval_every = 10
-  c.sample.num_steps = 1
-  c.sample.batch_size = 32
-  c.sample.num_batches = 8
-  c.sample.group_size = 1
-  c.train.batch_size = 32
-  c.train.learning_rate = 5e-7
-  c.train.weight_decay = 0.0
-  c.didr = didr_section()
-  c.didr.generator_path = ""      # e.g. a Z-Image-Turbo folder (see above)
-  c.didr.reward = {"pickscore": 1.0}
-  c.didr.ref_cfg = 4.5
-  c.didr.fake_updates = 5
-  c.didr.ema_decay = 0.999
-  c.eval.num_samples = 64
-  c.eval.batch_size = 32
+  c = real_config("zimage", ref_cfg=4.5)
+  c.didr.generator_path = ""      # the one-step generator folder (see above)
   return config_lib.finalize(c)

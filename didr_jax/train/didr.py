@@ -210,9 +210,11 @@ class DIDRTrainer:
     return new_state, {"fake_loss": loss, "fake_grad_norm": m["grad_norm"]}
 
   def _gen_update_impl(self, state, ref_params, frozen, cond, uncond, z, reward_module,
-                       features, rng):
+                       features, rng, reward_scale):
     """One generator step (``losses.didr.generator_loss``), then the EMA; also returns the
-    decoded images of the step's samples."""
+    decoded images of the step's samples. ``reward_scale`` (1/beta or alpha_r) is an argument,
+    so strength sweeps share one compiled program."""
+    config = dataclasses.replace(self.loss_cfg, reward_scale=reward_scale)
     k_te, k_drp = jax.random.split(rng)
     gen = state["params"]["generator"]
     t, eps = self._times_and_noise(k_te, z.shape)
@@ -227,7 +229,7 @@ class DIDRTrainer:
       x0 = one_step.generate(self.bb, self.net.bind(p), z, cond, self.spec)
       loss, m = didr_losses.generator_loss(x0, eps, t, self.process, fake_fn=fake_fn,
                                            ref_fn=ref_fn, reward_fn=reward_fn,
-                                           config=self.loss_cfg, rng=k_drp)
+                                           config=config, rng=k_drp)
       return loss, (m, x0)
 
     (loss, (m, x0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen)
@@ -240,15 +242,20 @@ class DIDRTrainer:
     metrics = {**m, "generator_loss": loss, "generator_grad_norm": am["grad_norm"]}
     return new_state, metrics, self.bb.decode(frozen, jax.lax.stop_gradient(x0))
 
-  def train_step(self, state, prompts, rng):
-    """``didr.fake_updates`` fake updates and one generator update on ``prompts``;
-    returns (state, metrics (device scalars), images)."""
+  def inputs(self, prompts):
+    """(cond, reward module, reward features) of a prompt batch, batch-sharded."""
     b = len(prompts)
     cond = self._shard(self.bb.encode(list(prompts)), b)
     features = None
     if self.reward is not None and self.reward.prompt_features is not None:
       features = self._shard(self.reward.prompt_features(list(prompts)), b)
-    module = None if self.reward is None else self.reward.module
+    return cond, None if self.reward is None else self.reward.module, features
+
+  def train_step(self, state, prompts, rng):
+    """``didr.fake_updates`` fake updates and one generator update on ``prompts``;
+    returns (state, metrics (device scalars), images)."""
+    b = len(prompts)
+    cond, module, features = self.inputs(prompts)
     ms = []
     for f in range(self.c.didr.fake_updates):
       k_z, k_u = jax.random.split(jax.random.fold_in(rng, f))
@@ -257,7 +264,7 @@ class DIDRTrainer:
     k_z, k_u = jax.random.split(jax.random.fold_in(rng, 1_000_003))
     state, gm, images = self._gen_update(state, self.ref_params, self.bb.frozen(), cond,
                                          self.uncond, self._noise(k_z, b), module, features,
-                                         k_u)
+                                         k_u, jnp.float32(self.c.didr.reward_scale))
     fm = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
     return state, {**fm, **gm}, images
 

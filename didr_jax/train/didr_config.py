@@ -48,6 +48,37 @@ def didr_section() -> ml_collections.ConfigDict:
   return d
 
 
+def real_config(kind: str, ref_cfg: float) -> ml_collections.ConfigDict:
+  """The shared DIDR recipe of configs/didr_sdxl.py and configs/didr_zimage.py (unlocked):
+  bfloat16 with remat, PickScore (host metric and differentiable reward), lr 5e-7 (full
+  network), Adam beta1 0, 5 fake updates per generator update (DMD2's SDXL ratio), EMA 0.999,
+  32 one-step samples per generator update, 8 updates per epoch."""
+  from didr_jax.train import config as config_lib
+  c = config_lib.base_config()
+  c.method = "didr"
+  c.backbone.kind = kind
+  c.backbone.path = ""            # required: the reference folder
+  c.backbone.dtype = "bfloat16"
+  c.backbone.remat = True
+  c.rewards = {"pickscore": 1.0}  # host metric (reward_mean)
+  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
+  c.prompts.eval = "toy:heldout"
+  c.num_epochs, c.checkpoint_every, c.eval_every = 100, 5, 10
+  c.sample.num_steps = 1          # one-step generator (sampling ignores it)
+  c.sample.batch_size = c.train.batch_size = 32
+  c.sample.num_batches = 8
+  c.train.learning_rate = 5e-7
+  c.train.weight_decay = 0.0
+  c.didr = didr_section()
+  c.didr.reward = {"pickscore": 1.0}
+  c.didr.ref_cfg = ref_cfg
+  c.didr.fake_updates = 5
+  c.didr.ema_decay = 0.999
+  c.eval.num_samples = 64
+  c.eval.batch_size = 32
+  return c
+
+
 def _require(cond: bool, key: str, why: str):
   if not cond:
     raise ConfigError(f"config.didr.{key}: {why}")
