@@ -173,6 +173,16 @@ def test_config_errors_name_the_key(toy_folder):
   t = DIDRTrainer(c, loop.build_backbone(c, one), one)
   with pytest.raises(config_lib.ConfigError, match=r"config\.didr\.generator_path"):
     t.init_state()
+  # a one-step checkpoint as a pipeline folder or as its unet component folder
+  for path in (toy_folder, os.path.join(toy_folder, "unet")):
+    c = toy_config(toy_folder, **{"didr.generator_path": path})
+    t = DIDRTrainer(c, loop.build_backbone(c, one), one)
+    assert _max_diff(t.init_state()["params"]["generator"], t.ref_params) == 0.0
+  c = toy_config(toy_folder, **{"didr.generator_path": os.path.join(
+      loop.TOY_ASSETS, "toy_unet", "unet")})                 # another architecture
+  t = DIDRTrainer(c, loop.build_backbone(c, one), one)
+  with pytest.raises(config_lib.ConfigError, match=r"another architecture"):
+    t.init_state()
 
 
 @pytest.fixture(scope="module")
