@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from didr_jax.cli_util import quiet_logs
+from didr_jax.cli_util import quiet_logs, run
 
 
 flags.DEFINE_string("workdir", None, "run directory written by didr_jax.main")
@@ -33,13 +33,17 @@ def main(argv):
   path = os.path.join(FLAGS.workdir, "config.json")
   if not os.path.exists(path):
     raise app.UsageError(f"{path} not found: is {FLAGS.workdir!r} a didr_jax run directory?")
-  with open(path) as f:
-    c = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      c = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise app.UsageError(f"{path} is unreadable ({e}); restore it from config.prev.json or "
+                         "rerun didr_jax.main with the run's config") from None
   c.mesh.axes = tuple(tuple(a) for a in c.mesh.axes)
   c.mesh.rules = tuple(tuple(r) for r in c.mesh.rules)
   if FLAGS.num_samples:
     c.eval.num_samples = FLAGS.num_samples
-  config_lib.validate(c)
+  config_lib.validate(c, training=False)
   mesh = mesh_lib.make_mesh(c.mesh.axes)
   trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
   state = trainer.init_state()
@@ -56,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -13,7 +13,7 @@ from absl import app, flags
 
 from ml_collections import config_flags
 
-from didr_jax.cli_util import quiet_logs
+from didr_jax.cli_util import quiet_logs, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
                                           lock_config=True)
@@ -39,4 +39,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  run(main)

@@ -7,14 +7,15 @@
 used (``latents=`` argument, NCHW) with ``np.save`` and pass the file here.
 """
 
+from __future__ import annotations
+
 import os
 
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from didr_jax.cli_util import quiet_logs
-from didr_jax.pipelines import registry
+from didr_jax.cli_util import fail, quiet_logs, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "local model folder")
@@ -34,34 +35,79 @@ flags.mark_flag_as_required("model")
 def read_prompts() -> list[str]:
   prompts = list(FLAGS.prompt or [])
   if FLAGS.prompt_file:
-    with open(FLAGS.prompt_file) as f:
-      prompts += [line.strip() for line in f if line.strip()]
+    from didr_jax.train.prompts import PromptError, load_prompts
+    try:
+      prompts += load_prompts(FLAGS.prompt_file)
+    except PromptError as e:
+      raise app.UsageError(f"--prompt_file: {e}") from None
   if not prompts:
     raise app.UsageError("no prompts: give --prompt or a non-empty --prompt_file")
   return prompts
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_latents(path: str, batch: int) -> np.ndarray:
+  """The float32 NCHW initial latents of ``--latents`` (a ``.npy`` of one finite float array
+  with one row per prompt); anything else is refused with one line."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(6)
+  except OSError as e:
+    raise app.UsageError(f"--latents={path}: {e.strerror or e}") from None
+  if head[:4] == b"PK\x03\x04":
+    raise app.UsageError(f"--latents={path} is an .npz archive; save the one NCHW array with "
+                         "np.save(path, latents) instead")
+  if head != _NPY_MAGIC:
+    raise app.UsageError(f"--latents={path} is not a .npy file; save the NCHW latents with "
+                         "np.save(path, latents)")
+  try:
+    latents = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise app.UsageError(f"--latents={path}: cannot read it as a plain array ({e})") from None
+  if not np.issubdtype(latents.dtype, np.floating):
+    raise app.UsageError(f"--latents={path} holds {latents.dtype} values; expected floats")
+  if latents.ndim != 4 or latents.shape[0] != batch:
+    raise app.UsageError(f"--latents has shape {latents.shape}; expected NCHW with batch "
+                         f"{batch} (one per prompt)")
+  bad = int(np.size(latents) - np.isfinite(latents).sum())
+  if bad:
+    raise app.UsageError(f"--latents={path} holds {bad} NaN or infinite values; initial latents "
+                         "must be finite")
+  return latents.astype(np.float32)
+
+
 def main(argv):
   quiet_logs()
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   prompts = read_prompts()
+  latents = None if not FLAGS.latents else read_latents(FLAGS.latents, len(prompts))
+  from didr_jax.pipelines import registry
+  registry.check_folder(FLAGS.model)  # headers only: a bad folder fails before loading
   pipe = registry.load_pipeline(FLAGS.model)
-  latents = None
-  if FLAGS.latents:
-    latents = np.load(FLAGS.latents)
-    if latents.ndim != 4 or latents.shape[0] != len(prompts):
-      raise app.UsageError(f"--latents has shape {latents.shape}; expected NCHW with batch "
-                           f"{len(prompts)} (one per prompt)")
+  pipe.warn_long_prompts(prompts, max_tokens=getattr(pipe, "max_sequence_length", None))
+  if latents is not None:
+    b, h, w, ch = pipe.latent_shape(len(prompts), FLAGS.height, FLAGS.width)
+    if latents.shape[1:] != (ch, h, w):
+      raise app.UsageError(
+          f"--latents has shape {latents.shape}; this model at {h * pipe.vae_scale}x"
+          f"{w * pipe.vae_scale} pixels expects NCHW {(b, ch, h, w)} (set --height / --width "
+          "for another size)")
     latents = latents.transpose(0, 2, 3, 1)
   images, _ = pipe.sample(prompts, num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance,
                           eta=FLAGS.eta, height=FLAGS.height, width=FLAGS.width,
                           latents=latents, seed=FLAGS.seed)
+  images = np.asarray(images)
+  if not np.all(np.isfinite(images)):
+    fail("the model produced NaN or infinite pixels; no image written", code=1)
   os.makedirs(FLAGS.out, exist_ok=True)
-  for i, img in enumerate(np.asarray(images)):
+  for i, img in enumerate(images):
     path = os.path.join(FLAGS.out, f"{i:04d}.png")
     Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
     print(path, prompts[i])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -10,7 +10,7 @@
 
 from absl import app, flags
 
-from didr_jax.cli_util import quiet_logs
+from didr_jax.cli_util import quiet_logs, run
 from didr_jax.pipelines import registry
 
 FLAGS = flags.FLAGS
@@ -22,7 +22,9 @@ flags.mark_flags_as_required(["src", "dst"])
 
 def main(argv):
   quiet_logs()
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  registry.check_folder(FLAGS.src)  # headers only: a bad folder fails before loading
   pipe = registry.load_pipeline(FLAGS.src)
   if FLAGS.export:
     pipe.export_diffusers(FLAGS.dst)
@@ -33,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -58,9 +58,20 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         header = json.loads(f.read(n))
       except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+      raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
     self.metadata = header.pop("__metadata__", None) or {}
     self._header = header
     self._offset = 8 + n
+    try:
+      end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+      raise ConversionError(f"{path}: corrupt safetensors header (bad data_offsets)") from None
+    size = os.path.getsize(path)
+    if self._offset + end > size:
+      raise ConversionError(
+          f"{path} is truncated: its header describes {self._offset + end} bytes, the file has "
+          f"{size} (an incomplete download or copy?); fetch the file again")
     self._mm = None
 
   def _buffer(self):

@@ -6,6 +6,7 @@ and a sharding function, and Orbax reads each array straight into its target sha
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -44,18 +45,51 @@ def abstract_target(module: nnx.Module, sharding_fn: ShardingFn | None = None) -
                       pure_shard)
 
 
+_REQUIRED = ("_METADATA",)  # (+ _CHECKPOINT_METADATA, checked when present)
+
+
+def check_cache(path: str) -> None:
+  """Cheap completeness check of an Orbax checkpoint folder (no array is read): it exists and
+  holds readable metadata files. A truncated data file is only found by ``restore_modules``."""
+  if not os.path.isdir(path):
+    raise ConversionError(f"Orbax checkpoint {path!r} does not exist")
+  for name in _REQUIRED + ("_CHECKPOINT_METADATA",):
+    f = os.path.join(path, name)
+    if name not in _REQUIRED and not os.path.exists(f):
+      continue
+    try:
+      with open(f) as fh:
+        json.load(fh)
+    except FileNotFoundError:
+      raise ConversionError(f"Orbax checkpoint {path!r} is incomplete ({name} is missing): "
+                            "delete it and convert the source folder again") from None
+    except (OSError, ValueError) as e:
+      raise ConversionError(f"Orbax checkpoint {path!r} is corrupt ({name}: {e}): delete it "
+                            "and convert the source folder again") from None
+
+
+def root_cause(e: BaseException, limit: int = 300) -> str:
+  """The first line of the innermost cause of ``e`` (Orbax wraps TensorStore errors twice)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  text = lines[0] if lines else type(e).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
 def restore_modules(path: str, modules: Mapping[str, nnx.Module],
                     sharding_fn: ShardingFn | None = None) -> dict[str, nnx.Module]:
   """Restores the named (abstract) modules from ``path``; fails clearly on a missing or
   incompatible checkpoint."""
   path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise ConversionError(f"Orbax checkpoint {path!r} does not exist")
+  check_cache(path)
   target = {k: abstract_target(m, sharding_fn) for k, m in modules.items()}
   try:
     restored = ocp.StandardCheckpointer().restore(path, target)
-  except Exception as e:  # orbax raises many types; name the path and keep the cause
-    raise ConversionError(f"could not restore Orbax checkpoint {path!r}: {e}") from e
+  except Exception as e:  # orbax raises many types; name the path and the root cause
+    raise ConversionError(f"could not restore the Orbax checkpoint {path!r} ({root_cause(e)}); "
+                          f"it is incomplete, corrupt or of another model: delete it and "
+                          "convert the source folder again (python -m didr_jax.convert)") from e
   out = {}
   for k, m in modules.items():
     graphdef, params, rest = nnx.split(m, nnx.Param, ...)

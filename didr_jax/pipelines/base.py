@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
@@ -76,6 +77,22 @@ class PipelineBase:
   @property
   def vae_scale(self) -> int:
     return 1 if self.vae is None else self.vae.config.downsample_factor
+
+  def count_truncated(self, prompts: Sequence[str], max_tokens: int | None = None
+                      ) -> tuple[int, int, int]:
+    """(how many ``prompts`` are longer than the text encoder reads, that limit in tokens, the
+    longest prompt's tokens); ``max_tokens`` overrides the pipeline's training limit."""
+    raise NotImplementedError
+
+  def warn_long_prompts(self, prompts: Sequence[str], what: str = "prompts",
+                        max_tokens: int | None = None) -> int:
+    """Prints one warning line when some ``prompts`` will be truncated; returns their count."""
+    n, limit, longest = self.count_truncated(list(prompts), max_tokens)
+    if n:
+      print(f"warning: {n} of {len(prompts)} {what} are longer than the {limit} tokens the text "
+            f"encoder reads (longest: {longest} tokens); they are truncated to {limit}",
+            file=sys.stderr, flush=True)
+    return n
 
   def save(self, dst: str) -> None:
     """Copies the folder's configs and tokenizers to ``dst`` and writes all parameters as an

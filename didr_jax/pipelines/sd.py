@@ -29,7 +29,7 @@ from didr_jax.diffusion import ddim, guidance, kernels, param
 from didr_jax.diffusion.schedules import VPSchedule
 from didr_jax.models import clip, unet as unet_lib, vae as vae_lib
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.pipelines.base import (PipelineBase, copy_configs, decode_images, has_vae,
+from didr_jax.pipelines.base import (PipelineBase, copy_configs, decode_images,
                                      load_components, write_component)
 
 _LOADERS = {"unet": unet_lib.load_unet, "vae": vae_lib.load_vae, "text_encoder": clip.load_clip}
@@ -134,15 +134,17 @@ class SDPipeline(PipelineBase):
                       rules=mesh_lib.DEFAULT_RULES, resolution: int | None = None,
                       remat: bool = False) -> "SDPipeline":
     """Loads a diffusers pipeline folder, or one that holds our Orbax cache (see ``save``)."""
-    index = core.read_json(os.path.join(path, "model_index.json"))
-    kind = "sdxl" if "text_encoder_2" in index and index.get("text_encoder_2", [None])[0] else "sd"
-    te_names = ["text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
-    names = ["unet"] + (["vae"] if has_vae(index) else []) + te_names
+    from didr_jax.pipelines import registry
+    index = registry.read_index(path)
+    kind = registry.pipeline_kind(path, index)
+    if kind not in ("sd", "sdxl"):
+      raise core.ConversionError(f"{path}: a {kind!r} pipeline, not SD / SDXL")
+    names, tok_names = registry.components(kind, index)
+    te_names = [n for n in names if n.startswith("text_encoder")]
     loaders, abstract = _component_fns(dtype, remat)
     modules = load_components(path, names, loaders=loaders, abstract=abstract, mesh=mesh,
                               rules=rules)
     from transformers import AutoTokenizer
-    tok_names = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
     tokenizers = [AutoTokenizer.from_pretrained(os.path.join(path, n)) for n in tok_names]
     sched = core.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     vae = modules.get("vae")
@@ -162,12 +164,15 @@ class SDPipeline(PipelineBase):
     return out
 
   def export_diffusers(self, dst: str) -> None:
-    """Writes a diffusers-format folder (configs + safetensors) that diffusers can load."""
+    """Writes a diffusers-format folder (configs + safetensors) that diffusers can load. The
+    text encoders are written in the classic transformers layout (every key under
+    ``text_model.`` / ``text_projection.``), which transformers 4.x and 5.x both read; the flat
+    layout transformers >= 5.6 writes for CLIPTextModel is ignored by 4.x."""
     copy_configs(self.folder, dst)
     exporters = {"unet": (unet_lib.export_unet, "diffusion_pytorch_model"),
                  "vae": (vae_lib.export_vae, "diffusion_pytorch_model"),
-                 "text_encoder": (clip.export_clip, "model"),
-                 "text_encoder_2": (clip.export_clip, "model")}
+                 "text_encoder": (_export_clip_classic, "model"),
+                 "text_encoder_2": (_export_clip_classic, "model")}
     for name, module in self.modules().items():
       fn, stem = exporters[name]
       write_component(dst, name, stem, fn(module))
@@ -178,6 +183,15 @@ class SDPipeline(PipelineBase):
     return [np.asarray(tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
                            truncation=True, return_tensors="np").input_ids, np.int32)
             for tok in self.tokenizers]
+
+  def count_truncated(self, prompts, max_tokens=None):
+    """Prompts longer than a tokenizer's ``model_max_length`` (77 for SD / SDXL), counting
+    the begin / end tokens."""
+    limit = max_tokens or min(tok.model_max_length for tok in self.tokenizers)
+    lengths = [max(len(ids) for ids in col) for col in zip(*(
+        tok(list(prompts), truncation=False, verbose=False).input_ids
+        for tok in self.tokenizers))] or [0]
+    return sum(n > limit for n in lengths), limit, max(lengths)
 
   def encode(self, prompts: Sequence[str], height: int | None = None,
              width: int | None = None) -> Cond:
@@ -220,6 +234,12 @@ class SDPipeline(PipelineBase):
     out = _sample(self.unet, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
                   self.schedule, num_steps, float(guidance_scale), float(eta))
     return out
+
+
+def _export_clip_classic(text_encoder: nnx.Module) -> dict[str, np.ndarray]:
+  """``clip.export_clip`` with CLIPTextModel's flat keys moved under ``text_model.``."""
+  return {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+          for k, v in clip.export_clip(text_encoder).items()}
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "height", "width"))

@@ -266,6 +266,15 @@ class ZImagePipeline(PipelineBase):
 
   # ---------------------------------------------------------------------------- prompts
 
+  def count_truncated(self, prompts, max_tokens=None):
+    """Prompts whose chat-template tokens exceed ``caption_length`` (training; ``max_tokens``
+    overrides it, e.g. ``max_sequence_length`` for ``sample``)."""
+    limit = max_tokens or self.caption_length
+    _, mask = qwen3.tokenize_prompts_zimage(self.tokenizer, list(prompts), max_length=10**9,
+                                            bucket=1)
+    lengths = mask.sum(axis=1)
+    return int((lengths > limit).sum()), limit, int(lengths.max(initial=0))
+
   def encode_text(self, prompts: Sequence[str], *, max_length: int | None = None,
                   bucket: int | Sequence[int] = SAMPLE_BUCKET) -> Caption:
     """Z-Image prompt features: at most ``max_length`` (default ``max_sequence_length``)

@@ -62,7 +62,7 @@ def names() -> list[str]:
 
 def make(name: str, **kwargs) -> Reward:
   if name not in _REGISTRY:
-    raise ValueError(f"unknown reward {name!r}; registered: {names()}")
+    raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(names())}")
   return _REGISTRY[name](**kwargs)
 
 
@@ -114,8 +114,10 @@ def weighted_sum(rewards: Mapping[str, tuple[Reward, float]]) -> Reward:
 
 
 def from_config(spec: Mapping[str, float], **kwargs_by_name) -> Reward:
-  """Builds the reward of a config's ``rewards`` dict {name: weight}; ``kwargs_by_name[name]``
+  """Builds the reward of a config's ``rewards`` dict {name: weight}; weight-0 entries are
+  left out (``--config.rewards.toy_detector=0`` switches a reward off); ``kwargs_by_name[name]``
   are reward ``name``'s options (e.g. ``pickscore={"folder": "/models/PickScore_v1"}``)."""
+  spec = {n: w for n, w in spec.items() if w != 0}
   if not spec:
     raise ValueError("config.rewards is empty: name at least one reward, e.g. {'toy_detector': 1.0}")
   parts = {n: (make(n, **kwargs_by_name.get(n, {})), float(w)) for n, w in spec.items()}

@@ -16,6 +16,9 @@ Batch semantics (stated once, logged at start):
 
 from __future__ import annotations
 
+import math
+import os
+
 import jax
 import ml_collections
 
@@ -94,8 +97,135 @@ def _require(cond: bool, key: str, why: str):
     raise ConfigError(f"config.{key}: {why}")
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> dict:
-  """Checks the config; returns derived batch figures for logging."""
+def _non_finite(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted keys of every NaN / inf number in the config (tuples included)."""
+  out = []
+  for k, v in c.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out += _non_finite(v, key + ".")
+    elif isinstance(v, (list, tuple)):
+      flat = list(v)
+      while any(isinstance(x, (list, tuple)) for x in flat):
+        flat = [y for x in flat for y in (x if isinstance(x, (list, tuple)) else [x])]
+      if any(isinstance(x, float) and not math.isfinite(x) for x in flat):
+        out.append(key)
+    elif isinstance(v, float) and not math.isfinite(v):
+      out.append(key)
+  return out
+
+
+def _check_numbers(c: ml_collections.ConfigDict) -> None:
+  """Ranges of the numeric settings whose invalid values would otherwise fail late (a division
+  by zero after an epoch) or silently (a NaN learning rate trains to NaN)."""
+  bad = _non_finite(c)
+  if bad:
+    raise ConfigError(f"config.{bad[0]}: must be a finite number, got "
+                      f"{_get(c, bad[0])!r}")
+  t, s, e = c.train, c.sample, c.eval
+  _require(c.seed >= 0, "seed", f"must be >= 0 (NumPy seeds the prompt order), got {c.seed}")
+  _require(c.checkpoint_every >= 1, "checkpoint_every",
+           f"must be >= 1 (epochs between checkpoints), got {c.checkpoint_every}")
+  _require(c.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {c.keep_checkpoints}")
+  _require(c.eval_every >= 0, "eval_every",
+           f"must be >= 0 (0 = only before the first and after the last epoch), got {c.eval_every}")
+  _require(c.log_images >= 0, "log_images", f"must be >= 0, got {c.log_images}")
+  _require(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
+  for key, v in (("train.adam_b1", t.adam_b1), ("train.adam_b2", t.adam_b2)):
+    _require(0 <= v < 1, key, f"must be in [0, 1), got {v}")
+  _require(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
+  _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+  _require(t.max_grad_norm >= 0, "train.max_grad_norm",
+           f"must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+  _require(s.eta >= 0, "sample.eta",
+           f"must be >= 0 (DDIM eta / flow SDE noise level), got {s.eta}")
+  _require(e.eta >= 0, "eval.eta", f"must be >= 0, got {e.eta}")
+  _require(e.num_steps == -1 or e.num_steps >= 1, "eval.num_steps",
+           f"must be >= 1, or -1 for sample.num_steps; got {e.num_steps}")
+  _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+  d = c.get("ddpo")
+  if c.method == "ddpo" and d is not None:
+    _require(d.objective in ("ppo", "rwr"), "ddpo.objective",
+             f"{d.objective!r} is not 'ppo' or 'rwr'")
+    _require(d.clip_range > 0, "ddpo.clip_range", f"must be > 0, got {d.clip_range}")
+    _require(d.adv_clip_max > 0, "ddpo.adv_clip_max", f"must be > 0, got {d.adv_clip_max}")
+    _require(d.kl_beta >= 0, "ddpo.kl_beta", f"must be >= 0 (0 = off), got {d.kl_beta}")
+    _require(d.advantage in ("per_prompt", "group"), "ddpo.advantage",
+             f"{d.advantage!r} is not 'per_prompt' or 'group'")
+    _require(d.buffer_size >= 1, "ddpo.buffer_size", f"must be >= 1, got {d.buffer_size}")
+    _require(d.min_count >= 1, "ddpo.min_count", f"must be >= 1, got {d.min_count}")
+    _require(d.rwr_mode in ("exp", "sparse"), "ddpo.rwr_mode",
+             f"{d.rwr_mode!r} is not 'exp' or 'sparse'")
+    _require(d.rwr_temperature > 0, "ddpo.rwr_temperature",
+             f"must be > 0, got {d.rwr_temperature}")
+    _require(0 < d.rwr_percentile < 1, "ddpo.rwr_percentile",
+             f"must be in (0, 1), got {d.rwr_percentile}")
+
+
+def _get(c, dotted: str):
+  for k in dotted.split("."):
+    c = c[k]
+  return c
+
+
+def _check_rewards(c: ml_collections.ConfigDict) -> None:
+  """Every reward name registered, every weight a finite number, at least one non-zero."""
+  from didr_jax import rewards as rewards_lib
+  known = rewards_lib.names()
+  _require(len(c.rewards) > 0, "rewards", f"name at least one reward of {known}")
+  for name, w in c.rewards.items():
+    _require(name in known, f"rewards.{name}",
+             f"unknown reward {name!r}; registered rewards: {', '.join(known)}")
+    _require(isinstance(w, (int, float)) and not isinstance(w, bool), f"rewards.{name}",
+             f"the weight must be a number, got {w!r}")
+    _require(math.isfinite(w), f"rewards.{name}", f"the weight must be finite, got {w}")
+  _require(any(w != 0 for w in c.rewards.values()), "rewards", "every weight is 0")
+
+
+TOY_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "assets")
+
+
+def backbone_folder(c: ml_collections.ConfigDict) -> str:
+  """The model folder a config loads: ``backbone.path``, or the shipped toy base for the toy
+  kinds ("" when a real backbone has no path)."""
+  if c.backbone.kind in ("toy_unet", "toy_dit") and not c.backbone.path:
+    return os.path.join(TOY_ASSETS, c.backbone.kind)
+  return c.backbone.path
+
+
+def _check_backbone_folder(c: ml_collections.ConfigDict) -> None:
+  """The model folder exists, is a supported pipeline of the configured kind, and every
+  weight file is complete (safetensors headers and sizes, the Orbax cache's metadata): read
+  from headers only, nothing is loaded."""
+  path = backbone_folder(c)
+  if not path:
+    return  # the loop says that a real backbone needs a folder
+  from didr_jax.convert.core import ConversionError
+  from didr_jax.pipelines import registry
+  try:
+    found = registry.check_folder(path)
+  except ConversionError as e:
+    raise ConfigError(f"config.backbone.path: {e}") from None
+  expected = {"toy_unet": "sd", "toy_dit": "zimage"}.get(c.backbone.kind, c.backbone.kind)
+  _require(found == expected, "backbone.kind",
+           f"{c.backbone.kind!r}, but {path} holds a {found!r} pipeline")
+
+
+def _check_prompts(c: ml_collections.ConfigDict, training: bool) -> None:
+  from didr_jax.train import prompts
+  keys = (("train",) if training else ()) + (("eval",) if c.eval.num_samples > 0 else ())
+  for key in keys:
+    try:
+      prompts.load_prompts(c.prompts[key])
+    except prompts.PromptError as e:
+      raise ConfigError(f"config.prompts.{key}: {e}") from None
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
+             training: bool = True) -> dict:
+  """Checks the config and the files it names (model folder headers, prompt files; the
+  training prompts only when ``training``), before anything is loaded or compiled; returns
+  derived batch figures for logging."""
   num_devices = num_devices or jax.device_count()
   _require(c.method in METHODS, "method", f"{c.method!r} is not one of {METHODS}")
   _require(c.backbone.kind in BACKBONES, "backbone.kind",
@@ -104,7 +234,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> di
            "must be float32 or bfloat16")
   _require(c.backbone.resolution >= 0, "backbone.resolution",
            f"must be >= 0 (0 = the model's default), got {c.backbone.resolution}")
-  _require(len(c.rewards) > 0, "rewards", "name at least one reward")
+  _check_numbers(c)
+  _check_rewards(c)
   s, t = c.sample, c.train
   for key, v in (("sample.num_steps", s.num_steps), ("sample.batch_size", s.batch_size),
                  ("sample.num_batches", s.num_batches), ("sample.group_size", s.group_size),
@@ -132,6 +263,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> di
     from didr_jax.train.didr_config import validate_didr_section
     _require("didr" in c, "didr", "method 'didr' needs the didr section (didr_config.didr_section)")
     validate_didr_section(c.didr)
+  _check_prompts(c, training)
+  _check_backbone_folder(c)
   train_steps = max(1, int(round(s.num_steps * t.timestep_fraction)))
   return {
       "devices": num_devices,

@@ -112,6 +112,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   trainer = make_trainer(c, backbone, mesh)
   rewarder = rewards_lib.AsyncRewards(rewards_lib.from_config(dict(c.rewards)))
   stream = prompts.PromptStream(prompts.load_prompts(c.prompts.train), seed=c.seed)
+  backbone.warn_long_prompts(stream.prompts, "training prompts")
   d = getattr(c, c.method)
   normalizer = advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),

@@ -13,7 +13,13 @@ from typing import Sequence
 import numpy as np
 
 
+class PromptError(ValueError):
+  """A prompt source that cannot be used (missing, unreadable or empty file; unknown set)."""
+
+
 def load_prompts(spec: str) -> list[str]:
+  """The prompts of ``spec``: a built-in set (``toy:train`` / ``toy:heldout``) or a UTF-8 text
+  file with one prompt per line (blank lines skipped)."""
   if spec.startswith("toy:"):
     from didr_jax.toy import shapes
     which = spec[4:]
@@ -21,13 +27,20 @@ def load_prompts(spec: str) -> list[str]:
       return list(shapes.train_prompts())
     if which == "heldout":
       return list(shapes.heldout_prompts())
-    raise ValueError(f"unknown built-in prompt set {spec!r}; use toy:train or toy:heldout")
-  if not os.path.exists(spec):
-    raise FileNotFoundError(f"prompt file {spec!r} does not exist")
-  with open(spec) as f:
-    prompts = [line.strip() for line in f if line.strip()]
+    raise PromptError(f"unknown built-in prompt set {spec!r}; use toy:train or toy:heldout")
+  if not spec:
+    raise PromptError("no prompt source given: a text file (one prompt per line), "
+                      "toy:train or toy:heldout")
+  if not os.path.isfile(spec):
+    raise PromptError(f"prompt file {spec!r} does not exist" if not os.path.exists(spec) else
+                      f"{spec!r} is not a file (one prompt per line)")
+  try:
+    with open(spec, encoding="utf-8") as f:
+      prompts = [line.strip() for line in f if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise PromptError(f"cannot read prompt file {spec!r}: {e}") from None
   if not prompts:
-    raise ValueError(f"prompt file {spec!r} has no prompts (empty or only blank lines)")
+    raise PromptError(f"prompt file {spec!r} has no prompts (empty or only blank lines)")
   return prompts
 
 
@@ -37,7 +50,7 @@ class PromptStream:
 
   def __init__(self, prompts: Sequence[str], seed: int = 0, position: int = 0):
     if not prompts:
-      raise ValueError("empty prompt list")
+      raise PromptError("empty prompt list")
     self.prompts = list(prompts)
     self.seed = seed
     self.position = position
