@@ -320,7 +320,8 @@ def generator_loss(x0: jax.Array, eps: jax.Array, t: jax.Array, process: Process
   in the process's units. x_t = alpha sg(x0) + sigma eps; x0_hat_psi / x0_hat_ref from
   ``fake_fn`` / ``ref_fn`` (the reference with its CFG) at sg(x_t). The DRP uses ``drp_fn``
   (default ``ref_fn``); ``rng`` feeds its ancestral noise when eta != 0. ``reward_fn`` is needed
-  unless mode is "di".
+  unless mode is "di". metrics: "dm_normaliser", "direction_abs", "reward_share" (the reward
+  term's share of the direction, not in mode "di"), "drp_reward" (didr) or "reward" (dipp).
   """
   if config.mode != "di" and reward_fn is None:
     raise ValueError(f"mode={config.mode!r} needs a reward_fn")
@@ -345,6 +346,13 @@ def generator_loss(x0: jax.Array, eps: jax.Array, t: jax.Array, process: Process
                           normalise=config.normalise, time_weighting=config.time_weighting)
   metrics["dm_normaliser"] = jnp.mean(common.dmd_normaliser(x0_sg, x0_ref))
   metrics["direction_abs"] = jnp.mean(jnp.abs(g))
+  if config.mode != "di":
+    # the reward term's share of the direction: |g - g_DI| / (|g_DI| + |g - g_DI|), means of
+    # absolute values over all elements (0: no reward push, 1: reward push only)
+    g_di = generator_direction(x0_sg, x0_fake, x0_ref, alpha, sigma, normalise=config.normalise,
+                               time_weighting=config.time_weighting)
+    r_abs, d_abs = jnp.mean(jnp.abs(g - g_di)), jnp.mean(jnp.abs(g_di))
+    metrics["reward_share"] = r_abs / jnp.maximum(r_abs + d_abs, 1e-30)
   # In at least float32: in bfloat16, x0 - sg(x0 - g) would round g to the ulp of x0.
   dtype = common.compute_dtype(x0)
   return common.stop_gradient_target_loss(x0.astype(dtype), g.astype(dtype)), metrics

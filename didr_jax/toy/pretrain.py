@@ -1,6 +1,6 @@
 """Builds the toy world's shipped checkpoints (the command that regenerates the assets).
 
-  python -m didr_jax.toy.pretrain --out=didr_jax/toy/assets [--stages=clip,unet,dit]
+  python -m didr_jax.toy.pretrain --out=didr_jax/toy/assets [--stages=clip,unet,dit,onestep]
 
 1. a CLIP BPE tokenizer whose words are the toy grammar's (``toy.tokenizer``);
 2. the toy CLIP (``CLIPModel`` of our CLIP port, tiny) trained contrastively on rendered shapes
@@ -18,6 +18,12 @@ Shipped runs (2-core CPU, the flag defaults): CLIP 1500 steps x 64, UNet 3000 st
 40 minutes), DiT 4000 steps x 32 (48 minutes, final loss 0.075). ``--dit_init=FOLDER`` continues
 the DiT stage from a toy_dit folder (e.g. ``--stages=dit --dit_init=didr_jax/toy/assets/toy_dit
 --out=/tmp/longer --dit_steps=2500 --dit_lr=5e-4``), so a longer run can be done in pieces.
+
+5. (``--stages=onestep``, not in the default stages) the one-step toy generator: the toy UNet
+   read as a one-step generator at t = 399 (``train.one_step``), distilled from ``OUT/toy_unet``
+   by our own DI (the DIDR trainer at mode "di": no reward, reference CFG 3), written as a
+   pipeline folder ``OUT/toy_onestep`` with the generator EMA in bfloat16 (what
+   ``configs/toy_didr.py`` can start from with ``--config.didr.generator_path``).
 
 Everything is written in diffusers / transformers formats (safetensors + config.json), so the
 toy bases also load in PyTorch (``tests/test_toy_assets.py`` checks the DiT's outputs there).
@@ -83,7 +89,10 @@ flags.DEFINE_integer("dit_steps", 4000, "flow-matching training steps of the toy
 flags.DEFINE_float("dit_lr", 1e-3, "peak learning rate of the toy DiT stage")
 flags.DEFINE_string("dit_init", "", "a toy_dit folder to continue training from (its transformer, "
                     "text encoder and tokenizer) instead of a random init: long runs in pieces")
-flags.DEFINE_list("stages", ["clip", "unet", "dit"], "what to (re)build: clip, unet, dit")
+flags.DEFINE_list("stages", ["clip", "unet", "dit"],
+                  "what to (re)build: clip, unet, dit, onestep")
+flags.DEFINE_integer("onestep_steps", 2000, "generator updates of the one-step DI stage")
+flags.DEFINE_float("onestep_lr", 1e-4, "learning rate of the one-step generator and fake score")
 flags.DEFINE_integer("batch", 64, "batch size of the CLIP stage")
 flags.DEFINE_integer("unet_batch", 32, "batch size of the UNet and DiT stages")
 flags.DEFINE_integer("seed", 0, "seed")
@@ -333,11 +342,48 @@ def save_pipeline(folder: str, unet, text_model, tok, unet_config: dict | None =
   _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
 
 
+def train_onestep(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4) -> str:
+  """Distils ``OUT/toy_onestep`` from ``OUT/toy_unet`` with DI (see the module docstring):
+  each step 2 fake-score DSM updates and one generator update on ``batch`` training prompts;
+  the generator EMA (decay 0.99) is written in bfloat16. Returns the folder."""
+  from didr_jax.parallel import mesh as mesh_lib
+  from didr_jax.train import config as config_lib, loop, prompts as prompts_lib
+  from didr_jax.train.didr import DIDRTrainer
+  from didr_jax.train.didr_config import didr_section
+  c = config_lib.base_config()
+  c.method, c.seed = "didr", seed
+  c.backbone.path = os.path.join(out, "toy_unet")
+  c.rewards = {"toy_clip": 1.0}
+  c.sample.batch_size = c.train.batch_size = batch
+  c.train.learning_rate, c.train.weight_decay = lr, 0.0
+  c.didr = didr_section()
+  c.didr.mode, c.didr.ref_cfg, c.didr.fake_updates, c.didr.ema_decay = "di", 3.0, 2, 0.99
+  c = config_lib.finalize(c)
+  config_lib.validate(c, num_devices=1)
+  mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  pipe = loop.build_backbone(c, mesh)
+  trainer = DIDRTrainer(c, pipe, mesh)
+  state = trainer.init_state()
+  stream = prompts_lib.PromptStream(prompts_lib.load_prompts("toy:train"), seed=seed)
+  t0 = time.time()
+  for step in range(steps):
+    state, m, _ = trainer.train_step(state, stream.next(batch),
+                                     jax.random.fold_in(jax.random.key(seed), step))
+    if step % 50 == 0 or step == steps - 1:
+      print(f"onestep {step}: generator_loss {float(m['generator_loss']):.4f} fake_loss "
+            f"{float(m['fake_loss']):.4f} ({time.time() - t0:.0f}s)", flush=True)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trainer.policy_params(state))
+  pipe.unet = trainer.net.bind(params)
+  dst = os.path.join(out, "toy_onestep")
+  pipe.export_diffusers(dst)
+  return dst
+
+
 def main(argv):
   del argv
   out = FLAGS.out
   os.makedirs(out, exist_ok=True)
-  unknown = set(FLAGS.stages) - {"clip", "unet", "dit"}
+  unknown = set(FLAGS.stages) - {"clip", "unet", "dit", "onestep"}
   if unknown:
     raise app.UsageError(f"--stages: unknown stage(s) {sorted(unknown)}")
   tok_dir = os.path.join(out, "toy_clip")
@@ -353,6 +399,8 @@ def main(argv):
   if "dit" in FLAGS.stages:
     train_dit(out, FLAGS.dit_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.dit_lr,
               init=FLAGS.dit_init)
+  if "onestep" in FLAGS.stages:
+    train_onestep(out, FLAGS.onestep_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.onestep_lr)
   print(f"wrote {', '.join(FLAGS.stages)} to {out}", flush=True)
 
 

@@ -31,7 +31,7 @@ import re
 import jax
 import ml_collections
 
-METHODS = ("ddpo", "crd")
+METHODS = ("ddpo", "crd", "didr")
 BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit")
 
 
@@ -346,6 +346,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
       except (re.error, TypeError) as e:
         raise ConfigError(f"config.lora.targets: {pattern!r} is not a regular expression: "
                           f"{e}") from None
+  if c.method == "didr":
+    from didr_jax.train.didr_config import validate_didr_section
+    _require("didr" in c, "didr", "method 'didr' needs the didr section (didr_config.didr_section)")
+    validate_didr_section(c.didr)
   _check_prompts(c, training)
   _check_backbone_folder(c)
   _validate_policy(c)

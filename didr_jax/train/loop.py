@@ -162,6 +162,9 @@ def make_trainer(c, backbone, mesh) -> Trainer:
   if c.method == "crd":
     from didr_jax.train.crd import CRDTrainer
     return CRDTrainer(c, backbone, mesh)
+  if c.method == "didr":
+    from didr_jax.train.didr import DIDRTrainer
+    return DIDRTrainer(c, backbone, mesh)
   raise config_lib.ConfigError(f"config.method: unknown method {c.method!r}")
 
 

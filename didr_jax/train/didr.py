@@ -1,0 +1,294 @@
+"""The DIDR trainer: a one-step generator trained by Diff-Instruct toward the reward-tilted
+reference (METHODS.md section 3), with the DI and DI++ baselines (``didr.mode``).
+
+The maths lives in ``didr_jax.losses.didr`` and the generator in ``train.one_step``; this file
+moves data. State (a pytree; all of it checkpointed):
+
+    {"step", "params": {"generator", "fake"}, "opt": {"generator", "fake"},
+     "ema": {"generator"}}      (EMA in float32; evaluation samples with it)
+
+The frozen reference (the pipeline's loaded model) stays in the trainer: it is reloaded with the
+pipeline, never updated. The fake score is initialised from it; the generator from
+``didr.generator_path`` or, by default, from it too (``one_step``).
+
+Per epoch (RNG from (seed, epoch)), ``sample.num_batches`` times:
+  1. draw ``sample.batch_size`` prompts (``sample.group_size`` images each) from the stream;
+  2. ``didr.fake_updates`` fake-score updates: DSM (``losses.didr.fake_score_loss``) on
+     sg(g_theta(z)) at t ~ U[t_min, t_max] of the process, fresh z and eps each;
+  3. one generator update: x0 = g_theta(z); x_t = alpha sg(x0) + sigma eps; the direction
+     g = (x0_fake - x0_ref^CFG - (sigma^2/alpha) s_r) / mean|x0 - x0_ref^CFG| (DI: s_r = 0;
+     DI++: -alpha_r grad r(x0) instead), s_r by the Diffused Reward Proxy through the frozen
+     reference with CFG ``didr.ref_cfg`` and the differentiable reward on decoded images;
+     then the generator EMA;
+  4. the generator's images of step 3 go to the host rewarder (``reward_mean``).
+Each jitted update ends in one optimizer step, ``common.guarded_apply``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from didr_jax.losses import common as loss_common, didr as didr_losses
+from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.train import common, one_step
+from didr_jax.train.config import ConfigError
+from didr_jax.train.didr_config import didr_section, validate_didr_section  # noqa: F401
+
+EpochAbandoned = common.EpochAbandoned
+
+
+def build_reward(c):
+  """The differentiable reward of ``didr.reward`` (or of ``config.rewards``' differentiable
+  entries when that is empty), or None for mode "di"."""
+  from didr_jax import rewards as rewards_lib
+  if c.didr.mode == "di":
+    return None
+  spec = dict(c.didr.reward)
+  key = "didr.reward"
+  try:
+    if not spec:
+      key = "rewards"
+      spec = {n: float(w) for n, w in dict(c.rewards).items()
+              if rewards_lib.make(n).differentiable}
+      if not spec:
+        raise ConfigError(f"config.didr.reward: mode {c.didr.mode!r} needs a differentiable "
+                          f"reward; none of config.rewards {sorted(c.rewards)} is (name one "
+                          "in didr.reward)")
+    reward = rewards_lib.from_config(spec)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(f"config.{key}: {e}") from None
+  if not reward.differentiable:
+    bad = [n for n in spec if not rewards_lib.make(n).differentiable]
+    raise ConfigError(f"config.{key}: {bad} not differentiable (DIDR needs a jax_fn)")
+  return reward
+
+
+class DIDRTrainer:
+  """Holds static things (graph, optimizers, reference, reward, compiled functions); the state
+  is a pytree (module docstring)."""
+
+  def __init__(self, config, backbone, mesh):
+    c = self.c = config
+    d = c.didr
+    self.bb, self.mesh = backbone, mesh
+    self.rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
+    self.net = common.Net.of(backbone.model)
+    self.ref_params = self.net.take_params()      # the frozen reference, never donated
+    if backbone.family == "vp":
+      self.process = didr_losses.vp_process(backbone.schedule)
+      horizon = backbone.schedule.num_train_timesteps
+    else:
+      s = backbone.scheduler
+      self.process = didr_losses.flow_process(1.0 if s.use_dynamic_shifting else s.shift)
+      horizon = 1.0
+    self.spec = one_step.OneStep.of(backbone, d.generator_time)
+    cfg = validate_didr_section(d)
+    self.loss_cfg = dataclasses.replace(
+        cfg, t_max=None if d.drp_t_max >= 1.0 else float(d.drp_t_max) * horizon)
+    t = c.train
+    fake_lr = t.learning_rate if d.fake_learning_rate == -1.0 else d.fake_learning_rate
+    opt = dict(b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay,
+               max_grad_norm=t.max_grad_norm)
+    self.tx = {"generator": common.make_optimizer(t.learning_rate, b1=d.generator_b1, **opt),
+               "fake": common.make_optimizer(fake_lr, b1=d.fake_b1, **opt)}
+    self.reward = build_reward(c)
+    self.guard = common.NonFiniteGuard(t.max_consecutive_nonfinite)
+    self.uncond = backbone.negative(1) if d.ref_cfg != 1.0 else None
+    self._fake_update = jax.jit(self._fake_update_impl, donate_argnums=(0,))
+    self._gen_update = jax.jit(self._gen_update_impl, donate_argnums=(0,))
+    self._generate = jax.jit(self._generate_impl)
+
+  # ------------------------------------------------------------------------------ state
+
+  def init_state(self) -> dict:
+    """Generator (from ``didr.generator_path`` or a copy of the reference), fake score (a copy
+    of the reference), their optimizer states, the generator EMA (float32) and the step."""
+    d = self.c.didr
+    copy = lambda tree, dtype=None: jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True),
+                                                 tree)
+    if d.generator_path:
+      dtype = jnp.bfloat16 if self.c.backbone.dtype == "bfloat16" else jnp.float32
+      gen = one_step.load_generator(d.generator_path, self.bb, self.ref_params, dtype=dtype,
+                                    mesh=self.mesh, rules=self.rules,
+                                    remat=self.c.backbone.remat)
+    else:
+      gen = copy(self.ref_params)
+    fake = copy(self.ref_params)
+    state = {"step": jnp.zeros((), jnp.int32),
+             "params": {"generator": gen, "fake": fake},
+             "opt": {"generator": self.tx["generator"].init(gen),
+                     "fake": self.tx["fake"].init(fake)},
+             "ema": {"generator": copy(gen, jnp.float32)}}
+    return common.on_mesh(state, self.mesh)
+
+  def host_state(self) -> dict:
+    """The non-finite step counter (everything else lives in the device state)."""
+    return {"nonfinite": self.guard.state_dict()}
+
+  def load_host_state(self, d: dict) -> None:
+    self.guard.load_state_dict(d.get("nonfinite", {}))
+
+  def policy_params(self, state) -> Any:
+    """The generator EMA in the generator's dtypes (the raw generator when ema_decay = 0)."""
+    if self.c.didr.ema_decay == 0.0:
+      return state["params"]["generator"]
+    return jax.tree.map(lambda e, p: e.astype(p.dtype), state["ema"]["generator"],
+                        state["params"]["generator"])
+
+  # ------------------------------------------------------------------------------ pieces
+
+  def _shard(self, tree, batch: int):
+    """Lays leaves with a leading batch axis out along the mesh's batch axes."""
+    def put(x):
+      x = jnp.asarray(x)
+      if x.ndim == 0 or x.shape[0] != batch:
+        return x
+      return jax.device_put(x, mesh_lib.batch_sharding(self.mesh, x.ndim, self.rules, batch))
+    return jax.tree.map(put, tree)
+
+  def _noise(self, rng, batch: int) -> jax.Array:
+    z = jax.random.normal(rng, self.bb.latent_shape(batch), jnp.float32)
+    return self._shard(z, batch)
+
+  def _generate_impl(self, params, frozen, cond, z):
+    x0 = one_step.generate(self.bb, self.net.bind(params), z, cond, self.spec)
+    return self.bb.decode(frozen, x0)
+
+  def sample(self, params, prompts, rng, *, num_steps=None, eta=None, guidance=None):
+    """One network call per image: (None, images (B, H, W, 3) in [0, 1], cond, None);
+    ``num_steps``, ``eta`` and ``guidance`` are ignored (a one-step generator)."""
+    del num_steps, eta, guidance
+    cond = self.bb.encode(list(prompts))
+    images = self._generate(params, self.bb.frozen(), cond, self._noise(rng, len(prompts)))
+    return None, images, cond, None
+
+  def _times_and_noise(self, rng, x_shape):
+    d = self.c.didr
+    k_t, k_e = jax.random.split(rng)
+    t = self.process.sample_time(k_t, (x_shape[0],), d.t_min, d.t_max)
+    return t, jax.random.normal(k_e, x_shape, jnp.float32)
+
+  def _score_fn(self, params, cond, uncond, scale):
+    model = self.net.bind(params)
+    return lambda x, t: self.bb.denoise(model, x, t, cond, uncond, scale)
+
+  # ------------------------------------------------------------------------------ updates
+
+  def _fake_update_impl(self, state, cond, z, rng):
+    """One DSM step of the fake score on sg(g_theta(z))."""
+    x0 = jax.lax.stop_gradient(one_step.generate(
+        self.bb, self.net.bind(state["params"]["generator"]), z, cond, self.spec))
+    t, eps = self._times_and_noise(rng, x0.shape)
+    fake = state["params"]["fake"]
+
+    def loss_fn(p):
+      return didr_losses.fake_score_loss(self._score_fn(p, cond, None, 1.0), x0, eps, t,
+                                         self.process)
+
+    loss, grads = jax.value_and_grad(loss_fn)(fake)
+    new_fake, new_opt, m = common.guarded_apply(self.tx["fake"], grads, state["opt"]["fake"], fake, loss)
+    new_state = {**state, "params": {**state["params"], "fake": new_fake},
+                 "opt": {**state["opt"], "fake": new_opt}}
+    return new_state, {"fake_loss": loss, "fake_grad_norm": m["grad_norm"],
+                       "fake_nonfinite": m["nonfinite"]}
+
+  def _gen_update_impl(self, state, ref_params, frozen, cond, uncond, z, reward_module,
+                       features, rng, reward_scale):
+    """One generator step (``losses.didr.generator_loss``), then the EMA; also returns the
+    decoded images of the step's samples. ``reward_scale`` (1/beta or alpha_r) is an argument,
+    so strength sweeps share one compiled program."""
+    config = dataclasses.replace(self.loss_cfg, reward_scale=reward_scale)
+    k_te, k_drp = jax.random.split(rng)
+    gen = state["params"]["generator"]
+    t, eps = self._times_and_noise(k_te, z.shape)
+    fake_fn = self._score_fn(state["params"]["fake"], cond, None, 1.0)
+    ref_fn = self._score_fn(ref_params, cond, uncond, self.c.didr.ref_cfg)
+    reward_fn = None
+    if self.reward is not None:
+      reward_fn = lambda x0: self.reward.jax_fn(reward_module, self.bb.decode(frozen, x0),
+                                                features)
+
+    def loss_fn(p):
+      x0 = one_step.generate(self.bb, self.net.bind(p), z, cond, self.spec)
+      loss, m = didr_losses.generator_loss(x0, eps, t, self.process, fake_fn=fake_fn,
+                                           ref_fn=ref_fn, reward_fn=reward_fn,
+                                           config=config, rng=k_drp)
+      return loss, (m, x0)
+
+    (loss, (m, x0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen)
+    new_gen, new_opt, am = common.guarded_apply(self.tx["generator"], grads,
+                                                state["opt"]["generator"], gen, loss)
+    ema = loss_common.ema_update(state["ema"]["generator"], new_gen, self.c.didr.ema_decay)
+    new_state = {"step": state["step"] + 1,
+                 "params": {**state["params"], "generator": new_gen},
+                 "opt": {**state["opt"], "generator": new_opt}, "ema": {"generator": ema}}
+    metrics = {**m, "generator_loss": loss, "generator_grad_norm": am["grad_norm"],
+               "nonfinite": am["nonfinite"]}
+    return new_state, metrics, self.bb.decode(frozen, jax.lax.stop_gradient(x0))
+
+  def inputs(self, prompts):
+    """(cond, reward module, reward features) of a prompt batch, batch-sharded."""
+    b = len(prompts)
+    cond = self._shard(self.bb.encode(list(prompts)), b)
+    features = None
+    if self.reward is not None and self.reward.prompt_features is not None:
+      features = self._shard(self.reward.prompt_features(list(prompts)), b)
+    return cond, None if self.reward is None else self.reward.module, features
+
+  def train_step(self, state, prompts, rng):
+    """``didr.fake_updates`` fake updates and one generator update on ``prompts``;
+    returns (state, metrics (device scalars), images)."""
+    b = len(prompts)
+    cond, module, features = self.inputs(prompts)
+    ms = []
+    for f in range(self.c.didr.fake_updates):
+      k_z, k_u = jax.random.split(jax.random.fold_in(rng, f))
+      state, m = self._fake_update(state, cond, self._noise(k_z, b), k_u)
+      ms.append(m)
+    k_z, k_u = jax.random.split(jax.random.fold_in(rng, 1_000_003))
+    state, gm, images = self._gen_update(state, self.ref_params, self.bb.frozen(), cond,
+                                         self.uncond, self._noise(k_z, b), module, features,
+                                         k_u, jnp.float32(self.c.didr.reward_scale))
+    fm = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
+    # one skip flag per step: the generator update or any of its fake updates was skipped
+    gm["nonfinite"] = jnp.maximum(gm["nonfinite"], jnp.max(jnp.stack(
+        [m["fake_nonfinite"] for m in ms])))
+    self.guard.observe(gm["nonfinite"])
+    return state, {**fm, **gm}, images
+
+  # ------------------------------------------------------------------------------ epoch
+
+  def epoch(self, state, epoch: int, stream, rewarder, stop=None):
+    """One epoch of ``sample.num_batches`` (fake updates + generator update) steps. Returns
+    (state, metrics, a few images). ``stop()`` is asked before the first update only (the
+    updates donate the state)."""
+    c = self.c
+    if stop is not None and stop():
+      raise EpochAbandoned(epoch)
+    rng = jax.random.fold_in(jax.random.key(c.seed), epoch)
+    s = c.sample
+    t0 = time.time()
+    futures, metrics, images = [], [], None
+    for b in range(s.num_batches):
+      prompts = stream.next(s.batch_size // s.group_size, s.group_size)
+      state, m, images = self.train_step(state, prompts, jax.random.fold_in(rng, b))
+      futures.append(rewarder.submit(common.host_rows(images), prompts))
+      metrics.append(m)
+    self.guard.flush()
+    rewards = np.concatenate([f.result() for f in futures])
+    from didr_jax.train.advantages import gather_host
+    rewards = gather_host(rewards)
+    elapsed = time.time() - t0
+    out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+    out.update({"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+                "time_per_step_s": elapsed / s.num_batches,
+                "samples_per_s": len(rewards) / elapsed})
+    return state, out, np.asarray(common.host_rows(images))[: c.log_images]

@@ -1,0 +1,110 @@
+"""The ``didr`` config section (DIDR / DI / DI++, METHODS.md section 3) and its checks.
+
+Batch semantics for DIDR (the shared sections of ``base_config()``):
+  sample.batch_size    generator samples per generator update (global; also each fake update's)
+  sample.num_batches   generator updates per epoch (each after ``didr.fake_updates`` fake ones)
+  train.learning_rate  the generator's learning rate (Adam beta1 ``didr.generator_b1``)
+  train.adam_b2 / adam_eps / weight_decay / max_grad_norm   both optimizers
+  eval.num_steps / eval.eta   ignored (the generator samples in one call)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from didr_jax.losses import didr as didr_losses
+from didr_jax.train.config import ConfigError
+
+
+def didr_section() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.mode = "didr"            # "didr" | "di" (no reward) | "dipp" (DI++: terminal reward)
+  d.generator_path = ""      # one-step checkpoint folder (diffusers); "" = copy of the teacher
+  d.generator_time = -1.0    # conditioning time of the generator; -1 = VP t 399 (DMD2), flow sig 1
+  # Differentiable reward {name: weight}; empty = the entries of config.rewards that are
+  # differentiable (config.rewards stays the host reward logged as reward_mean).
+  d.reward = ml_collections.ConfigDict()
+  d.reward_scale = 1.0       # 1/beta for DIDR, alpha_r for DI++ (ignored by DI)
+  d.ref_cfg = 8.0            # CFG w of the frozen reference (the real score and the DRP)
+  d.t_min = 0.02             # training times t ~ U[t_min, t_max] of the process ([0.02, 0.98] T)
+  d.t_max = 0.98
+  # The Diffused Reward Proxy. Default K = 2 ancestral (eta = 1): exact for a Gaussian reference
+  # with a linear reward at every t (tests/test_losses_didr.py), whereas METHODS' deterministic
+  # K = 2 (drp_eta = 0) overestimates the DRS 2x at t = 500 and 36x at t = 980 on that case.
+  # drp_steps = 1 (Tweedie) is the other exact choice and costs one reference call, not two.
+  d.drp_steps = 2
+  d.drp_eta = 1.0
+  d.drp_t_max = 1.0          # DRS only where t <= drp_t_max (fraction of the process; 1 = no cut)
+  d.drp_draws = 1            # multi-draw DRP (needs drp_steps >= 2 and drp_eta > 0)
+  d.drp_draw_weights = "softmax"
+  d.drp_remat = True
+  d.normalise = True         # DMD normaliser mean|x0 - x0_ref|
+  d.time_weighting = "uniform"
+  d.fake_updates = 1         # fake-score (DSM) updates per generator update (METHODS: 1 to 5)
+  d.fake_learning_rate = -1.0  # -1 = train.learning_rate
+  d.generator_b1 = 0.0       # Adam beta1 of the generator (DMD / Diff-Instruct)
+  d.fake_b1 = 0.0            # [reconstruction] the fake score's beta1, as the generator's
+  d.ema_decay = 0.999        # EMA of the generator, what evaluation samples with (0 = no EMA)
+  return d
+
+
+def real_config(kind: str, ref_cfg: float) -> ml_collections.ConfigDict:
+  """The shared DIDR recipe of configs/didr_sdxl.py and configs/didr_zimage.py (unlocked):
+  bfloat16 with remat, PickScore (host metric and differentiable reward), lr 5e-7 (full
+  network), Adam beta1 0, 5 fake updates per generator update (DMD2's SDXL ratio), EMA 0.999,
+  32 one-step samples per generator update, 8 updates per epoch."""
+  from didr_jax.train import config as config_lib
+  c = config_lib.base_config()
+  c.method = "didr"
+  c.backbone.kind = kind
+  c.backbone.path = ""            # required: the reference folder
+  c.backbone.dtype = "bfloat16"
+  c.backbone.remat = True
+  c.rewards = {"pickscore": 1.0}  # host metric (reward_mean)
+  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
+  c.prompts.eval = "toy:heldout"
+  c.num_epochs, c.checkpoint_every, c.eval_every = 100, 5, 10
+  c.sample.num_steps = 1          # one-step generator (sampling ignores it)
+  c.sample.batch_size = c.train.batch_size = 32
+  c.sample.num_batches = 8
+  c.train.learning_rate = 5e-7
+  c.train.weight_decay = 0.0
+  c.didr = didr_section()
+  c.didr.reward = {"pickscore": 1.0}
+  c.didr.ref_cfg = ref_cfg
+  c.didr.fake_updates = 5
+  c.didr.ema_decay = 0.999
+  c.eval.num_samples = 64
+  c.eval.batch_size = 32
+  return c
+
+
+def _require(cond: bool, key: str, why: str):
+  if not cond:
+    raise ConfigError(f"config.didr.{key}: {why}")
+
+
+def validate_didr_section(d) -> didr_losses.DIDRConfig:
+  """Checks a ``didr`` section; returns the loss options (``drp_t_max`` still a fraction)."""
+  _require(d.mode in didr_losses.MODES, "mode", f"{d.mode!r} is not one of {didr_losses.MODES}")
+  _require(0.0 <= d.t_min < d.t_max <= 1.0, "t_min", f"need 0 <= t_min < t_max <= 1, got "
+           f"[{d.t_min}, {d.t_max}]")
+  _require(0.0 < d.drp_t_max <= 1.0, "drp_t_max", f"must lie in (0, 1], got {d.drp_t_max}")
+  _require(d.reward_scale >= 0, "reward_scale", f"must be >= 0, got {d.reward_scale}")
+  _require(d.ref_cfg >= 1.0, "ref_cfg", f"must be >= 1 (1 = no guidance), got {d.ref_cfg}")
+  _require(int(d.fake_updates) >= 1, "fake_updates", f"must be >= 1, got {d.fake_updates}")
+  _require(0.0 <= d.ema_decay < 1.0, "ema_decay", f"must lie in [0, 1), got {d.ema_decay}")
+  for k in ("generator_b1", "fake_b1"):
+    _require(0.0 <= d[k] < 1.0, k, f"must lie in [0, 1), got {d[k]}")
+  _require(d.fake_learning_rate == -1.0 or d.fake_learning_rate > 0, "fake_learning_rate",
+           f"must be > 0 or -1 (= train.learning_rate), got {d.fake_learning_rate}")
+  _require(all(float(w) != 0 for w in dict(d.reward).values()), "reward",
+           "weights must be non-zero")
+  try:
+    return didr_losses.DIDRConfig(
+        mode=d.mode, reward_scale=float(d.reward_scale), num_steps=int(d.drp_steps),
+        t_max=None, num_draws=int(d.drp_draws), eta=float(d.drp_eta),
+        draw_weights=d.drp_draw_weights, normalise=bool(d.normalise),
+        time_weighting=d.time_weighting, remat=bool(d.drp_remat))
+  except ValueError as e:
+    raise ConfigError(f"config.didr: {e}") from None
