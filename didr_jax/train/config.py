@@ -352,8 +352,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
     validate_didr_section(c.didr)
   _check_prompts(c, training)
   _check_backbone_folder(c)
-  _validate_policy(c)
-  steps = train_steps(s, t)
+  if c.method == "ddpo":  # the stochastic-policy settings only DDPO's MDP reads
+    _validate_policy(c)
+  steps = train_steps(s, t) if c.method == "ddpo" else 0
   if c.method == "crd":  # centering needs whole groups of >= 2 samples in every minibatch
     from didr_jax.train.crd_config import validate_crd_section
     validate_crd_section(c.crd)
