@@ -230,19 +230,29 @@ class _StubTrainer:
 
   def __init__(self):
     from types import SimpleNamespace as NS
-    self.c = NS(seed=0, log_images=2, sample=NS(num_batches=2, batch_size=4, group_size=2))
+    from didr_jax.train import advantages
+    self.c = NS(seed=0, log_images=2, sample=NS(num_batches=2, batch_size=4, group_size=2,
+                                                eta=1.0, num_steps=2))
     self.trained, self.images = [], []
+    self.normalizer = advantages.AdvantageNormalizer("group")
+
+  def window_start(self, rng):
+    return 0
+
+  def levels(self, eta, num_steps, start):
+    return np.full((num_steps,), eta, np.float32)
 
   def policy_params(self, state):
     return state["params"]
 
-  def sample(self, params, prompts, rng):
+  def sample(self, params, prompts, rng, levels=None):
     import jax.numpy as jnp
     from types import SimpleNamespace as NS
     n = len(prompts)
     self.images.append(_images(n, 8, seed=len(self.images)))
     traj = NS(latents=jnp.zeros((3, n, 2)), log_probs=jnp.zeros((2, n)),
-              timesteps=jnp.arange(2), next_timesteps=jnp.arange(2) + 1)
+              timesteps=jnp.arange(2), next_timesteps=jnp.arange(2) + 1,
+              levels=jnp.ones((2,)), stochastic=jnp.ones((2,), bool))
     return traj, jnp.asarray(self.images[-1]), jnp.zeros((n, 4)), None
 
   def train_on(self, state, data, uncond, rng):
@@ -255,12 +265,11 @@ class _StubTrainer:
 
 
 def _epoch_with(url, trainer):
-  from didr_jax.train import advantages, prompts as prompts_lib
+  from didr_jax.train import prompts as prompts_lib
   rewarder = rewards.AsyncRewards(rewards.make("remote", url=url, **FAST))
   stream = prompts_lib.PromptStream([f"prompt {i}" for i in range(8)], seed=0)
   try:
-    return trainer.epoch({"step": 0, "params": {}}, 0, stream,
-                         advantages.AdvantageNormalizer("group"), rewarder)
+    return trainer.epoch({"step": 0, "params": {}}, 0, stream, rewarder)
   finally:
     rewarder.close()
 
