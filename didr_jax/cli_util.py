@@ -137,12 +137,24 @@ def run(main):
     try:
       return main(argv)
     except app.UsageError as e:
-      fail(str(e))
+      _fail_now(str(e))
     except Exception as e:  # noqa: BLE001 (re-raised unless it is bad input)
       if isinstance(e, _user_errors()):
-        fail(str(e))
+        _fail_now(str(e))
       raise
   app.run(guarded, flags_parser=parse_flags)
+
+
+def _fail_now(message: str):
+  """``fail`` for an error that ends the command: background threads that a failed load leaves
+  behind (Orbax's asyncio loop, TensorStore) can print tracebacks while the interpreter shuts
+  down, after the one line; nothing is left to save at this point, so exit at once."""
+  try:
+    fail(message)
+  except SystemExit as e:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(e.code)
 
 
 def _one_line_hook(kind, exc, tb, _default=sys.excepthook):

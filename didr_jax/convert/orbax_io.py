@@ -7,7 +7,11 @@ and a sharding function, and Orbax reads each array straight into its target sha
 from __future__ import annotations
 
 import json
+import contextlib
 import os
+import sys
+import tempfile
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -27,9 +31,9 @@ def save_modules(path: str, modules: Mapping[str, nnx.Module]) -> None:
   """Writes the parameters of each named module to an Orbax checkpoint at ``path``
   (atomic: Orbax writes to a temporary folder and renames it when complete)."""
   path = os.path.abspath(path)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path, {k: _pure(m) for k, m in modules.items()}, force=True)
-  ckptr.wait_until_finished()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, {k: _pure(m) for k, m in modules.items()}, force=True)
+    ckptr.wait_until_finished()
 
 
 def abstract_target(module: nnx.Module, sharding_fn: ShardingFn | None = None) -> dict:
@@ -77,6 +81,41 @@ def root_cause(e: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit] + "..."
 
 
+class _held_stderr(contextlib.AbstractContextManager):
+  """Points file descriptor 2 at a temporary file until exit; ``release()`` copies what was
+  written there to the real stderr (call it on success; on failure the text is dropped)."""
+
+  QUIET_S, MAX_S = 0.5, 5.0
+
+  def __enter__(self):
+    sys.stderr.flush()
+    self._file = tempfile.TemporaryFile()
+    self._saved = os.dup(2)
+    os.dup2(self._file.fileno(), 2)
+    return self
+
+  def __exit__(self, kind, *_):
+    if kind is not None:  # let the failed read's callbacks run (and print) in here: wait until
+      last, quiet, waited = -1, 0.0, 0.0  # nothing new is written for QUIET_S (at most MAX_S)
+      while quiet < self.QUIET_S and waited < self.MAX_S:
+        time.sleep(0.1)
+        waited += 0.1
+        size = os.fstat(self._file.fileno()).st_size
+        quiet, last = (quiet + 0.1 if size == last else 0.0), size
+    sys.stderr.flush()
+    os.dup2(self._saved, 2)
+    os.close(self._saved)
+    return False
+
+  def release(self):
+    self._file.seek(0)
+    text = self._file.read()
+    self._file.close()
+    if text:
+      sys.stderr.write(text.decode(errors="replace"))
+      sys.stderr.flush()
+
+
 def restore_modules(path: str, modules: Mapping[str, nnx.Module],
                     sharding_fn: ShardingFn | None = None) -> dict[str, nnx.Module]:
   """Restores the named (abstract) modules from ``path``; fails clearly on a missing or
@@ -85,7 +124,12 @@ def restore_modules(path: str, modules: Mapping[str, nnx.Module],
   check_cache(path)
   target = {k: abstract_target(m, sharding_fn) for k, m in modules.items()}
   try:
-    restored = ocp.StandardCheckpointer().restore(path, target)
+    # A failed read leaves TensorStore callbacks aimed at Orbax's closed event loop; they print
+    # tracebacks from other threads straight to file descriptor 2. Held back here and shown
+    # only when the restore succeeds.
+    with _held_stderr() as held, ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(path, target)
+    held.release()
   except Exception as e:  # orbax raises many types; name the path and the root cause
     raise ConversionError(f"could not restore the Orbax checkpoint {path!r} ({root_cause(e)}); "
                           f"it is incomplete, corrupt or of another model: delete it and "
