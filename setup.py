@@ -33,6 +33,6 @@ setup(
     extras_require={
         # PyTorch for conversion parity and the benchmarks' peers; 2.13.0 is the CPU wheel.
         "torch": ["torch==2.13.0"],
-        "test": ["torch==2.13.0", "pytest>=8", "peft>=0.17"],  # peft: diffusers' LoRA loading
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3", "peft>=0.17"],  # peft: diffusers' LoRA loading
     },
 )

@@ -4,6 +4,15 @@ import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent XLA compilation cache for the whole session, its pytest-xdist workers and the
+# subprocesses the CLI tests start (they inherit the environment): the same program (a resumed
+# run, the same tiny model in another test) compiles once. Fresh per session unless set outside.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile  # noqa: E402
+  _shared = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")  # the same for every worker of a run
+  _dir = os.path.join(tempfile.gettempdir(), f"didr_jax_test_xla_{_shared or os.getpid()}")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _dir
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 
