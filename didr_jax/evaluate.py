@@ -25,7 +25,6 @@ FLAGS = flags.FLAGS
 def main(argv):
   quiet_logs()
   del argv
-  import ml_collections
   from didr_jax.parallel import mesh as mesh_lib
   mesh_lib.maybe_initialize_distributed()
   from didr_jax.train import checkpoint, config as config_lib, loop
@@ -35,12 +34,10 @@ def main(argv):
     raise app.UsageError(f"{path} not found: is {FLAGS.workdir!r} a didr_jax run directory?")
   try:
     with open(path) as f:
-      c = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise app.UsageError(f"{path} is unreadable ({e}); restore it from config.prev.json or "
-                         "rerun didr_jax.main with the run's config") from None
-  c.mesh.axes = tuple(tuple(a) for a in c.mesh.axes)
-  c.mesh.rules = tuple(tuple(r) for r in c.mesh.rules)
+      c = config_lib.with_defaults(json.load(f))
+  except (OSError, ValueError, AttributeError) as e:
+    raise app.UsageError(f"{path} is unreadable ({e}); restore it from an earlier "
+                         "config.N.json or rerun didr_jax.main with the run's config") from None
   if FLAGS.num_samples:
     c.eval.num_samples = FLAGS.num_samples
   config_lib.validate(c, training=False)
@@ -53,8 +50,13 @@ def main(argv):
     if ckpt.latest_step() is None:
       raise app.UsageError(f"no checkpoint in {FLAGS.workdir}/checkpoints (use --base for the "
                            "base model)")
-    state, _, step = ckpt.restore(checkpoint.abstract_like(state))
-    ckpt.close()
+    try:  # the newest step that restores (a corrupt newer one is named and set aside)
+      state, _, step = ckpt.restore_latest(checkpoint.abstract_like(state))
+    except checkpoint.RestoreError as e:
+      raise app.UsageError(f"no checkpoint in {FLAGS.workdir}/checkpoints restores ({e})"
+                           ) from None
+    finally:
+      ckpt.close()
   metrics, _ = loop.run_eval(c, trainer, state)
   print(json.dumps({"workdir": FLAGS.workdir, "epoch": step, **metrics}))
 

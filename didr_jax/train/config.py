@@ -108,6 +108,41 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def method_section(method: str) -> ml_collections.ConfigDict | None:
+  """The default section of ``method`` (``c.ddpo``, ``c.didr``, ...), None if it has none."""
+  if method == "ddpo":
+    from didr_jax.train.ddpo import ddpo_section
+    return ddpo_section()
+  if method == "crd":
+    from didr_jax.train.crd_config import crd_section
+    return crd_section()
+  if method == "didr":
+    from didr_jax.train.didr_config import didr_section
+    return didr_section()
+  return None
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved ``config.json`` completed with the keys added to the library after it was
+  written, at their defaults (so ``evaluate`` reads old run directories); saved values win."""
+  full = base_config().to_dict()
+  section = method_section(saved.get("method", "ddpo"))
+  if section is not None:
+    full[saved.get("method", "ddpo")] = section.to_dict()
+
+  def merge(into: dict, over: dict) -> dict:
+    for k, v in over.items():
+      into[k] = merge(dict(into[k]), v) if isinstance(v, dict) and isinstance(
+          into.get(k), dict) else v
+    return into
+  saved = dict(saved)
+  full["rewards"] = saved.pop("rewards", full["rewards"])  # a set of names, not defaults
+  c = ml_collections.ConfigDict(merge(full, saved))
+  c.mesh.axes = tuple(tuple(a) for a in c.mesh.axes)
+  c.mesh.rules = tuple(tuple(r) for r in c.mesh.rules)
+  return c
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c
