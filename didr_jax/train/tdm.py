@@ -340,8 +340,10 @@ class TDMTrainer:
     return [int(j) for j in perm[: int(self.c.tdm.boundaries_per_iter)]]
 
   def _before_boundaries(self, state, traj, cond, prompts, images, rewarder, rng):
-    """TDM: submits the rollout's images to the host rewarder (logging only). Returns
-    (state, per-iteration context, futures of rewards, metrics)."""
+    """TDM: submits the rollout's images to the host rewarder (logging only; None: not
+    scored). Returns (state, per-iteration context, futures of rewards, metrics)."""
+    if rewarder is None:
+      return state, None, [], {}
     return state, None, [rewarder.submit(common.host_rows(images), prompts)], {}
 
   def _surrogate_phase(self, state, ctx, cond, rng):
