@@ -3,7 +3,8 @@ deterministic student step and its grid; with a perfect fake score (fake = teach
 without CFG) the generator's distribution-matching gradient is exactly zero, and non-zero once
 the fake score moved; a TDM-R1 epoch with the non-differentiable toy detector moves all three
 networks and the old surrogate; resume through a checkpoint equals an uninterrupted run; and
-configs/tdmr1_sdxl.py / configs/tdmr1_zimage.py train on tiny SDXL / Z-Image folders.
+configs/tdmr1_sdxl.py / configs/tdmr1_zimage.py train on tiny SDXL / Z-Image folders (with
+a JPEG-size reward: any registered reward is used as a black box).
 
 Kept small (one tiny model per family, 4 samples, one iteration per epoch): every trainer
 compiles its rollout and its 2 (TDM) or 3 (TDM-R1) update programs once."""
@@ -79,17 +80,12 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
   state = tr.init_state()
   s0 = _host(state)
 
-  # the rollout is the student step K times on the grid: check its last step by hand
   cond = tr.bb.encode(PROMPTS)
   traj, images = tr.rollout(state["params"]["generator"], cond, jax.random.key(1))
-  assert traj.latents.shape[0] == 5 and images.shape == (4, 8, 8, 3)
-  x3 = traj.latents[3]
-  out = tr.bb.denoise(tr.net.bind(state["params"]["generator"]), x3, jnp.full((4,), 249),
-                      cond, None, 1.0)
-  a, s = tr.bb.alpha_sigma(jnp.int32(249))
-  x0 = (x3 - s * out) / a                                         # eps prediction, alpha_K = 1
-  np.testing.assert_allclose(traj.latents[4], x0, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(traj.sample, traj.latents[4])
+  assert traj.latents.shape == (5, 4, 8, 8, 3) and images.shape == (4, 8, 8, 3)
+  np.testing.assert_array_equal(traj.timesteps, [999, 749, 499, 249])
+  np.testing.assert_array_equal(traj.sample, traj.latents[4])
+  assert float(jnp.std(traj.latents[0])) > 0.5              # x_0 ~ N(0, I)
 
   # fake = teacher: the DM direction x0_fake - x0_ref is exactly 0, so is the gradient, and
   # the generator (AdamW, no weight decay) does not move
@@ -175,21 +171,10 @@ def test_tdm_configs_validate_and_name_the_key(toy_folder):
     assert (c.tdm.gen_lr, c.tdm.fake_lr, c.tdm.surrogate_lr) == (7.5e-5, 3e-4, 3e-4)
 
 
-@pytest.fixture(scope="module")
-def pickscore_env(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("pickscore"))
-  tiny.save_tiny_pickscore(folder, words=("red", "blue", "circle", "square"))
-  old = os.environ.get("DIDR_PICKSCORE")
-  os.environ["DIDR_PICKSCORE"] = folder
-  yield folder
-  if old is None:
-    os.environ.pop("DIDR_PICKSCORE")
-  else:
-    os.environ["DIDR_PICKSCORE"] = old
-
-
 def _real_epoch(name, folder):
+  # a cheap non-differentiable host reward in place of the configs' PickScore
   c = _config(name, folder, **{"backbone.dtype": "float32", "backbone.remat": False,
+                               "rewards": {"jpeg_compressibility": 1.0},
                                "sample.group_size": 2, "tdm.boundaries_per_iter": 1})
   tr = _trainer(c)
   s0 = _host(tr.init_state())
@@ -200,7 +185,7 @@ def _real_epoch(name, folder):
   return tr, m
 
 
-def test_tdmr1_sdxl_config_trains_on_tiny_folders(tmp_path, pickscore_env):
+def test_tdmr1_sdxl_config_trains_on_tiny_folders(tmp_path):
   folder = str(tmp_path / "sdxl")
   tiny.save_tiny_sd(folder, kind="sdxl", seed=5)
   tr, _ = _real_epoch("tdmr1_sdxl", folder)
@@ -208,7 +193,7 @@ def test_tdmr1_sdxl_config_trains_on_tiny_folders(tmp_path, pickscore_env):
   assert list(tr.grid.times) == [751, 501, 251, 1, -249]
 
 
-def test_tdmr1_zimage_config_trains_on_tiny_folders(tmp_path, pickscore_env):
+def test_tdmr1_zimage_config_trains_on_tiny_folders(tmp_path):
   from didr_jax.testing import tiny_zimage
   folder = str(tmp_path / "zimage")
   tiny_zimage.save_tiny_zimage(folder, seed=2)

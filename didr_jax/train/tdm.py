@@ -36,7 +36,8 @@ states of the student before this iteration's earlier updates).
 
 State (a pytree, all of it checkpointed):
     {"step", "params": {"generator", "fake"[, "surrogate"]}, "opt": {same keys},
-     "ema": {["generator"] (float32, when ema_decay > 0)[, "old"] (float32, TDM-R1)}}
+     ["ema": {["generator"] (float32, when ema_decay > 0)[, "old"] (float32, TDM-R1)}]}
+("ema" only when it holds something)
 The frozen teacher (the loaded pipeline's model) stays in the trainer; the fake score (and
 TDM-R1's surrogate) start from it, the student from ``tdm.generator_path`` or from it too.
 Host state: the non-finite step counter only.
@@ -152,7 +153,9 @@ class TDMTrainer:
       params["surrogate"] = self._copy(self.ref_params)
       ema["old"] = self._copy(self.ref_params, jnp.float32)
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt": {k: self.tx[k].init(v) for k, v in params.items()}, "ema": ema}
+             "opt": {k: self.tx[k].init(v) for k, v in params.items()}}
+    if ema:                                       # no empty subtree in the checkpoints
+      state["ema"] = ema
     return common.on_mesh(state, self.mesh)
 
   def host_state(self) -> dict:
@@ -165,7 +168,7 @@ class TDMTrainer:
   def policy_params(self, state) -> Any:
     """The generator EMA in the generator's dtypes (the raw generator when ema_decay = 0)."""
     gen = state["params"]["generator"]
-    if "generator" not in state["ema"]:
+    if "generator" not in state.get("ema", {}):
       return gen
     return jax.tree.map(lambda e, p: e.astype(p.dtype), state["ema"]["generator"], gen)
 
@@ -173,12 +176,7 @@ class TDMTrainer:
 
   def _shard(self, tree, batch: int):
     """Lays leaves with a leading batch axis out along the mesh's batch axes."""
-    def put(x):
-      x = jnp.asarray(x)
-      if x.ndim == 0 or x.shape[0] != batch:
-        return x
-      return jax.device_put(x, mesh_lib.batch_sharding(self.mesh, x.ndim, self.rules, batch))
-    return jax.tree.map(put, tree)
+    return common.shard_batch(tree, batch, self.mesh, self.rules)
 
   def negative(self, batch: int):
     """The unconditional conditioning for ``batch`` samples (encoded once per batch size)."""
@@ -318,12 +316,12 @@ class TDMTrainer:
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen)
     new_gen, new_opt, am = common.guarded_apply(self.tx["generator"], grads,
                                                 state["opt"]["generator"], gen, loss)
-    ema = dict(state["ema"])
-    if "generator" in ema:
-      ema["generator"] = loss_common.ema_update(ema["generator"], new_gen, float(d.ema_decay))
-    state = {"step": state["step"] + 1,
+    state = {**state, "step": state["step"] + 1,
              "params": {**state["params"], "generator": new_gen},
-             "opt": {**state["opt"], "generator": new_opt}, "ema": ema}
+             "opt": {**state["opt"], "generator": new_opt}}
+    if "generator" in state.get("ema", {}):
+      state["ema"] = {**state["ema"], "generator": loss_common.ema_update(
+          state["ema"]["generator"], new_gen, float(d.ema_decay))}
     return state, {**m, "generator_loss": loss, "generator_grad_norm": am["grad_norm"],
                    "nonfinite": am["nonfinite"]}
 
