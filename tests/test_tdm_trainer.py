@@ -80,7 +80,7 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
   state = tr.init_state()
   s0 = _host(state)
 
-  cond = tr.bb.encode(PROMPTS)
+  cond = tr._shard(tr.bb.encode(PROMPTS), 4)    # laid out as the epoch does: no recompile
   traj, images = tr.rollout(state["params"]["generator"], cond, jax.random.key(1))
   assert traj.latents.shape == (5, 4, 8, 8, 3) and images.shape == (4, 8, 8, 3)
   np.testing.assert_array_equal(traj.timesteps, [999, 749, 499, 249])
