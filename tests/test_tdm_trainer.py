@@ -156,7 +156,8 @@ def test_tdm_configs_validate_and_name_the_key(toy_folder):
   assert c.method == "tdmr1" and c.tdm.generator_path.endswith(os.path.join("toy", "assets",
                                                                            "toy_tdm"))
   for name, overrides, key in [
-      ("toy_tdmr1", {"tdm.generator_path": "/nonexistent"}, "tdm.generator_path"),
+      ("toy_tdmr1", {"tdm.generator_path": "/nonexistent", "sample.group_size": 2},
+       "tdm.generator_path"),
       ("toy_tdmr1", {"tdm.generator_path": "", "sample.group_size": 1}, "sample.group_size"),
       ("toy_tdm", {"tdm.boundaries_per_iter": 5}, "tdm.boundaries_per_iter"),
       ("toy_tdm", {"tdm.ref_cfg": 0.5}, "tdm.ref_cfg")]:
