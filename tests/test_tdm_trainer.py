@@ -164,7 +164,7 @@ def test_tdm_configs_validate_and_name_the_key(toy_folder):
     c = load_config(name, **{"backbone.path": toy_folder, **TINY, **overrides})
     with pytest.raises(config_lib.ConfigError, match=rf"^config\.{key}: "):
       config_lib.validate(c, num_devices=1)
-  with pytest.raises(AttributeError):
+  with pytest.raises(KeyError, match="no_such_key"):      # locked: unknown keys are refused
     load_config("toy_tdm", **{"tdm.no_such_key": 1})
   for name in ("tdmr1_sdxl", "tdmr1_zimage"):
     c = load_config(name)
