@@ -479,7 +479,7 @@ def test_tdm_config_sections_validate_and_name_the_bad_key():
   assert (d.w_kl, d.w_cfg, d.w_rew, d.cfg_reward_scale, d.fake_ref_weight) == (1.0, 0.3, 0.7,
                                                                                 3.5, 0.02)
   for key, value in [("boundaries_per_iter", 5), ("gen_betas", (0.0, 1.0)), ("trust_clip", 0.0),
-                     ("t_min_reward", 1.0), ("group_size", 1), ("surrogate_lr", 0.0)]:
+                     ("t_min_reward", 1.0), ("ema_decay", 1.0), ("surrogate_lr", 0.0)]:
     bad = tdmr1_section()
     bad[key] = value
     with pytest.raises(ConfigError, match=rf"^config\.tdm\.{key}: "):

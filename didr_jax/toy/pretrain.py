@@ -25,6 +25,13 @@ the DiT stage from a toy_dit folder (e.g. ``--stages=dit --dit_init=didr_jax/toy
    pipeline folder ``OUT/toy_onestep`` with the generator EMA in bfloat16 (what
    ``configs/toy_didr.py`` can start from with ``--config.didr.generator_path``).
 
+6. (``--stages=tdm``, not in the default stages) the 4-step toy TDM student: the toy UNet
+   distilled from ``OUT/toy_unet`` (teacher CFG 3) by our TDM trainer (``train/tdm.py``: the
+   K = 4 deterministic student on the trailing DDIM grid 999, 749, 499, 249, an online fake
+   score, 2 boundaries per iteration), written as a pipeline folder ``OUT/toy_tdm`` with the
+   student EMA in bfloat16 (what ``configs/toy_tdmr1.py`` starts from). Command:
+   ``python -m didr_jax.toy.pretrain --stages=tdm --out=didr_jax/toy/assets``.
+
 Everything is written in diffusers / transformers formats (safetensors + config.json), so the
 toy bases also load in PyTorch (``tests/test_toy_assets.py`` checks the DiT's outputs there).
 """
@@ -93,6 +100,8 @@ flags.DEFINE_list("stages", ["clip", "unet", "dit"],
                   "what to (re)build: clip, unet, dit, onestep")
 flags.DEFINE_integer("onestep_steps", 2000, "generator updates of the one-step DI stage")
 flags.DEFINE_float("onestep_lr", 1e-4, "learning rate of the one-step generator and fake score")
+flags.DEFINE_integer("tdm_steps", 1500, "iterations of the 4-step TDM stage")
+flags.DEFINE_float("tdm_lr", 1e-4, "learning rate of the TDM student (the fake score: 2x)")
 flags.DEFINE_integer("batch", 64, "batch size of the CLIP stage")
 flags.DEFINE_integer("unet_batch", 32, "batch size of the UNet and DiT stages")
 flags.DEFINE_integer("seed", 0, "seed")
@@ -379,11 +388,45 @@ def train_onestep(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e
   return dst
 
 
+def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4) -> str:
+  """Distils ``OUT/toy_tdm`` from ``OUT/toy_unet`` with TDM (see the module docstring): each
+  iteration one rollout of ``batch`` training prompts and, at 2 of its 4 boundaries, a fake-score
+  and a student update; the student EMA (decay 0.99) is written in bfloat16. Returns the
+  folder."""
+  from didr_jax.parallel import mesh as mesh_lib
+  from didr_jax.testing.configs import load_config
+  from didr_jax.train import config as config_lib, loop, prompts as prompts_lib
+  from didr_jax.train.tdm import TDMTrainer
+  c = load_config("toy_tdm", **{
+      "seed": seed, "backbone.path": os.path.join(out, "toy_unet"),
+      "sample.batch_size": batch, "train.batch_size": batch, "tdm.gen_lr": lr,
+      "tdm.fake_lr": 2 * lr, "tdm.ema_decay": 0.99})
+  config_lib.validate(c, num_devices=1)
+  mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  pipe = loop.build_backbone(c, mesh)
+  trainer = TDMTrainer(c, pipe, mesh)
+  state = trainer.init_state()
+  stream = prompts_lib.PromptStream(prompts_lib.load_prompts("toy:train"), seed=seed)
+  t0 = time.time()
+  for step in range(steps):
+    state, m, _, _ = trainer.train_step(state, stream.next(batch),
+                                        jax.random.fold_in(jax.random.key(seed), step), None)
+    if step % 50 == 0 or step == steps - 1:
+      print(f"tdm {step}: generator_loss {float(m['generator_loss']):.4f} fake_loss "
+            f"{float(m['fake_loss']):.4f} ({time.time() - t0:.0f}s)", flush=True)
+  trainer.guard.flush()
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trainer.policy_params(state))
+  pipe.unet = trainer.net.bind(params)
+  dst = os.path.join(out, "toy_tdm")
+  pipe.export_diffusers(dst)
+  return dst
+
+
 def main(argv):
   del argv
   out = FLAGS.out
   os.makedirs(out, exist_ok=True)
-  unknown = set(FLAGS.stages) - {"clip", "unet", "dit", "onestep"}
+  unknown = set(FLAGS.stages) - {"clip", "unet", "dit", "onestep", "tdm"}
   if unknown:
     raise app.UsageError(f"--stages: unknown stage(s) {sorted(unknown)}")
   tok_dir = os.path.join(out, "toy_clip")
@@ -401,6 +444,8 @@ def main(argv):
               init=FLAGS.dit_init)
   if "onestep" in FLAGS.stages:
     train_onestep(out, FLAGS.onestep_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.onestep_lr)
+  if "tdm" in FLAGS.stages:
+    train_tdm(out, FLAGS.tdm_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.tdm_lr)
   print(f"wrote {', '.join(FLAGS.stages)} to {out}", flush=True)
 
 

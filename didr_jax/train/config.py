@@ -31,7 +31,7 @@ import re
 import jax
 import ml_collections
 
-METHODS = ("ddpo", "crd", "didr")
+METHODS = ("ddpo", "crd", "didr", "tdm", "tdmr1")
 BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit")
 
 
@@ -385,6 +385,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
     from didr_jax.train.didr_config import validate_didr_section
     _require("didr" in c, "didr", "method 'didr' needs the didr section (didr_config.didr_section)")
     validate_didr_section(c.didr)
+  if c.method in ("tdm", "tdmr1"):
+    from didr_jax.train.tdm_config import validate_tdm_section
+    _require("tdm" in c, "tdm", f"method {c.method!r} needs the tdm section "
+             "(tdm_config.tdm_section / tdmr1_section)")
+    validate_tdm_section(c.tdm)
+    if c.tdm.generator_path:
+      _require(os.path.isdir(c.tdm.generator_path), "tdm.generator_path",
+               f"{c.tdm.generator_path!r} is not a folder (the toy student is built by "
+               "python -m didr_jax.toy.pretrain --stages=tdm; \"\" starts from the teacher)")
+    if c.method == "tdmr1":
+      _require("beta_dpo" in c.tdm, "tdm", "method 'tdmr1' needs the TDM-R1 section "
+               "(tdm_config.tdmr1_section)")
+      _require(s.group_size >= 2, "sample.group_size", f"TDM-R1's group preference compares a "
+               f"prompt's samples: needs >= 2 per prompt, got {s.group_size}")
   _check_prompts(c, training)
   _check_backbone_folder(c)
   if c.method == "ddpo":  # the stochastic-policy settings only DDPO's MDP reads

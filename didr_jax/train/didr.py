@@ -147,12 +147,7 @@ class DIDRTrainer:
 
   def _shard(self, tree, batch: int):
     """Lays leaves with a leading batch axis out along the mesh's batch axes."""
-    def put(x):
-      x = jnp.asarray(x)
-      if x.ndim == 0 or x.shape[0] != batch:
-        return x
-      return jax.device_put(x, mesh_lib.batch_sharding(self.mesh, x.ndim, self.rules, batch))
-    return jax.tree.map(put, tree)
+    return common.shard_batch(tree, batch, self.mesh, self.rules)
 
   def _noise(self, rng, batch: int) -> jax.Array:
     z = jax.random.normal(rng, self.bb.latent_shape(batch), jnp.float32)

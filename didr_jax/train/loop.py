@@ -165,6 +165,12 @@ def make_trainer(c, backbone, mesh) -> Trainer:
   if c.method == "didr":
     from didr_jax.train.didr import DIDRTrainer
     return DIDRTrainer(c, backbone, mesh)
+  if c.method == "tdm":
+    from didr_jax.train.tdm import TDMTrainer
+    return TDMTrainer(c, backbone, mesh)
+  if c.method == "tdmr1":
+    from didr_jax.train.tdm_r1 import TDMR1Trainer
+    return TDMR1Trainer(c, backbone, mesh)
   raise config_lib.ConfigError(f"config.method: unknown method {c.method!r}")
 
 

@@ -76,12 +76,13 @@ def _component(backbone) -> str:
   return "unet" if backbone.family == "vp" else "transformer"
 
 
-def load_generator(path: str, backbone, like: Any, *, dtype, mesh, rules, remat: bool) -> Any:
+def load_generator(path: str, backbone, like: Any, *, dtype, mesh, rules, remat: bool,
+                   key: str = "config.didr.generator_path") -> Any:
   """The parameters (pure dict, placed on ``mesh``) of a one-step checkpoint folder: a pipeline
   folder (its trainable model) or a ``unet`` / ``transformer`` component folder. Raises
-  ConfigError naming ``didr.generator_path`` when it is unreadable or its parameters differ
-  from ``like`` (the reference's) in names, shapes or dtypes."""
-  key = "config.didr.generator_path"
+  ConfigError naming ``key`` (the config key of the path) when it is unreadable or its
+  parameters differ from ``like`` (the reference's) in names, shapes or dtypes. TDM's few-step
+  students load through it too."""
   if not os.path.isdir(path):
     raise ConfigError(f"{key}: {path!r} is not a folder")
   try:

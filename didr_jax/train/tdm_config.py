@@ -1,8 +1,17 @@
-"""Proposed config sections for TDM (few-step distillation) and TDM-R1 (its RL stage), with the
-authors' defaults from METHODS.md section 4 (values marked [reconstruction] are this project's
-reading where the summary leaves a choice open). ``validate_tdm_section`` checks a section,
-raising ``ConfigError("config.tdm.key: why")``. Not wired into ``train/config.py`` yet: the trainer
-that consumes these (issue 15, part 3) will do that.
+"""The ``tdm`` config section of TDM (few-step distillation, method "tdm") and TDM-R1 (its RL
+stage, method "tdmr1"), with the authors' defaults from METHODS.md section 4 (values marked
+[reconstruction] are this project's reading where the summary leaves a choice open).
+``validate_tdm_section`` checks a section, raising ``ConfigError("config.tdm.key: why")``;
+``train.config.validate`` calls it for both methods.
+
+Batch semantics for TDM / TDM-R1 (the shared sections of ``base_config()``):
+  sample.batch_size    student rollouts per iteration (TDM-R1: prompts x group, the paper's 48 x 24)
+  sample.group_size    rollouts per prompt (TDM-R1's group K; >= 2 for the group preference)
+  sample.num_batches   iterations per epoch (each: one rollout batch, then M boundary updates)
+  train.adam_eps / max_consecutive_nonfinite   used; the learning rates, betas, weight decay and
+                       gradient clip of the three networks are the ``tdm`` section's own
+  sample.num_steps / eval.num_steps / eval.eta  ignored: the student always takes tdm.num_steps
+                       deterministic steps
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ def tdm_section() -> ml_collections.ConfigDict:
   """TDM: K-step deterministic student, fake score, distribution matching."""
   d = ml_collections.ConfigDict()
   d.num_steps = 4                # K student steps (K + 1 stored boundary states)
+  d.generator_path = ""          # student initialisation (a pipeline or component folder in
+                                 # diffusers format, e.g. a TDM student); "" = copy of the teacher
+  d.ema_decay = 0.0              # generator EMA that sampling / evaluation use (0 = none)
   d.shift = 3.0                  # flow: static shift of the student's sigma grid
   d.student_cfg = 1.0            # the student samples without CFG
   d.ref_cfg = 3.5                # TDM alone: teacher CFG scale in the DM target [reconstruction]
@@ -39,8 +51,6 @@ def tdm_section() -> ml_collections.ConfigDict:
 def tdmr1_section() -> ml_collections.ConfigDict:
   """TDM-R1: the TDM section plus the DGPO surrogate and the generator's reward terms."""
   d = tdm_section()
-  d.group_size = 24              # images per prompt (sample.group_size)
-  d.prompts_per_iter = 48
   d.adv_clip = 5.0               # A = per-prompt normalised reward (global std), clipped
   d.beta_dpo = 1.0               # 10 for OCR / HPS, 1 for GenEval / ImageReward
   d.trust_clip = 1e-3            # c of the ratio exp(l_old - l_phi) in [1 - c, 1 + c]
@@ -75,6 +85,10 @@ def validate_tdm_section(d: ml_collections.ConfigDict) -> dict:
            f"must be in [1, num_steps={d.num_steps}], got {d.boundaries_per_iter}")
   _require(0.0 < float(d.tau_max) <= 1.0, "tau_max", f"must be in (0, 1], got {d.tau_max}")
   _require(float(d.shift) > 0, "shift", f"must be > 0, got {d.shift}")
+  _require(float(d.student_cfg) >= 1.0, "student_cfg", f"must be >= 1 (1 = no guidance), got "
+           f"{d.student_cfg}")
+  _require(float(d.ref_cfg) >= 1.0, "ref_cfg", f"must be >= 1 (1 = no guidance), got {d.ref_cfg}")
+  _require(0.0 <= float(d.ema_decay) < 1.0, "ema_decay", f"must be in [0, 1), got {d.ema_decay}")
   for key in ("fake_ref_weight", "weight_decay", "max_grad_norm"):
     _require(float(d[key]) >= 0, key, f"must be >= 0, got {d[key]}")
   betas = ["gen_betas", "fake_betas"] + (["surrogate_betas"] if "surrogate_betas" in d else [])
@@ -87,16 +101,46 @@ def validate_tdm_section(d: ml_collections.ConfigDict) -> dict:
     _require(float(d[key]) > 0, key, f"must be > 0, got {d[key]}")
   if "beta_dpo" not in d:
     return {}
-  _require(int(d.group_size) >= 2, "group_size", f"group preference needs >= 2, got "
-           f"{d.group_size}")
   for key in ("beta_dpo", "adv_clip", "trust_clip", "anchor_threshold"):
     _require(float(d[key]) > 0, key, f"must be > 0, got {d[key]}")
   _require(float(d.trust_clip) < 1, "trust_clip", f"must be < 1, got {d.trust_clip}")
   _require(0.0 <= float(d.t_min_reward) < float(d.tau_max), "t_min_reward",
            f"must be in [0, tau_max={d.tau_max}), got {d.t_min_reward}")
-  for key in ("anchor_weight", "w_kl", "w_cfg", "w_rew"):
+  _require(float(d.surrogate_cfg) >= 1.0, "surrogate_cfg", f"must be >= 1, got {d.surrogate_cfg}")
+  for key in ("anchor_weight", "w_kl", "w_cfg", "w_rew", "cfg_reward_scale"):
     _require(float(d[key]) >= 0, key, f"must be >= 0, got {d[key]}")
   try:
     return {"old": SnapshotSchedule.of(d.old)}
   except (ValueError, KeyError, TypeError) as e:
     raise ConfigError(f"config.tdm.old: {e}") from None
+
+
+def real_config(kind: str, *, ref_cfg: float, surrogate_cfg: float) -> ml_collections.ConfigDict:
+  """The shared TDM-R1 recipe of configs/tdmr1_sdxl.py and configs/tdmr1_zimage.py (unlocked):
+  bfloat16 with remat, PickScore as the (host, never differentiated) reward with beta_dpo 10
+  (METHODS: 10 for OCR / HPS-like preference rewards), K = 4 student steps (flow shift 3), the
+  authors' optimisers, groups of 24 samples per prompt. The paper's iteration is 48 prompts x 24
+  = 1152 rollouts; these configs take 2 prompts (48 rollouts, one device's worth) per iteration
+  and 8 iterations per epoch: raise ``sample.batch_size`` with the devices."""
+  from didr_jax.train import config as config_lib
+  c = config_lib.base_config()
+  c.method = "tdmr1"
+  c.backbone.kind = kind
+  c.backbone.path = ""            # required: the teacher folder
+  c.backbone.dtype = "bfloat16"
+  c.backbone.remat = True
+  c.rewards = {"pickscore": 1.0}  # any registered reward works (e.g. "remote" for OCR / GenEval)
+  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
+  c.prompts.eval = "toy:heldout"
+  c.num_epochs, c.checkpoint_every, c.eval_every = 100, 5, 10
+  c.sample.num_steps = 4          # the student's K (sampling ignores it: tdm.num_steps)
+  c.sample.group_size = 24
+  c.sample.batch_size = c.train.batch_size = 48
+  c.sample.num_batches = 8
+  c.tdm = tdmr1_section()
+  c.tdm.ref_cfg = ref_cfg
+  c.tdm.surrogate_cfg = surrogate_cfg
+  c.tdm.beta_dpo = 10.0
+  c.eval.num_samples = 64
+  c.eval.batch_size = 32
+  return c

@@ -1,0 +1,400 @@
+"""The TDM trainer: a K-step deterministic student distilled from the frozen teacher by
+Trajectory Distribution Matching (METHODS.md section 4, step 1 and the t_KL term of step 3),
+for both backbone families. TDM-R1 (``train/tdm_r1.py``) extends it.
+
+The maths lives in ``didr_jax.losses.tdm``; this file moves data.
+
+**Student grid** (``StudentGrid``), K + 1 boundary times t_0 > ... > t_K:
+- VP: DDIM's K-step grid of the scheduler (``schedules.ddim_timesteps``: t_j and t_{j+1} =
+  prev_j; the last prev is negative, i.e. the final alpha_cumprod, 1 with set_alpha_to_one);
+- flow: sig_j = shift u_j / (1 + (shift - 1) u_j), u = linspace(1, 1/K, K), then sig_K = 0
+  (``tdm.shift``, 3 as the authors' 4-step solver).
+**Student step** ``losses.tdm.student_step``: (x0_hat, eps_hat) from the output at (x_j, t_j),
+x_{j+1} = alpha_{j+1} x0_hat + sigma_{j+1} eps_hat (DDIM eta 0 / flow Euler, no x0 clipping);
+sampling (training rollouts and evaluation) is that step K times from x_0 ~ N(0, I), one scan
+(``ddim.run_sampler``), optionally with CFG ``tdm.student_cfg`` (default 1: none).
+
+**Per iteration** (``sample.num_batches`` per epoch, RNG from (seed, epoch, iteration)):
+  1. draw ``sample.batch_size`` prompts (``sample.group_size`` rollouts each) and roll the
+     student out, storing every boundary state x_0 .. x_K (``latents``); the decoded x_K go to
+     the host rewarder (logged as ``reward_mean``; TDM-R1 waits for them: its advantages);
+  2. for each of ``tdm.boundaries_per_iter`` = M boundary indices j (drawn uniformly without
+     replacement from {0, ..., K-1}), in this fixed order:
+     a. fake step: the current student's step at the stored x_j gives (x0_hat, x_{j+1});
+        tau ~ (t_{j+1}, tau_max T) (``losses.tdm.sample_tau``; VP integer, flow sigma >= 1e-3),
+        x_tau = ``kernels.renoise``(x_{j+1}) with fresh eps, target whose clean estimate is
+        x0_hat (``losses.tdm.renoised_target``); ``losses.tdm.fake_score_loss`` against the
+        frozen teacher's conditional output; one AdamW step (``common.guarded_apply``);
+     b. (TDM-R1 only: the surrogate's DGPO step, ``train/tdm_r1.py``);
+     c. generator step: the live student step at x_j gives x0_hat (with gradient) and
+        sg(x_{j+1}); x_tau as in (a) with fresh tau, eps; the teacher (CFG ``tdm.ref_cfg``) and
+        the fake score at x_tau give x0_ref^CFG and x0_fake; ``losses.tdm.dm_loss``
+        (gradient (x0_fake - x0_ref^CFG) / (mean|x0_hat - x0_ref^CFG| B)); one AdamW step;
+        then the generator EMA (``tdm.ema_decay``; 0 = none).
+The student's stored states are the iteration's rollout (boundaries later in the order see
+states of the student before this iteration's earlier updates).
+
+State (a pytree, all of it checkpointed):
+    {"step", "params": {"generator", "fake"[, "surrogate"]}, "opt": {same keys},
+     ["ema": {["generator"] (float32, when ema_decay > 0)[, "old"] (float32, TDM-R1)}]}
+("ema" only when it holds something)
+The frozen teacher (the loaded pipeline's model) stays in the trainer; the fake score (and
+TDM-R1's surrogate) start from it, the student from ``tdm.generator_path`` or from it too.
+Host state: the non-finite step counter only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from didr_jax.diffusion import ddim, guidance, kernels, param
+from didr_jax.diffusion.schedules import ddim_timesteps
+from didr_jax.losses import common as loss_common, tdm as tdm_losses
+from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.train import common, one_step
+from didr_jax.train.tdm_config import validate_tdm_section
+
+EpochAbandoned = common.EpochAbandoned
+FLOW_TAU_FLOOR = 1e-3   # smallest flow re-noising sigma (the target divides by it)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentGrid:
+  """The K + 1 boundary times of the student (``times[j]``: VP int timestep, negative for the
+  final clean state; flow sigma) and the family's re-noising time range."""
+  times: np.ndarray
+  integer: bool
+  horizon: int            # VP: num_train_timesteps T; flow: 0 (unused)
+
+  @classmethod
+  def of(cls, backbone, num_steps: int, shift: float) -> "StudentGrid":
+    if backbone.family == "vp":
+      ts, prevs = ddim_timesteps(backbone.schedule, num_steps)
+      return cls(np.concatenate([ts, prevs[-1:]]).astype(np.int32), True,
+                 int(backbone.schedule.num_train_timesteps))
+    u = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    sig = shift * u / (1.0 + (shift - 1.0) * u)
+    return cls(np.concatenate([sig, [0.0]]).astype(np.float32), False, 0)
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.times) - 1
+
+  def tau_range(self, lo, fraction_lo: float = 0.0, tau_max: float = 1.0):
+    """(lo, hi) of a re-noising time above the boundary time ``lo`` (traced) and above the
+    fraction ``fraction_lo`` of the process: VP integers in [max(lo, 0, int(f T)),
+    min(int(tau_max T), T - 1)]; flow sigmas in [max(lo, f, FLOW_TAU_FLOOR), tau_max)."""
+    if self.integer:
+      hi = min(int(tau_max * self.horizon), self.horizon - 1)
+      lo = jnp.maximum(jnp.asarray(lo, jnp.int32), int(fraction_lo * self.horizon))
+      return jnp.clip(lo, 0, hi), hi
+    lo = jnp.maximum(jnp.asarray(lo, jnp.float32), max(fraction_lo, FLOW_TAU_FLOOR))
+    return jnp.minimum(lo, tau_max), tau_max
+
+
+class TDMTrainer:
+  """Holds static things (graph, optimizers, teacher, grid, compiled functions); the state is a
+  pytree (module docstring)."""
+
+  R1 = False
+
+  def __init__(self, config, backbone, mesh):
+    c = self.c = config
+    d = c.tdm
+    self.bb, self.mesh = backbone, mesh
+    self.rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
+    self.sections = validate_tdm_section(d)
+    self.net = common.Net.of(backbone.model)
+    self.ref_params = self.net.take_params()      # the frozen teacher, never donated
+    self.grid = StudentGrid.of(backbone, int(d.num_steps), float(d.shift))
+    self.ptype = backbone.prediction_type
+    eps = c.train.adam_eps
+    opt = lambda lr, betas: common.make_optimizer(
+        float(lr), b1=float(betas[0]), b2=float(betas[1]), eps=eps,
+        weight_decay=float(d.weight_decay), max_grad_norm=float(d.max_grad_norm))
+    self.tx = {"generator": opt(d.gen_lr, d.gen_betas), "fake": opt(d.fake_lr, d.fake_betas)}
+    if self.R1:
+      self.tx["surrogate"] = opt(d.surrogate_lr, d.surrogate_betas)
+    self.guard = common.NonFiniteGuard(c.train.max_consecutive_nonfinite)
+    self._negatives: dict[int, Any] = {}
+    self._rollout = jax.jit(self._rollout_impl)
+    self._fake_update = jax.jit(self._fake_update_impl, donate_argnums=(0,))
+    self._gen_update = jax.jit(self._gen_update_impl, donate_argnums=(0,))
+
+  # ------------------------------------------------------------------------------ state
+
+  def _copy(self, tree, dtype=None):
+    return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), tree)
+
+  def init_state(self) -> dict:
+    """Student (``tdm.generator_path`` or a copy of the teacher), fake score (and TDM-R1's
+    surrogate and its float32 EMA "old" copy) from the teacher, optimizer states, the
+    generator EMA (float32, when ``tdm.ema_decay`` > 0) and the step."""
+    d = self.c.tdm
+    if d.generator_path:
+      dtype = jnp.bfloat16 if self.c.backbone.dtype == "bfloat16" else jnp.float32
+      gen = one_step.load_generator(d.generator_path, self.bb, self.ref_params, dtype=dtype,
+                                    mesh=self.mesh, rules=self.rules,
+                                    remat=self.c.backbone.remat,
+                                    key="config.tdm.generator_path")
+    else:
+      gen = self._copy(self.ref_params)
+    params = {"generator": gen, "fake": self._copy(self.ref_params)}
+    ema = {}
+    if float(d.ema_decay) > 0:
+      ema["generator"] = self._copy(gen, jnp.float32)
+    if self.R1:
+      params["surrogate"] = self._copy(self.ref_params)
+      ema["old"] = self._copy(self.ref_params, jnp.float32)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt": {k: self.tx[k].init(v) for k, v in params.items()}}
+    if ema:                                       # no empty subtree in the checkpoints
+      state["ema"] = ema
+    return common.on_mesh(state, self.mesh)
+
+  def host_state(self) -> dict:
+    """The non-finite step counter (everything else lives in the device state)."""
+    return {"nonfinite": self.guard.state_dict()}
+
+  def load_host_state(self, d: dict) -> None:
+    self.guard.load_state_dict(d.get("nonfinite", {}))
+
+  def policy_params(self, state) -> Any:
+    """The generator EMA in the generator's dtypes (the raw generator when ema_decay = 0)."""
+    gen = state["params"]["generator"]
+    if "generator" not in state.get("ema", {}):
+      return gen
+    return jax.tree.map(lambda e, p: e.astype(p.dtype), state["ema"]["generator"], gen)
+
+  # ------------------------------------------------------------------------------ pieces
+
+  def _shard(self, tree, batch: int):
+    """Lays leaves with a leading batch axis out along the mesh's batch axes."""
+    return common.shard_batch(tree, batch, self.mesh, self.rules)
+
+  def negative(self, batch: int):
+    """The unconditional conditioning for ``batch`` samples (encoded once per batch size)."""
+    if batch not in self._negatives:
+      self._negatives[batch] = self._shard(self.bb.negative(batch), batch)
+    return self._negatives[batch]
+
+  def _times(self, t, batch: int) -> jax.Array:
+    dt = jnp.int32 if self.grid.integer else jnp.float32
+    return jnp.broadcast_to(jnp.asarray(t, dt), (batch,))
+
+  def _alpha_sigma(self, t):
+    a, s = self.bb.alpha_sigma(t)
+    return jnp.asarray(a, jnp.float32), jnp.asarray(s, jnp.float32)
+
+  def _out(self, params, x, t, cond, uncond=None, scale=1.0) -> jax.Array:
+    """The network's output (float32) at (x, t) for ``cond`` (CFG ``scale`` with ``uncond``)."""
+    model = self.net.bind(params)
+    out = self.bb.denoise(model, x, self._times(t, x.shape[0]), cond, uncond, scale)
+    return out.astype(jnp.float32)
+
+  def _x0(self, out, x_t, t) -> jax.Array:
+    return param.to_x0(out, x_t, *self._alpha_sigma(t), self.ptype)
+
+  def _student_step(self, params, x, j, cond, uncond):
+    """(x_{j+1}, x0_hat) of the student's deterministic step at boundary j (traced), with CFG
+    ``tdm.student_cfg`` (``uncond`` unused at 1)."""
+    times = jnp.asarray(self.grid.times)
+    t, t_next = times[j], times[j + 1]
+    scale = float(self.c.tdm.student_cfg)
+    out = self._out(params, x, t, cond, uncond if scale != 1.0 else None, scale)
+    x_next, x0_hat, _ = tdm_losses.student_step(out, x, *self._alpha_sigma(t),
+                                                *self._alpha_sigma(t_next), self.ptype)
+    return x_next, x0_hat
+
+  def _renoise(self, rng, x_next, x0_hat, j, fraction_lo: float = 0.0):
+    """(x_tau, target, tau): tau between t_{j+1} and tau_max T, x_tau = q(x_tau | x_{j+1})
+    with fresh eps, target = the output whose clean estimate at x_tau is x0_hat."""
+    k_t, k_e = jax.random.split(rng)
+    lo, hi = self.grid.tau_range(jnp.asarray(self.grid.times)[j + 1], fraction_lo,
+                                 float(self.c.tdm.tau_max))
+    tau = tdm_losses.sample_tau(k_t, (x_next.shape[0],), lo, hi, integer=self.grid.integer)
+    eps = jax.random.normal(k_e, x_next.shape, jnp.float32)
+    x_tau, target = tdm_losses.renoised_target(
+        x_next, x0_hat, eps, *self._alpha_sigma(jnp.asarray(self.grid.times)[j + 1]),
+        *self._alpha_sigma(tau), self.ptype)
+    return x_tau, target, tau
+
+  # ------------------------------------------------------------------------------ sampling
+
+  def _rollout_impl(self, params, frozen, cond, uncond, x_init, student_cfg):
+    """The K-step deterministic rollout: (SampleOutput with the K + 1 boundary states in
+    ``latents`` and the grid times in ``timesteps`` / ``next_timesteps``, decoded x_K)."""
+    times = jnp.asarray(self.grid.times)
+    alphas, sigmas = self._alpha_sigma(times)
+    model_out = lambda x, t: self._out(params, x, t, cond, uncond, student_cfg)
+    idx = jnp.arange(self.grid.num_steps, dtype=jnp.int32)
+
+    def step(out, x, j, j_next, level, z):
+      del level, z
+      x_next, _, _ = tdm_losses.student_step(out, x, alphas[j], sigmas[j], alphas[j_next],
+                                             sigmas[j_next], self.ptype)
+      return x_next, jnp.zeros(x.shape[:1], jnp.float32), 0.0
+
+    traj = ddim.run_sampler(step, lambda x, j: model_out(x, times[j[0]]), x_init, idx, idx + 1,
+                            levels=0.0, rng=None, noise=None, return_outputs=False)
+    traj = traj._replace(timesteps=times[:-1], next_timesteps=times[1:])
+    return traj, self.bb.decode(frozen, traj.sample)
+
+  def rollout(self, params, cond, rng):
+    """Student rollouts from x_0 ~ N(0, I) (``rng``) for a batch of conditionings."""
+    b = jax.tree.leaves(cond)[0].shape[0]
+    x_init = self._shard(jax.random.normal(rng, self.bb.latent_shape(b), jnp.float32), b)
+    scale = float(self.c.tdm.student_cfg)
+    uncond = self.negative(b) if scale != 1.0 else None
+    return self._rollout(params, self.bb.frozen(), cond, uncond, x_init, jnp.float32(scale))
+
+  def sample(self, params, prompts, rng, *, num_steps=None, eta=None, guidance=None):
+    """(SampleOutput, images (B, H, W, 3) in [0, 1], cond, None): the K-step student;
+    ``num_steps``, ``eta`` and ``guidance`` are ignored (the student is deterministic, K steps,
+    guidance ``tdm.student_cfg``)."""
+    del num_steps, eta, guidance
+    b = len(prompts)
+    cond = self._shard(self.bb.encode(list(prompts)), b)
+    traj, images = self.rollout(params, cond, rng)
+    return traj, images, cond, None
+
+  # ------------------------------------------------------------------------------ updates
+
+  def _fake_update_impl(self, state, ref_params, latents, cond, uncond, j, rng):
+    """TDM's fake-score step at boundary j (module docstring, 2a)."""
+    d = self.c.tdm
+    x_next, x0_hat = jax.lax.stop_gradient(self._student_step(
+        state["params"]["generator"], latents[j], j, cond, uncond))
+    x_tau, _, tau = self._renoise(rng, x_next, x0_hat, j)
+    out_ref = self._out(ref_params, x_tau, tau, cond)
+    a_tau, s_tau = self._alpha_sigma(tau)
+    fake = state["params"]["fake"]
+
+    def loss_fn(p):
+      return tdm_losses.fake_score_loss(self._out(p, x_tau, tau, cond), out_ref, x_tau, x0_hat,
+                                        a_tau, s_tau, self.ptype,
+                                        ref_weight=float(d.fake_ref_weight))
+
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(fake)
+    new, opt, am = common.guarded_apply(self.tx["fake"], grads, state["opt"]["fake"], fake, loss)
+    state = {**state, "params": {**state["params"], "fake": new},
+             "opt": {**state["opt"], "fake": opt}}
+    return state, {**m, "fake_loss": loss, "fake_grad_norm": am["grad_norm"],
+                   "fake_nonfinite": am["nonfinite"]}
+
+  def _generator_targets(self, state, ref_params, x_tau, tau, cond, uncond, x0_hat, scales):
+    """(loss, metrics) of the generator at x_tau given the live x0_hat: TDM's DM loss."""
+    x0 = lambda out: self._x0(out, x_tau, tau)
+    ref_cond = x0(self._out(ref_params, x_tau, tau, cond))
+    ref_cfg = ref_cond
+    if float(self.c.tdm.ref_cfg) != 1.0:
+      ref_cfg = guidance.cfg(x0(self._out(ref_params, x_tau, tau, uncond)), ref_cond,
+                             scales["ref_cfg"])
+    x0_fake = x0(self._out(state["params"]["fake"], x_tau, tau, cond))
+    loss, m = tdm_losses.dm_loss(x0_hat, jax.lax.stop_gradient(ref_cfg),
+                                 jax.lax.stop_gradient(x0_fake), floor=float(self.c.tdm.dm_floor))
+    return loss, m
+
+  def _gen_update_impl(self, state, ref_params, latents, cond, uncond, j, rng, scales):
+    """The generator step at boundary j (module docstring, 2c), then the generator EMA.
+    ``scales`` holds the CFG scales as traced scalars (one program for any value)."""
+    d = self.c.tdm
+    gen = state["params"]["generator"]
+
+    def loss_fn(p):
+      x_next, x0_hat = self._student_step(p, latents[j], j, cond, uncond)
+      x_tau, _, tau = self._renoise(rng, jax.lax.stop_gradient(x_next),
+                                    jax.lax.stop_gradient(x0_hat), j)
+      return self._generator_targets(state, ref_params, x_tau, tau, cond, uncond, x0_hat, scales)
+
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen)
+    new_gen, new_opt, am = common.guarded_apply(self.tx["generator"], grads,
+                                                state["opt"]["generator"], gen, loss)
+    state = {**state, "step": state["step"] + 1,
+             "params": {**state["params"], "generator": new_gen},
+             "opt": {**state["opt"], "generator": new_opt}}
+    if "generator" in state.get("ema", {}):
+      state["ema"] = {**state["ema"], "generator": loss_common.ema_update(
+          state["ema"]["generator"], new_gen, float(d.ema_decay))}
+    return state, {**m, "generator_loss": loss, "generator_grad_norm": am["grad_norm"],
+                   "nonfinite": am["nonfinite"]}
+
+  def scales(self) -> dict:
+    """The CFG scales the generator step reads, as float32 scalars (traced arguments)."""
+    return {"ref_cfg": jnp.float32(self.c.tdm.ref_cfg)}
+
+  # ------------------------------------------------------------------------------ iteration
+
+  def boundaries(self, rng) -> list[int]:
+    """M boundary indices, uniform without replacement from {0, ..., K-1}."""
+    k = self.grid.num_steps
+    perm = np.asarray(jax.random.permutation(rng, k))
+    return [int(j) for j in perm[: int(self.c.tdm.boundaries_per_iter)]]
+
+  def _before_boundaries(self, state, traj, cond, prompts, images, rewarder, rng):
+    """TDM: submits the rollout's images to the host rewarder (logging only; None: not
+    scored). Returns (state, per-iteration context, futures of rewards, metrics)."""
+    if rewarder is None:
+      return state, None, [], {}
+    return state, None, [rewarder.submit(common.host_rows(images), prompts)], {}
+
+  def _surrogate_phase(self, state, ctx, cond, rng):
+    return state, {}
+
+  def train_step(self, state, prompts, rng, rewarder):
+    """One iteration on ``prompts`` (module docstring): rollout, then per boundary the fake,
+    (surrogate,) generator steps. Returns (state, metrics (device scalars), images, futures)."""
+    b = len(prompts)
+    k_roll, k_j, k_upd = jax.random.split(rng, 3)
+    cond = self._shard(self.bb.encode(list(prompts)), b)
+    uncond = self.negative(b)
+    traj, images = self.rollout(state["params"]["generator"], cond, k_roll)
+    state, ctx, futures, pre = self._before_boundaries(state, traj, cond, prompts, images,
+                                                       rewarder, k_upd)
+    ms, flags = [], []
+    scales = self.scales()
+    for i, j in enumerate(self.boundaries(k_j)):
+      k_f, k_s, k_g = jax.random.split(jax.random.fold_in(k_upd, i), 3)
+      jj = jnp.int32(j)
+      state, fm = self._fake_update(state, self.ref_params, traj.latents, cond, uncond, jj, k_f)
+      state, sm = self._surrogate_phase(state, ctx, cond, k_s)
+      state, gm = self._gen_update(state, self.ref_params, traj.latents, cond, uncond, jj, k_g,
+                                   scales)
+      flags += [fm.pop("fake_nonfinite"), sm.pop("surrogate_nonfinite", 0.0), gm["nonfinite"]]
+      ms.append({**fm, **sm, **gm})
+    m = {k: sum(x[k] for x in ms) / len(ms) for k in ms[0]}
+    m["nonfinite"] = jnp.max(jnp.stack([jnp.asarray(f, jnp.float32) for f in flags]))
+    self.guard.observe(m["nonfinite"])
+    return state, {**pre, **m}, images, futures
+
+  def epoch(self, state, epoch: int, stream, rewarder, stop=None):
+    """One epoch of ``sample.num_batches`` iterations -> (state, metrics, a few images).
+    ``stop()`` is asked before the first update only (the updates donate the state)."""
+    c = self.c
+    if stop is not None and stop():
+      raise EpochAbandoned(epoch)
+    rng = jax.random.fold_in(jax.random.key(c.seed), epoch)
+    s = c.sample
+    t0 = time.time()
+    futures, metrics, images = [], [], None
+    for b in range(s.num_batches):
+      prompts = stream.next(s.batch_size // s.group_size, s.group_size)
+      state, m, images, fs = self.train_step(state, prompts, jax.random.fold_in(rng, b), rewarder)
+      futures += fs
+      metrics.append(m)
+    self.guard.flush()
+    from didr_jax.train.advantages import gather_host
+    rewards = gather_host(np.concatenate([np.asarray(f.result()) for f in futures]))
+    elapsed = time.time() - t0
+    out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+    out["nonfinite"] = float(sum(float(m["nonfinite"]) for m in metrics))
+    out.update({"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+                "time_per_step_s": elapsed / s.num_batches,
+                "samples_per_s": len(rewards) / elapsed})
+    return state, out, np.asarray(common.host_rows(images))[: c.log_images]

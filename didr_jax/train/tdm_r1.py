@@ -1,0 +1,140 @@
+"""The TDM-R1 trainer (METHODS.md section 4): the TDM student (``train/tdm.py``) reinforced with
+any reward of the registry, differentiable or not (e.g. the toy detector), through a surrogate
+reward phi learned by group preference (DGPO) on the noisy states of its deterministic
+trajectories.
+
+The maths lives in ``didr_jax.losses.tdm_r1`` (and ``losses.tdm``); this file moves data. Per
+iteration (``TDMTrainer.train_step``):
+  1. K-step student rollouts of ``sample.batch_size`` samples, ``sample.group_size`` per prompt,
+     storing all K + 1 boundary states; the decoded x_K are scored on the host rewarder and
+     the iteration waits for them: A = per-prompt centred reward / (global std + 1e-4), clipped
+     to +-``tdm.adv_clip`` (``losses.common.group_advantages``), group = the prompt's samples;
+  2. for each of M boundaries j (uniform without replacement), in this fixed order:
+     a. the fake-score step of TDM (``TDMTrainer._fake_update_impl``);
+     b. the surrogate step: a stored boundary j' ~ P(j') proportional to j' + 1
+        (``tdm_r1.sample_boundary``), the clean estimate x0_hat of step j' from the two stored
+        states (``tdm.x0_from_states``), tau' >= max(t_{j'+1}, t_min_reward) and eps shared
+        within each group (``group_shared_uniform`` / ``group_shared_normal``), x_tau' and
+        target from ``tdm.renoised_target``; the conditional outputs of phi (live), of the frozen
+        teacher and of the EMA "old" phi give ``tdm_r1.dgpo_loss`` (trust-region and anchor
+        clips, weight (j' + 1) / K); one AdamW step of phi (``common.guarded_apply``), then
+        old <- d old + (1 - d) phi with d = ``tdm.old`` at the step counter;
+     c. the generator step on the live x0_hat at boundary j (x_tau re-noised from its
+        sg(x_{j+1})): ``tdm_r1.generator_loss`` = w_cfg L_cfg + w_rew L_rew + w_kl L_KL with the
+        teacher conditional / unconditional (CFG ``tdm.ref_cfg`` for the normaliser,
+        ``tdm.cfg_reward_scale`` for t_cfg), the fake score, the surrogate guided with
+        ``tdm.surrogate_cfg`` and the reference it is compared with (the teacher guided with the
+        same scale when ``tdm.rew_ref_cfg``, else its conditional output); one AdamW step and
+        the generator EMA.
+State: TDM's plus ``params.surrogate``, ``opt.surrogate`` and ``ema.old`` (float32), all
+checkpointed (resume is exact: every random draw comes from (seed, epoch, iteration)).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from didr_jax.diffusion import guidance
+from didr_jax.losses import common as loss_common, tdm as tdm_losses, tdm_r1 as r1_losses
+from didr_jax.train import common
+from didr_jax.train.config import ConfigError
+from didr_jax.train.tdm import EpochAbandoned, TDMTrainer  # noqa: F401
+
+
+class TDMR1Trainer(TDMTrainer):
+  """TDM plus the surrogate reward (module docstring)."""
+
+  R1 = True
+
+  def __init__(self, config, backbone, mesh):
+    if "beta_dpo" not in config.tdm:
+      raise ConfigError("config.tdm: method 'tdmr1' needs the TDM-R1 section "
+                        "(tdm_config.tdmr1_section)")
+    super().__init__(config, backbone, mesh)
+    self.old_schedule = self.sections["old"]
+    self.group = int(config.sample.group_size)
+    self._surrogate_update = jax.jit(self._surrogate_update_impl, donate_argnums=(0,))
+
+  def scales(self) -> dict:
+    d = self.c.tdm
+    return {"ref_cfg": jnp.float32(d.ref_cfg), "surrogate_cfg": jnp.float32(d.surrogate_cfg),
+            "cfg_reward_scale": jnp.float32(d.cfg_reward_scale)}
+
+  # ------------------------------------------------------------------------------ rewards
+
+  def _before_boundaries(self, state, traj, cond, prompts, images, rewarder, rng):
+    """Waits for the rollout's rewards and turns them into per-prompt advantages."""
+    from didr_jax.train.advantages import gather_host
+    future = rewarder.submit(common.host_rows(images), prompts)
+    rewards = jnp.asarray(gather_host(np.asarray(future.result(), np.float32)))
+    n = rewards.shape[0]
+    ids = jnp.arange(n, dtype=jnp.int32) // self.group
+    adv = loss_common.group_advantages(rewards, ids, n // self.group, std="global",
+                                       clip=float(self.c.tdm.adv_clip))
+    ctx = {"latents": traj.latents, "adv": self._shard(adv, n), "ids": self._shard(ids, n)}
+    return state, ctx, [future], {"adv_abs_mean": jnp.mean(jnp.abs(adv))}
+
+  # ------------------------------------------------------------------------------ surrogate
+
+  def _surrogate_phase(self, state, ctx, cond, rng):
+    return self._surrogate_update(state, self.ref_params, ctx["latents"], cond, ctx["adv"],
+                                  ctx["ids"], rng)
+
+  def _surrogate_update_impl(self, state, ref_params, latents, cond, adv, ids, rng):
+    """One DGPO step of phi on a stored boundary (module docstring, 2b), then the old EMA."""
+    d = self.c.tdm
+    k = self.grid.num_steps
+    groups = adv.shape[0] // self.group
+    k_j, k_t, k_e = jax.random.split(rng, 3)
+    jp = r1_losses.sample_boundary(k_j, k)
+    times = jnp.asarray(self.grid.times)
+    a_s, s_s = self._alpha_sigma(times[jp + 1])
+    x_s = latents[jp + 1]
+    x0_hat = tdm_losses.x0_from_states(latents[jp], x_s, *self._alpha_sigma(times[jp]), a_s, s_s)
+    lo, hi = self.grid.tau_range(times[jp + 1], float(d.t_min_reward), float(d.tau_max))
+    tau = r1_losses.group_shared_uniform(k_t, ids, groups, lo, hi, integer=self.grid.integer)
+    eps = r1_losses.group_shared_normal(k_e, ids, groups, x_s.shape[1:])
+    x_tau, target = tdm_losses.renoised_target(x_s, x0_hat, eps, a_s, s_s,
+                                               *self._alpha_sigma(tau), self.ptype)
+    out_ref = self._out(ref_params, x_tau, tau, cond)
+    out_old = self._out(state["ema"]["old"], x_tau, tau, cond)
+    phi = state["params"]["surrogate"]
+
+    def loss_fn(p):
+      l_phi, l_ref, l_old, dist = r1_losses.surrogate_losses(self._out(p, x_tau, tau, cond),
+                                                             out_ref, out_old, target)
+      return r1_losses.dgpo_loss(
+          l_phi, l_ref, l_old, dist, adv, ids, groups, boundary=jp, num_steps=k,
+          beta=float(d.beta_dpo), clip=float(d.trust_clip),
+          anchor_threshold=float(d.anchor_threshold), anchor_weight=float(d.anchor_weight),
+          anchor_directional=bool(d.anchor_directional))
+
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(phi)
+    new, opt, am = common.guarded_apply(self.tx["surrogate"], grads, state["opt"]["surrogate"],
+                                        phi, loss)
+    old, decay = self.old_schedule.update(state["ema"]["old"], new, state["step"])
+    state = {**state, "params": {**state["params"], "surrogate": new},
+             "opt": {**state["opt"], "surrogate": opt}, "ema": {**state["ema"], "old": old}}
+    scalars = {f"surrogate_{n}": v for n, v in m.items() if jnp.ndim(v) == 0}
+    return state, {**scalars, "surrogate_loss": loss, "surrogate_grad_norm": am["grad_norm"],
+                   "surrogate_boundary": jp.astype(jnp.float32), "decay_old": decay,
+                   "surrogate_nonfinite": am["nonfinite"]}
+
+  # ------------------------------------------------------------------------------ generator
+
+  def _generator_targets(self, state, ref_params, x_tau, tau, cond, uncond, x0_hat, scales):
+    """TDM-R1's three stop-gradient targets at x_tau (module docstring, 2c)."""
+    d = self.c.tdm
+    x0 = lambda p, c: jax.lax.stop_gradient(self._x0(self._out(p, x_tau, tau, c), x_tau, tau))
+    ps = state["params"]
+    ref_c, ref_u = x0(ref_params, cond), x0(ref_params, uncond)
+    phi_c, phi_u = x0(ps["surrogate"], cond), x0(ps["surrogate"], uncond)
+    ref_rew = (guidance.cfg(ref_u, ref_c, scales["surrogate_cfg"]) if d.rew_ref_cfg else ref_c)
+    return r1_losses.generator_loss(
+        x0_hat, x0_ref_cond=ref_c, x0_ref_uncond=ref_u,
+        x0_ref_cfg=guidance.cfg(ref_u, ref_c, scales["ref_cfg"]), x0_fake=x0(ps["fake"], cond),
+        x0_phi_cfg=guidance.cfg(phi_u, phi_c, scales["surrogate_cfg"]), x0_ref_rew=ref_rew,
+        cfg_scale=scales["cfg_reward_scale"], w_kl=float(d.w_kl), w_cfg=float(d.w_cfg),
+        w_rew=float(d.w_rew), floor=float(d.dm_floor))
