@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from didr_jax.cli_util import quiet_logs, run
+from didr_jax.cli_util import DEFAULT_COMPILE_CACHE, compile_cache, quiet_logs, run
 
 
 flags.DEFINE_string("workdir", None, "run directory written by didr_jax.main")
@@ -39,6 +39,7 @@ def main(argv):
   except (OSError, ValueError) as e:
     raise app.UsageError(f"{path} is unreadable ({e}); restore it from config.prev.json or "
                          "rerun didr_jax.main with the run's config") from None
+  compile_cache(c.get("compile_cache_dir", DEFAULT_COMPILE_CACHE))  # before anything compiles
   c.mesh.axes = tuple(tuple(a) for a in c.mesh.axes)
   c.mesh.rules = tuple(tuple(r) for r in c.mesh.rules)
   if FLAGS.num_samples:
