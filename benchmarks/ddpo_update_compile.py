@@ -4,7 +4,7 @@
                                            [--set key=value ...]
 
 Builds the config's trainer on one device, samples one epoch, then runs the epoch's updates
-(``train_on``: the layout step + every optimizer step) three times and prints: the compile time
+(``train_on``: the layout step + every optimizer step) ``--runs`` times (3) and prints: the compile time
 inside the first run (``CompileClock``: tracing + lowering + XLA), how many XLA compilations
 each run made (a second run must make none), and the seconds of the later runs (the training
 time of an epoch without compilation). ``--steps_per_call`` picks ``ddpo.steps_per_call``
@@ -25,6 +25,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--config", default="toy_ddpo")
   ap.add_argument("--steps_per_call", type=int, default=0)
+  ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--set", action="append", default=[], help="dotted.key=python literal")
   args = ap.parse_args()
   import ast
@@ -73,13 +74,13 @@ def main():
   print(f"{args.config}: {n} samples per epoch, train.batch_size {c.train.batch_size} x "
         f"grad_accum {c.train.grad_accum}, {k} trained steps per sample, {spc} per network "
         f"call, CFG in training {c.train.cfg}, backend {jax.default_backend()}", flush=True)
-  for run in range(3):
+  for run in range(args.runs):
     before = len(backend_compiles)
-    t0 = time.time()
+    t0, p0 = time.time(), time.process_time()
     state, m = trainer.train_on(state, data, uncond, jax.random.key(10 + run))
     jax.block_until_ready(state)
     t1 = time.time()
-    print(f"run {run + 1}: {t1 - t0:.1f} s, of it compiling {CompileClock.seconds(t0, t1):.1f} s "
+    print(f"run {run + 1}: {t1 - t0:.1f} s (CPU {time.process_time() - p0:.1f} s), of it compiling {CompileClock.seconds(t0, t1):.1f} s "
           f"({len(backend_compiles) - before} XLA compilations: "
           f"{', '.join(f'{x:.1f}' for x in backend_compiles[before:])} s), loss "
           f"{float(m['loss']):.4g}", flush=True)

@@ -34,9 +34,6 @@ def get_config():
   c.train.timestep_fraction = 1.0
   c.train.learning_rate = 1e-5
   c.ddpo = ddpo_section()
-  # one trained step per network call: at 1024 px the activations of all steps of a
-  # micro-batch at once would not fit (0 = all steps in one call, the small-model default)
-  c.ddpo.steps_per_call = 1
   c.eval.num_samples = 64
   c.eval.batch_size = 32
   c.eval.num_steps = 50

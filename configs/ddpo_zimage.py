@@ -51,9 +51,6 @@ def get_config():
   c.train.max_grad_norm = 1.0
   c.train.cfg = True
   c.ddpo = ddpo_section()
-  # one trained step per network call: at 1024 px the activations of all steps of a
-  # micro-batch at once would not fit (0 = all steps in one call, the small-model default)
-  c.ddpo.steps_per_call = 1
   c.ddpo.advantage = "group"
   c.ddpo.clip_range = 1e-4
   c.ddpo.adv_clip_max = 5.0

@@ -48,8 +48,7 @@ def _epoch_data(trainer, state, seed=0):
 
 
 def test_one_call_per_micro_batch_equals_the_per_step_gradients(toy_folder):
-  c = small(toy_folder)
-  assert c.ddpo.steps_per_call == 0  # the toy default: all trained steps in one call
+  c = small(toy_folder, **{"ddpo.steps_per_call": 0})  # all trained steps in one call
   trainer = _trainer(c)
   assert trainer.num_train_t == 2 and trainer.steps_per_call() == 2
   state = trainer.init_state()
@@ -114,7 +113,8 @@ def test_steps_per_call_config_checks(toy_folder):
   with pytest.raises(config_lib.ConfigError, match="config.ddpo.steps_per_call"):
     config_lib.validate(small(toy_folder, **{"ddpo.steps_per_call": 3}), num_devices=1)
   with pytest.raises(config_lib.ConfigError, match="config.ddpo.step_grad_clip"):
-    config_lib.validate(small(toy_folder, **{"ddpo.step_grad_clip": 1.0}), num_devices=1)
+    config_lib.validate(small(toy_folder, **{"ddpo.step_grad_clip": 1.0,
+                                             "ddpo.steps_per_call": 2}), num_devices=1)
   config_lib.validate(small(toy_folder, **{"ddpo.step_grad_clip": 1.0,
                                            "ddpo.steps_per_call": 1}), num_devices=1)
 
