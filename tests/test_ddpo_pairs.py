@@ -1,8 +1,7 @@
-"""The pair micro-batch DDPO update (``ddpo.steps_per_call``) on a tiny random toy pipeline:
+"""The pair micro-batch DDPO update (``ddpo.steps_per_call`` 0) on a tiny random toy pipeline:
 one network call over a micro-batch's (sample, step) pairs gives the loss, gradient and
 per-step diagnostics of the per-step layout (a Python loop of one gradient per (micro-batch,
-step), as the update was before, and the in-program per-step loop, steps_per_call 1), and a
-second epoch of updates compiles nothing."""
+step), as the update was before, and the in-program per-step loop, steps_per_call 1)."""
 
 import jax
 import jax.numpy as jnp
