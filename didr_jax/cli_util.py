@@ -25,6 +25,27 @@ def quiet_logs():
     logging.set_verbosity(logging.WARNING)
 
 
+DEFAULT_COMPILE_CACHE = "~/.cache/didr_jax/xla"
+
+
+def compile_cache(path: str | None = DEFAULT_COMPILE_CACHE) -> str | None:
+  """Turns on JAX's persistent compilation cache in ``path`` (``config.compile_cache_dir``;
+  ``~`` expanded), so a rerun, a resume or another entry point loads its compiled programs
+  instead of compiling them again; ``""`` leaves it off. An explicitly set
+  ``JAX_COMPILATION_CACHE_DIR`` environment variable wins (JAX reads it itself). Call it before
+  the first compilation: JAX decides on its first compile whether the cache is used. Returns
+  the directory in use, or None."""
+  env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if env:
+    return env
+  if not path:
+    return None
+  import jax
+  path = os.path.expanduser(str(path))
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 def fail(message: str, code: int = EXIT_BAD_INPUT):
   """Prints ``error: message`` (whitespace collapsed to one line) and exits with ``code``."""
   sys.stderr.write(f"error: {one_line(message)}\n")

@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from didr_jax.cli_util import quiet_logs, run
+from didr_jax.cli_util import compile_cache, quiet_logs, run
 
 
 flags.DEFINE_string("workdir", None, "run directory written by didr_jax.main")
@@ -38,6 +38,7 @@ def main(argv):
   except (OSError, ValueError, AttributeError) as e:
     raise app.UsageError(f"{path} is unreadable ({e}); restore it from an earlier "
                          "config.N.json or rerun didr_jax.main with the run's config") from None
+  compile_cache(c.compile_cache_dir)  # before anything compiles
   if FLAGS.num_samples:
     c.eval.num_samples = FLAGS.num_samples
   config_lib.validate(c, training=False)

@@ -19,7 +19,7 @@ from absl import app, flags
 
 from ml_collections import config_flags
 
-from didr_jax.cli_util import quiet_logs, run
+from didr_jax.cli_util import compile_cache, quiet_logs, run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
                                           lock_config=True)
@@ -32,6 +32,7 @@ def main(argv):
   quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  compile_cache(_CONFIG.value.get("compile_cache_dir", ""))  # before anything compiles
   from didr_jax.parallel import mesh as mesh_lib
   mesh_lib.maybe_initialize_distributed()
   from didr_jax.train import config as config_lib, loop

@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from didr_jax.cli_util import fail, quiet_logs, run
+from didr_jax.cli_util import compile_cache, fail, quiet_logs, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "local model folder")
@@ -80,6 +80,7 @@ def read_latents(path: str, batch: int) -> np.ndarray:
 
 def main(argv):
   quiet_logs()
+  compile_cache()  # the default cache directory (JAX_COMPILATION_CACHE_DIR overrides it)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   prompts = read_prompts()

@@ -103,9 +103,14 @@ def _final_params(workdir, c):
   return state, host, step
 
 
-def test_resume_equals_uninterrupted(toy_folder, tmp_path):
+def test_resume_equals_uninterrupted(toy_folder, tmp_path, capsys):
   full = str(tmp_path / "full")
   loop.train(small(toy_folder), full)
+  # two epochs of two updates each: the update and the sampler compile once (the run log
+  # names every compilation of a jitted step)
+  out = capsys.readouterr().out
+  assert out.count("compiled the update step in") == 1, out
+  assert out.count("compiled the sampler in") == 1, out
   split = str(tmp_path / "split")
   loop.train(small(toy_folder, num_epochs=1), split)
   loop.train(small(toy_folder), split)  # resumes at epoch 1

@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.async_checkpoint = True
   c.eval_every = 5              # epochs (0 = only before the first and after the last epoch)
   c.log_images = 16
+  # JAX's persistent compilation cache (didr_jax.main, evaluate): a rerun or resume loads the
+  # compiled steps; "" = off; an explicit JAX_COMPILATION_CACHE_DIR environment variable wins
+  c.compile_cache_dir = "~/.cache/didr_jax/xla"
 
   c.backbone = ml_collections.ConfigDict()
   c.backbone.kind = "toy_unet"
@@ -206,6 +209,13 @@ def _validate_policy(c: ml_collections.ConfigDict) -> None:
              "prompt's group)")
     _require(d.step_grad_clip >= 0, "ddpo.step_grad_clip",
              f"must be >= 0 (0 = off), got {d.step_grad_clip}")
+    k = train_steps(s, c.train)
+    spc = int(d.steps_per_call)
+    _require(spc >= 0 and (spc == 0 or k % spc == 0), "ddpo.steps_per_call",
+             f"must be 0 (all) or divide the {k} trained steps per sample, got {spc}")
+    _require(d.step_grad_clip == 0 or (spc or k) == 1, "ddpo.step_grad_clip",
+             "clips each trajectory step's gradient, so each network call must train one step: "
+             f"set ddpo.steps_per_call = 1 (it is {spc})")
 
 
 def _non_finite(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -7,10 +7,21 @@ The math lives in ``didr_jax.losses.ddpo``; this file only moves data. Per epoch
   2. Rewards of the global batch -> advantages (per-prompt buffer or per-epoch groups).
   3. For each inner epoch: shuffle samples into micro-batches of ``train.batch_size``, draw for
      each micro-batch k = ``config.train_steps`` of its stochastic steps (one set shared by the
-     micro-batch, as Flow-GRPO trains step j of a whole batch at once, which makes the gradient
-     norm of every trajectory step measurable), and run one jitted update per grad_accum
-     micro-batches; the update accumulates gradients over micro-batches and timesteps with a
-     ``lax.scan``.
+     micro-batch, as Flow-GRPO trains step j of a whole batch at once), and run one jitted
+     update per grad_accum micro-batches (an optimizer step covers train.batch_size x
+     grad_accum samples x their k steps).
+
+The update is a "pair micro-batch" program: the (sample, step) pairs of a micro-batch are
+independent transitions given the stored trajectory, so they go through the network as one
+batch of train.batch_size x ``ddpo.steps_per_call`` pairs (per-pair timesteps; CFG folded into
+the batch by ``denoise``), and the update makes grad_accum x k / steps_per_call such calls
+(steps_per_call 0 = all k: one forward-backward per micro-batch, so the compiled program
+holds one network call instead of one per step). The loss and gradient are those of the
+per-step layout (steps_per_call 1, the default: one call per step, the sum over steps of
+per-step masked means), only in fewer, bigger calls. The per-step layout uses the least
+activation memory, measures ``grad_norm/step_s`` and applies ``ddpo.step_grad_clip``, and on
+XLA:CPU it measured faster: the toy UNet's one-call update (160 pairs, CFG: batch 320)
+compiled in about 2/3 of the time but ran over 10 times slower than five calls of 32.
 
 The policy's steps (``sample.deterministic_last_step``, ``sample.sde_window``): a per-step noise
 level vector, sample.eta on the stochastic (MDP) steps and 0 elsewhere (ODE steps, log-prob 0,
@@ -19,7 +30,8 @@ is 0, e.g. DDIM's last step with set_alpha_to_one, is masked even at a nonzero l
 
 Per-timestep diagnostics (epoch metrics, so TensorBoard and history.json): for every trajectory
 step s that was trained, ``clipfrac/step_s``, ``abs_dlogp/step_s`` (mean |log p_new - log p_old|)
-and ``grad_norm/step_s`` (the norm of one micro-batch's gradient at that step, before averaging).
+and, with ``ddpo.steps_per_call`` 1, ``grad_norm/step_s`` (the norm of one micro-batch's
+gradient at that step, before averaging).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from didr_jax.diffusion import ddim
 from didr_jax.losses import ddpo as ddpo_loss
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import advantages, common, config as config_lib
+from didr_jax.train.logging import log_compiles
 
 
 def ddpo_section():
@@ -51,7 +64,14 @@ def ddpo_section():
   d.advantage = "per_prompt"     # "per_prompt" (DDPO buffer) or "group" (Flow-GRPO)
   d.advantage_std = "global"     # group mode: divide by the std of the batch or of the group
   d.step_grad_clip = 0.0         # > 0: clip each trajectory step's gradient to this norm
-                                 # before averaging (the late steps dominate it on flow models)
+                                 # before averaging (the late steps dominate it on flow models);
+                                 # needs one step per network call (steps_per_call 1)
+  d.steps_per_call = 1           # trained steps per network call of the update: one call runs
+                                 # train.batch_size x steps_per_call (sample, step) pairs;
+                                 # 1 = one call per step (least memory; measures
+                                 # grad_norm/step_s; the faster on XLA:CPU, measured on the
+                                 # toy); 0 = all of a micro-batch's steps in one call (one
+                                 # network call in the program, k x the activation memory)
   d.buffer_size = 32
   d.min_count = 16
   d.rwr_mode = "exp"             # "exp" or "sparse"
@@ -72,6 +92,8 @@ def epoch_metrics(updates: list[dict]) -> dict:
   if "steps_count" in host[0]:
     count = np.sum([m["steps_count"] for m in host], axis=0)
     for key, name in _STEP_METRICS.items():
+      if key not in host[0]:  # grad_norm_steps: only measured with one step per network call
+        continue
       total = np.sum([m[key] for m in host], axis=0)
       for step in np.flatnonzero(count > 0):
         out[f"{name}/step_{step:02d}"] = float(total[step] / count[step])
@@ -111,9 +133,11 @@ class DDPOTrainer:
       raise config_lib.ConfigError(f"config.ddpo.objective: {d.objective!r} is not 'ppo' or "
                                    "'rwr'")
     self.ref_params = (jax.tree.map(jnp.copy, self.net.params) if d.kl_beta > 0 else None)
-    self._sample = self.net.jit(self._sample_impl, jit=nnx.jit, static_argnames=("num_steps",))
-    self._update = self.net.jit(self._update_impl, donate_argnums=(0,))
-    self._prepare = jax.jit(self._prepare_impl)
+    self._sample = log_compiles("the sampler", self.net.jit(
+        self._sample_impl, jit=nnx.jit, static_argnames=("num_steps",)))
+    self._update = log_compiles("the update step", self.net.jit(self._update_impl,
+                                                                donate_argnums=(0,)))
+    self._prepare = log_compiles("the epoch layout", jax.jit(self._prepare_impl))
     # host state (checkpointed through host_state()): advantage statistics, skipped-step count
     self.normalizer = make_normalizer(d)
     self.guard = common.NonFiniteGuard(t.max_consecutive_nonfinite)
@@ -246,36 +270,59 @@ class DDPOTrainer:
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
         x, NamedSharding(self.mesh, P(*spec, *([None] * (x.ndim - len(spec)))))), shaped)
 
-  def _ppo_loss(self, params, micro, j, uncond, ref_params, guidance):
-    """PPO loss of micro-batch slot j (one trajectory step shared by the micro-batch), with the
-    deterministic steps masked out, the optional KL to the reference, and per-step diagnostics
-    (``*_steps``: (num_steps,) vectors, nonzero at this slot's step, summed by the update)."""
+  def _ppo_loss(self, params, micro, slots, uncond, ref_params, guidance):
+    """PPO loss of the micro-batch's slots ``slots`` (an int or a tuple of static slot
+    indices; slot j = one trajectory step shared by the micro-batch), summed over the slots:
+    L = sum_j L_j with L_j the masked mean over the micro-batch of the clipped surrogate at
+    slot j (``ddpo_loss.ppo_loss``; deterministic steps masked out) plus kl_beta x the masked
+    mean KL to the reference. The (sample, slot) pairs go through the network as ONE batch of
+    B x len(slots) inputs (flattened sample-major, per-pair timesteps; CFG doubles it inside
+    ``denoise``), so the gradient of L is sum_j grad L_j in one forward-backward. Metrics are
+    sums over the slots too, with per-step diagnostics (``*_steps``: (num_steps,) vectors, a
+    segment sum over each slot's trajectory step, divided by the update)."""
     d, s = self.c.ddpo, self.c.sample
-    model = self.net.bind(params)
-    x_t, t = micro["x_t"][:, j], micro["t"][:, j]
-    t_next, level = micro["t_next"][:, j], micro["level"][:, j]
+    slots = (slots,) if isinstance(slots, int) else tuple(slots)
+    kc = len(slots)
+    lo = slots[0]
+    contiguous = slots == tuple(range(lo, lo + kc))
+    pick = lambda x: x[:, lo:lo + kc] if contiguous else x[:, list(slots)]   # (B, kc, ...)
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])                    # (B * kc, ...)
+    x_t, x_next = flat(pick(micro["x_t"])), flat(pick(micro["x_next"]))
+    t, t_next = flat(pick(micro["t"])), flat(pick(micro["t_next"]))
+    level = flat(pick(micro["level"]))
+    b = micro["adv"].shape[0]
+    cond = jax.tree.map(lambda x: jnp.repeat(x, kc, axis=0), micro["cond"])
     unc = None if uncond is None else jax.tree.map(
         lambda u: jnp.broadcast_to(u, (x_t.shape[0],) + u.shape[1:]), uncond)
-    out = self.bb.denoise(model, x_t, t, micro["cond"], unc, guidance)
-    logp, mean, std = self.bb.log_prob(out, x_t, micro["x_next"][:, j], t, t_next, eta=level,
+    model = self.net.bind(params)
+    out = self.bb.denoise(model, x_t, t, cond, unc, guidance)
+    logp, mean, std = self.bb.log_prob(out, x_t, x_next, t, t_next, eta=level,
                                        sde_type=s.sde_type)
-    mask = jnp.asarray(std, jnp.float32) > ddim.LOG_STD_FLOOR
-    loss, metrics = ddpo_loss.ppo_loss(logp, micro["logp_old"][:, j], micro["adv"],
-                                       clip_range=d.clip_range, adv_clip_max=d.adv_clip_max,
-                                       mask=mask)
+    per_slot = lambda x: x.reshape((b, kc))                            # (B, kc)
+    mask = per_slot(jnp.broadcast_to(jnp.asarray(std, jnp.float32), logp.shape)
+                    > ddim.LOG_STD_FLOOR)
+    ppo = functools.partial(ddpo_loss.ppo_loss, clip_range=d.clip_range,
+                            adv_clip_max=d.adv_clip_max)
+    losses, metrics = jax.vmap(lambda lp, old, m: ppo(lp, old, micro["adv"], mask=m),
+                               in_axes=1)(per_slot(logp), pick(micro["logp_old"]), mask)
     if ref_params is not None:
-      ref_out = self.bb.denoise(self.net.bind(ref_params), x_t, t, micro["cond"], unc, guidance)
-      _, ref_mean, _ = self.bb.log_prob(ref_out, x_t, micro["x_next"][:, j], t, t_next,
-                                        eta=level, sde_type=s.sde_type)
+      ref_out = self.bb.denoise(self.net.bind(ref_params), x_t, t, cond, unc, guidance)
+      _, ref_mean, _ = self.bb.log_prob(ref_out, x_t, x_next, t, t_next, eta=level,
+                                        sde_type=s.sde_type)
       scale = self.bb.kl_std(t, t_next, eta=level, sde_type=s.sde_type)
-      kl = ddpo_loss.masked_mean(ddpo_loss.kl_to_reference(
-          mean, jax.lax.stop_gradient(ref_mean), scale), mask)
-      loss = loss + d.kl_beta * kl
+      kl_pair = per_slot(ddpo_loss.kl_to_reference(mean, jax.lax.stop_gradient(ref_mean),
+                                                   scale))
+      kl = jax.vmap(ddpo_loss.masked_mean, in_axes=1)(kl_pair, mask)           # (kc,)
+      losses = losses + d.kl_beta * kl
       metrics = {**metrics, "kl_ref": kl}
-    hit = jax.nn.one_hot(micro["step"][0, j], s.num_steps) * jnp.any(mask)
-    metrics = {**metrics, "steps_count": hit, "clipfrac_steps": hit * metrics["clipfrac"],
-               "abs_dlogp_steps": hit * metrics["abs_dlogp"]}
-    return loss, {**metrics, "loss": loss}
+    # slot j's trajectory step (shared by the micro-batch), counted when it has a live pair
+    hit = jax.nn.one_hot(pick(micro["step"])[0], s.num_steps) * jnp.any(mask, axis=0)[:, None]
+    steps = {"steps_count": jnp.sum(hit, axis=0),
+             "clipfrac_steps": metrics["clipfrac"] @ hit,
+             "abs_dlogp_steps": metrics["abs_dlogp"] @ hit}
+    loss = jnp.sum(losses)
+    metrics = {k: jnp.sum(v) for k, v in metrics.items()}
+    return loss, {**metrics, **steps, "loss": loss}
 
   def _rwr_loss(self, params, micro, rng):
     """Reward-weighted denoising loss on the final samples (eps-space MSE per sample)."""
@@ -289,45 +336,71 @@ class DDPOTrainer:
                               temperature=d.rwr_temperature, percentile=d.rwr_percentile)
     return loss, {"loss": loss}
 
-  def _update_impl(self, state, batch, uncond, ref_params, guidance, rng):
-    """One optimizer step from (grad_accum, B, k, ...) data: gradients averaged over
-    micro-batches and timesteps (a scan, so memory does not grow with either)."""
-    params = state["params"]["policy"]
+  def steps_per_call(self) -> int:
+    """Trained steps per network call (``ddpo.steps_per_call``; 0 = all k of them)."""
+    spc = int(self.c.ddpo.steps_per_call)
+    return self.num_train_t if spc <= 0 else spc
+
+  def _grads(self, params, batch, uncond, ref_params, guidance, rng):
+    """(gradient, metrics) of one optimizer step from (grad_accum, B, k, ...) data: the
+    gradient averaged over the grad_accum x k (micro-batch, step slot) PPO losses,
+        g = 1 / (grad_accum k) sum_a sum_j grad L_{a, j},
+    computed by grad_accum x (k / ddpo.steps_per_call) forward-backward calls, each over
+    B x steps_per_call (sample, step) pairs (one call per step by default). A loop
+    over the calls (unrolled on CPU, where XLA runs convolutions in loop bodies far slower,
+    a rolled ``lax.scan`` elsewhere) accumulates the gradient sums. With one step per call
+    the per-step gradient norms (``grad_norm_steps``) are measured and
+    ``ddpo.step_grad_clip`` clips each step's gradient before the sum."""
     acc = batch["adv"].shape[0]
     rwr = self.c.ddpo.objective == "rwr"
     k = 1 if rwr else self.num_train_t
+    kc = 1 if rwr else self.steps_per_call()
+    chunks = k // kc
+    per_step = not rwr and kc == 1
     guidance = guidance if self.c.train.cfg else jnp.float32(1.0)
     unc = uncond if self.c.train.cfg else None
 
-    def body(carry, idx):
-      grads, msum = carry
-      a, j = idx // k, idx % k
-      micro = jax.tree.map(lambda x: x[a], batch)
+    def grad_fn(micro, c, key):
       if rwr:
-        fn = lambda p: self._rwr_loss(p, micro, jax.random.fold_in(rng, idx))
+        fn = lambda p: self._rwr_loss(p, micro, key)
+        (_, m), g = jax.value_and_grad(fn, has_aux=True)(params)
+        return g, m
+      # slots of chunk c: a traced chunk index picks them (dynamic slices) so a rolled scan
+      # works; one chunk (the default) takes them all statically
+      if chunks == 1:
+        sub = micro
       else:
-        fn = lambda p: self._ppo_loss(p, micro, j, unc, ref_params, guidance)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, c * kc, kc, axis=1)
+        sub = {**micro, **{n: take(micro[n]) for n in
+                           ("x_t", "x_next", "t", "t_next", "logp_old", "level", "step")}}
+      fn = lambda p: self._ppo_loss(p, sub, tuple(range(kc)), unc, ref_params, guidance)
       (_, m), g = jax.value_and_grad(fn, has_aux=True)(params)
-      if not rwr:  # per-step diagnostics: this slot's gradient norm at its trajectory step
+      if per_step:  # this call's gradient is one trajectory step's: its norm, and the clip
         m = {**m, "grad_norm_steps": m["steps_count"] * optax.global_norm(g)}
         g = clip_step_grad(g, self.c.ddpo.step_grad_clip)
-      grads = jax.tree.map(jnp.add, grads, g)
-      msum = jax.tree.map(jnp.add, msum, m)
-      return (grads, msum), None
+      return g, m
 
+    def body(carry, idx):
+      grads, msum = carry
+      a, c = idx // chunks, idx % chunks
+      micro = jax.tree.map(lambda x: x[a], batch)
+      g, m = grad_fn(micro, c, jax.random.fold_in(rng, idx))
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, msum, m)), None
+
+    first = jax.tree.map(lambda x: x[0], batch)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    m0 = jax.eval_shape(lambda: (self._rwr_loss(params, jax.tree.map(lambda x: x[0], batch), rng)
-                                 if rwr else self._ppo_loss(params, jax.tree.map(
-                                     lambda x: x[0], batch), 0, unc, ref_params, guidance))[1])
+    m0 = jax.eval_shape(lambda: grad_fn(first, 0, rng)[1])
     m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
-    if not rwr:
-      m0["grad_norm_steps"] = jnp.zeros((self.c.sample.num_steps,), jnp.float32)
-    # XLA:CPU runs convolutions inside while-loop bodies far slower than unrolled (measured
-    # 30x on the toy UNet); accelerators keep the rolled loop (compile time flat in acc * k).
-    (grads, msum), _ = jax.lax.scan(body, (zeros, m0), jnp.arange(acc * k),
+    (grads, msum), _ = jax.lax.scan(body, (zeros, m0), jnp.arange(acc * chunks),
                                     unroll=jax.default_backend() == "cpu")
     grads = jax.tree.map(lambda g: g / (acc * k), grads)
     metrics = {k_: v / (acc * k) for k_, v in msum.items()}
+    return grads, metrics
+
+  def _update_impl(self, state, batch, uncond, ref_params, guidance, rng):
+    """One optimizer step (``_grads``) through ``common.guarded_apply``."""
+    params = state["params"]["policy"]
+    grads, metrics = self._grads(params, batch, uncond, ref_params, guidance, rng)
     new_params, opt, guard = common.guarded_apply(self.tx, grads, state["opt"]["policy"], params,
                                                   metrics["loss"])
     metrics.update(guard)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -54,6 +55,25 @@ class CompileClock:
       else:
         cur_b = max(cur_b, b)
     return total + (0.0 if cur_b is None else cur_b - cur_a)
+
+
+def log_compiles(name: str, fn):
+  """``fn`` (a jitted function) that prints ``compiled NAME in X s`` after each call during
+  which JAX compiled (its first call, or a recompilation, which this makes visible), with X
+  the compile time inside the call (``CompileClock``; nothing is printed before
+  ``CompileClock.install()``, e.g. outside the training loop)."""
+  @functools.wraps(fn)
+  def call(*args, **kw):
+    t0 = time.time()
+    out = fn(*args, **kw)
+    seconds = CompileClock.seconds(t0, time.time())
+    if seconds > 0 and jax.process_index() == 0:
+      print(f"compiled {name} in {seconds:.1f} s", flush=True)
+    return out
+  for attr in ("lower", "trace"):
+    if hasattr(fn, attr):
+      setattr(call, attr, getattr(fn, attr))
+  return call
 
 
 def save_grid_png(path: str, images: np.ndarray, prompts: Sequence[str]) -> None:
