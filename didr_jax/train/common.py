@@ -138,6 +138,22 @@ class EpochAbandoned(Exception):
   """Raised by a trainer's ``epoch`` when asked to stop before it changed the state."""
 
 
+class GuardedHostState:
+  """``host_state`` / ``load_host_state`` of a trainer whose only host state is its
+  ``NonFiniteGuard`` (``self.guard``); everything else lives in the checkpointed device state."""
+
+  def host_state(self) -> dict:
+    return {"nonfinite": self.guard.state_dict()}
+
+  def load_host_state(self, d: dict) -> None:
+    self.guard.load_state_dict(d.get("nonfinite", {}))
+
+
+def ema_as(ema, like):
+  """An EMA copy (kept in float32) cast to the dtypes of the parameters ``like``."""
+  return jax.tree.map(lambda e, p: e.astype(p.dtype), ema, like)
+
+
 class NonFiniteGuard:
   """Host-side count of consecutive skipped (non-finite) optimizer steps, kept across epochs
   and checkpoints. ``observe(flag)`` takes each update's ``nonfinite`` metric (a device scalar;

@@ -53,7 +53,7 @@ def _all_equal(a, b) -> jax.Array:
   return jnp.all(jnp.stack(eq)) if eq else jnp.bool_(True)
 
 
-class CRDTrainer:
+class CRDTrainer(common.GuardedHostState):
   """Holds static things (graphs, optimizer, schedules, the frozen reference, compiled
   functions); the training state is a pytree."""
 
@@ -96,13 +96,6 @@ class CRDTrainer:
              "opt": {"policy": self.tx.init(params)},
              "ema": {"old": copy(), "sampler": copy()}}
     return common.on_mesh(state, self.mesh)
-
-  def host_state(self) -> dict:
-    """The non-finite step counter (advantages are per epoch: nothing else carries over)."""
-    return {"nonfinite": self.guard.state_dict()}
-
-  def load_host_state(self, d: dict) -> None:
-    self.guard.load_state_dict(d.get("nonfinite", {}))
 
   def policy_params(self, state) -> Any:
     return state["params"]["policy"]

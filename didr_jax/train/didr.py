@@ -71,7 +71,7 @@ def build_reward(c):
   return reward
 
 
-class DIDRTrainer:
+class DIDRTrainer(common.GuardedHostState):
   """Holds static things (graph, optimizers, reference, reward, compiled functions); the state
   is a pytree (module docstring)."""
 
@@ -129,19 +129,11 @@ class DIDRTrainer:
              "ema": {"generator": copy(gen, jnp.float32)}}
     return common.on_mesh(state, self.mesh)
 
-  def host_state(self) -> dict:
-    """The non-finite step counter (everything else lives in the device state)."""
-    return {"nonfinite": self.guard.state_dict()}
-
-  def load_host_state(self, d: dict) -> None:
-    self.guard.load_state_dict(d.get("nonfinite", {}))
-
   def policy_params(self, state) -> Any:
     """The generator EMA in the generator's dtypes (the raw generator when ema_decay = 0)."""
     if self.c.didr.ema_decay == 0.0:
       return state["params"]["generator"]
-    return jax.tree.map(lambda e, p: e.astype(p.dtype), state["ema"]["generator"],
-                        state["params"]["generator"])
+    return common.ema_as(state["ema"]["generator"], state["params"]["generator"])
 
   # ------------------------------------------------------------------------------ pieces
 

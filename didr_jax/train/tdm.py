@@ -98,7 +98,7 @@ class StudentGrid:
     return jnp.minimum(lo, tau_max), tau_max
 
 
-class TDMTrainer:
+class TDMTrainer(common.GuardedHostState):
   """Holds static things (graph, optimizers, teacher, grid, compiled functions); the state is a
   pytree (module docstring)."""
 
@@ -158,19 +158,12 @@ class TDMTrainer:
       state["ema"] = ema
     return common.on_mesh(state, self.mesh)
 
-  def host_state(self) -> dict:
-    """The non-finite step counter (everything else lives in the device state)."""
-    return {"nonfinite": self.guard.state_dict()}
-
-  def load_host_state(self, d: dict) -> None:
-    self.guard.load_state_dict(d.get("nonfinite", {}))
-
   def policy_params(self, state) -> Any:
     """The generator EMA in the generator's dtypes (the raw generator when ema_decay = 0)."""
     gen = state["params"]["generator"]
     if "generator" not in state.get("ema", {}):
       return gen
-    return jax.tree.map(lambda e, p: e.astype(p.dtype), state["ema"]["generator"], gen)
+    return common.ema_as(state["ema"]["generator"], gen)
 
   # ------------------------------------------------------------------------------ pieces
 
