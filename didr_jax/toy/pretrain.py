@@ -373,9 +373,14 @@ def train_onestep(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e
       print(f"onestep {step}: generator_loss {float(m['generator_loss']):.4f} fake_loss "
             f"{float(m['fake_loss']):.4f} ({time.time() - t0:.0f}s)", flush=True)
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trainer.policy_params(state))
-  pipe.unet = trainer.net.bind(params)
+  # only the UNet (a diffusers component folder: config.json + safetensors, bfloat16); the rest
+  # of the pipeline is the toy UNet's (``one_step.load_generator`` reads either layout)
   dst = os.path.join(out, "toy_onestep")
-  pipe.export_diffusers(dst)
+  os.makedirs(dst, exist_ok=True)
+  _write_json(os.path.join(dst, "config.json"),
+              core.read_json(os.path.join(c.backbone.path, "unet", "config.json")))
+  core.save_safetensors(unet_lib.export_unet(trainer.net.bind(params)),
+                        os.path.join(dst, "diffusion_pytorch_model.safetensors"))
   return dst
 
 
