@@ -36,8 +36,7 @@ def toy_config(folder, **kw):
           # K = 1 (Tweedie, exact on Gaussians like the default ancestral K = 2, which
           # tests/test_losses_didr.py checks) halves the compile of every generator update
           "didr.drp_steps": 1,
-          "log_images": 2, "eval.num_samples": 0, "eval.batch_size": 8,
-          "didr.generator_path": ""}  # the teacher (the shipped generator is the toy UNet's)
+          "log_images": 2, "eval.num_samples": 0, "eval.batch_size": 8}
   base.update(kw)
   c = load_config("toy_didr", **base)
   config_lib.validate(c)

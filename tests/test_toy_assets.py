@@ -131,17 +131,17 @@ def test_dit_pretraining_continues_from_a_folder(tmp_path):
 
 
 def test_shipped_onestep_generator_loads_and_draws():
-  """``toy_onestep`` (the DI-distilled one-step toy generator, a bfloat16 diffusers UNet folder)
-  is what ``configs/toy_didr.py`` starts from: it loads against the toy UNet reference and one
-  network call gives finite, non-constant 32 x 32 RGB images in [0, 1] that differ from the
-  undistilled teacher's one-step images."""
+  """``toy_onestep`` (the DI-distilled one-step toy generator, a bfloat16 diffusers UNet folder;
+  ``--config.didr.generator_path`` of ``configs/toy_didr.py``) loads against the toy UNet
+  reference, and one network call gives finite, non-constant 32 x 32 RGB images in [0, 1] that
+  differ from the undistilled teacher's one-step images."""
   from didr_jax.convert import core
   from didr_jax.train.didr import DIDRTrainer
   folder = os.path.join(ASSETS, "toy_onestep")
   weights = core.open_weights(folder)
   assert {str(np.asarray(weights[k]).dtype) for k in weights} == {"bfloat16"}
-  c = load_config("toy_didr", **{"sample.batch_size": 4, "train.batch_size": 4})
-  assert c.didr.generator_path == folder
+  c = load_config("toy_didr", **{"sample.batch_size": 4, "train.batch_size": 4,
+                                 "didr.generator_path": folder})
   mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   trainer = DIDRTrainer(c, loop.build_backbone(c, mesh), mesh)
   state = trainer.init_state()
