@@ -5,7 +5,9 @@ both for toy prompts). Runs on a laptop CPU.
 
 The generator starts from the teacher (the toy UNet read as a one-step generator at t = 399,
 ``train.one_step``) unless ``--config.didr.generator_path`` names a distilled one-step toy
-generator (``python -m didr_jax.toy.pretrain --stages=onestep``). Modes: ``didr`` (default),
+generator: the shipped ``didr_jax/toy/assets/toy_onestep`` (``python -m didr_jax.toy.pretrain
+--stages=onestep``, 500 DI steps) is not the default because it evaluates worse than the
+undistilled teacher on every toy metric (README, DIDR section). Modes: ``didr`` (default),
 ``di`` (no reward: plain distillation), ``dipp`` (DI++, terminal reward). The reference is
 queried with the toy's sampling CFG 3. Learning rates and EMA are toy choices, not the paper's.
 """
