@@ -30,6 +30,13 @@ TINY = {"sample.batch_size": 4, "sample.num_batches": 1, "train.batch_size": 4,
         "log_images": 2, "eval.num_samples": 0, "eval.batch_size": 4}
 
 
+# The two real-backbone runs compile three UNet / DiT update programs each (about 20 minutes
+# together on a loaded 2-core CPU): opt-in with DIDR_JAX_SLOW_TESTS=1 until their compiles shrink.
+real_backbone = pytest.mark.skipif(
+    not os.environ.get("DIDR_JAX_SLOW_TESTS"),
+    reason="real-backbone TDM-R1 configs: set DIDR_JAX_SLOW_TESTS=1 (about 20 min on 2 cores)")
+
+
 @pytest.fixture(scope="module")
 def toy_folder(tmp_path_factory):
   return tiny.save_tiny_toy(str(tmp_path_factory.mktemp("toy")), sample_size=8)
@@ -186,6 +193,7 @@ def _real_epoch(name, folder):
   return tr, m
 
 
+@real_backbone
 def test_tdmr1_sdxl_config_trains_on_tiny_folders(tmp_path):
   folder = str(tmp_path / "sdxl")
   tiny.save_tiny_sd(folder, kind="sdxl", seed=5)
@@ -194,6 +202,7 @@ def test_tdmr1_sdxl_config_trains_on_tiny_folders(tmp_path):
   assert list(tr.grid.times) == [751, 501, 251, 1, -249]
 
 
+@real_backbone
 def test_tdmr1_zimage_config_trains_on_tiny_folders(tmp_path):
   from didr_jax.testing import tiny_zimage
   folder = str(tmp_path / "zimage")
