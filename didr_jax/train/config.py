@@ -111,18 +111,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def method_section(method: str) -> ml_collections.ConfigDict | None:
-  """The default section of ``method`` (``c.ddpo``, ``c.didr``, ...), None if it has none."""
-  if method == "ddpo":
-    from didr_jax.train.ddpo import ddpo_section
-    return ddpo_section()
-  if method == "crd":
-    from didr_jax.train.crd_config import crd_section
-    return crd_section()
-  if method == "didr":
-    from didr_jax.train.didr_config import didr_section
-    return didr_section()
-  return None
+def method_section(method: str) -> tuple[str, ml_collections.ConfigDict] | None:
+  """(key, default section) of ``method``'s own config section (``c.ddpo``, ``c.didr``, ``c.tdm``
+  for both TDM methods, ...), None if it has none."""
+  import importlib
+  where = {"ddpo": ("ddpo", "didr_jax.train.ddpo", "ddpo_section"),
+           "crd": ("crd", "didr_jax.train.crd_config", "crd_section"),
+           "didr": ("didr", "didr_jax.train.didr_config", "didr_section"),
+           "tdm": ("tdm", "didr_jax.train.tdm_config", "tdm_section"),
+           "tdmr1": ("tdm", "didr_jax.train.tdm_config", "tdmr1_section")}.get(method)
+  if where is None:
+    return None
+  key, module, fn = where
+  return key, getattr(importlib.import_module(module), fn)()
 
 
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:
@@ -131,7 +132,7 @@ def with_defaults(saved: dict) -> ml_collections.ConfigDict:
   full = base_config().to_dict()
   section = method_section(saved.get("method", "ddpo"))
   if section is not None:
-    full[saved.get("method", "ddpo")] = section.to_dict()
+    full[section[0]] = section[1].to_dict()
 
   def merge(into: dict, over: dict) -> dict:
     for k, v in over.items():
