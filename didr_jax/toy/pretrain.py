@@ -109,6 +109,8 @@ flags.DEFINE_integer("onestep_steps", 2000, "generator updates of the one-step D
 flags.DEFINE_float("onestep_lr", 1e-4, "learning rate of the one-step generator and fake score")
 flags.DEFINE_integer("tdm_steps", 1500, "iterations of the 4-step TDM stage")
 flags.DEFINE_float("tdm_lr", 1e-4, "learning rate of the TDM student (the fake score: 2x)")
+flags.DEFINE_integer("tdm_export_every", 200, "also write the TDM student every this many "
+                     "iterations (0: only at the end)")
 flags.DEFINE_integer("batch", 64, "batch size of the CLIP stage")
 flags.DEFINE_integer("unet_batch", 32, "batch size of the UNet and DiT stages")
 flags.DEFINE_integer("seed", 0, "seed")
@@ -400,7 +402,8 @@ def train_onestep(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e
   return dst
 
 
-def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4) -> str:
+def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4,
+              export_every: int = 0) -> str:
   """Distils ``OUT/toy_tdm`` from ``OUT/toy_unet`` with TDM (see the module docstring): each
   iteration one rollout of ``batch`` training prompts and, at 2 of its 4 boundaries, a fake-score
   and a student update; the student EMA (decay 0.99) is written in bfloat16. Returns the
@@ -419,6 +422,14 @@ def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4) 
   trainer = TDMTrainer(c, pipe, mesh)
   state = trainer.init_state()
   stream = prompts_lib.PromptStream(prompts_lib.load_prompts("toy:train"), seed=seed)
+  dst = os.path.join(out, "toy_tdm")
+
+  def export():
+    trainer.guard.flush()
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trainer.policy_params(state))
+    pipe.unet = trainer.net.bind(params)
+    pipe.export_diffusers(dst)
+
   t0 = time.time()
   for step in range(steps):
     state, m, _, _ = trainer.train_step(state, stream.next(batch),
@@ -426,11 +437,10 @@ def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4) 
     if step % 50 == 0 or step == steps - 1:
       print(f"tdm {step}: generator_loss {float(m['generator_loss']):.4f} fake_loss "
             f"{float(m['fake_loss']):.4f} ({time.time() - t0:.0f}s)", flush=True)
-  trainer.guard.flush()
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trainer.policy_params(state))
-  pipe.unet = trainer.net.bind(params)
-  dst = os.path.join(out, "toy_tdm")
-  pipe.export_diffusers(dst)
+    if export_every and (step + 1) % export_every == 0 and step + 1 < steps:
+      export()                 # an interrupted stage still leaves its latest student
+      print(f"tdm {step + 1}: wrote {dst}", flush=True)
+  export()
   return dst
 
 
@@ -457,7 +467,8 @@ def main(argv):
   if "onestep" in FLAGS.stages:
     train_onestep(out, FLAGS.onestep_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.onestep_lr)
   if "tdm" in FLAGS.stages:
-    train_tdm(out, FLAGS.tdm_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.tdm_lr)
+    train_tdm(out, FLAGS.tdm_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.tdm_lr,
+              export_every=FLAGS.tdm_export_every)
   print(f"wrote {', '.join(FLAGS.stages)} to {out}", flush=True)
 
 
