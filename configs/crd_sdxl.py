@@ -23,18 +23,9 @@ from didr_jax.train.crd_config import crd_section
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.method = "crd"
-  c.backbone.kind = "sdxl"
-  c.backbone.path = ""            # required: a local diffusers SDXL folder or our Orbax cache
-  c.backbone.dtype = "bfloat16"   # authors: bf16
-  c.backbone.remat = True
-  c.rewards = {"toy_detector": 1.0}
-  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
-  c.prompts.eval = "toy:heldout"
-  c.num_epochs = 300
-  c.checkpoint_every = 5
-  c.eval_every = 20
+  c = config_lib.real_base("crd", "sdxl", {"toy_detector": 1.0}, num_epochs=300,
+                          eval_every=20)
+  # bfloat16 with remat (authors: bf16)
   c.sample.num_steps = 10         # authors: 10 deterministic steps
   c.sample.guidance_scale = 1.0   # authors: CFG 1 in the rollouts
   c.sample.eta = 0.0              # DDIM eta 0

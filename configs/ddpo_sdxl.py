@@ -12,18 +12,8 @@ from didr_jax.train.ddpo import ddpo_section
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.method = "ddpo"
-  c.backbone.kind = "sdxl"
-  c.backbone.path = ""            # required: a local diffusers SDXL folder or our Orbax cache
-  c.backbone.dtype = "bfloat16"
-  c.backbone.remat = True
-  c.rewards = {"jpeg_compressibility": 1.0}
-  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
-  c.prompts.eval = "toy:heldout"
-  c.num_epochs = 100
-  c.checkpoint_every = 5
-  c.eval_every = 10
+  c = config_lib.real_base("ddpo", "sdxl", {"jpeg_compressibility": 1.0}, num_epochs=100,
+                          eval_every=10)
   c.sample.num_steps = 50
   c.sample.guidance_scale = 5.0
   c.sample.eta = 1.0

@@ -25,18 +25,8 @@ from didr_jax.train.ddpo import ddpo_section
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.method = "ddpo"
-  c.backbone.kind = "zimage"
-  c.backbone.path = ""            # required: a local diffusers Z-Image folder or our Orbax cache
-  c.backbone.dtype = "bfloat16"
-  c.backbone.remat = True
-  c.rewards = {"jpeg_compressibility": 1.0}
-  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
-  c.prompts.eval = "toy:heldout"
-  c.num_epochs = 100
-  c.checkpoint_every = 5
-  c.eval_every = 10
+  c = config_lib.real_base("ddpo", "zimage", {"jpeg_compressibility": 1.0}, num_epochs=100,
+                          eval_every=10)
   c.sample.num_steps = 10
   c.sample.guidance_scale = 4.5
   c.sample.eta = 0.7              # Flow-GRPO's SDE noise level a

@@ -147,6 +147,25 @@ def with_defaults(saved: dict) -> ml_collections.ConfigDict:
   return c
 
 
+def real_base(method: str, kind: str, rewards: dict, *, num_epochs: int, eval_every: int,
+              checkpoint_every: int = 5) -> ml_collections.ConfigDict:
+  """``base_config()`` set up for a real backbone (the head every ``configs/<method>_sdxl.py``
+  and ``_zimage.py`` shares): ``method`` on ``kind`` ("sdxl" | "zimage"), the folder left empty
+  (required: a local diffusers folder or our Orbax cache), bfloat16 with remat, the toy prompt
+  lists as placeholders for the user's prompt files, and the run length."""
+  c = base_config()
+  c.method = method
+  c.backbone.kind = kind
+  c.backbone.path = ""            # required: a local diffusers folder or our Orbax cache
+  c.backbone.dtype = "bfloat16"
+  c.backbone.remat = True
+  c.rewards = dict(rewards)
+  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
+  c.prompts.eval = "toy:heldout"
+  c.num_epochs, c.checkpoint_every, c.eval_every = num_epochs, checkpoint_every, eval_every
+  return c
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c

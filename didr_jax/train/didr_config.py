@@ -54,16 +54,7 @@ def real_config(kind: str, ref_cfg: float) -> ml_collections.ConfigDict:
   network), Adam beta1 0, 5 fake updates per generator update (DMD2's SDXL ratio), EMA 0.999,
   32 one-step samples per generator update, 8 updates per epoch."""
   from didr_jax.train import config as config_lib
-  c = config_lib.base_config()
-  c.method = "didr"
-  c.backbone.kind = kind
-  c.backbone.path = ""            # required: the reference folder
-  c.backbone.dtype = "bfloat16"
-  c.backbone.remat = True
-  c.rewards = {"pickscore": 1.0}  # host metric (reward_mean)
-  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
-  c.prompts.eval = "toy:heldout"
-  c.num_epochs, c.checkpoint_every, c.eval_every = 100, 5, 10
+  c = config_lib.real_base("didr", kind, {"pickscore": 1.0}, num_epochs=100, eval_every=10)
   c.sample.num_steps = 1          # one-step generator (sampling ignores it)
   c.sample.batch_size = c.train.batch_size = 32
   c.sample.num_batches = 8

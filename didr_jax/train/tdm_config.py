@@ -123,16 +123,8 @@ def real_config(kind: str, *, ref_cfg: float, surrogate_cfg: float) -> ml_collec
   = 1152 rollouts; these configs take 2 prompts (48 rollouts, one device's worth) per iteration
   and 8 iterations per epoch: raise ``sample.batch_size`` with the devices."""
   from didr_jax.train import config as config_lib
-  c = config_lib.base_config()
-  c.method = "tdmr1"
-  c.backbone.kind = kind
-  c.backbone.path = ""            # required: the teacher folder
-  c.backbone.dtype = "bfloat16"
-  c.backbone.remat = True
-  c.rewards = {"pickscore": 1.0}  # any registered reward works (e.g. "remote" for OCR / GenEval)
-  c.prompts.train = "toy:train"   # replace with a prompt file for real runs
-  c.prompts.eval = "toy:heldout"
-  c.num_epochs, c.checkpoint_every, c.eval_every = 100, 5, 10
+  c = config_lib.real_base("tdmr1", kind, {"pickscore": 1.0}, num_epochs=100, eval_every=10)
+  # any registered reward works as the (never differentiated) reward, e.g. "remote" for OCR
   c.sample.num_steps = 4          # the student's K (sampling ignores it: tdm.num_steps)
   c.sample.group_size = 24
   c.sample.batch_size = c.train.batch_size = 48
