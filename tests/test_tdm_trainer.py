@@ -2,9 +2,9 @@
 deterministic student step and its grid; with a perfect fake score (fake = teacher, teacher
 without CFG) the generator's distribution-matching gradient is exactly zero, and non-zero once
 the fake score moved; a TDM-R1 epoch with the non-differentiable toy detector moves all three
-networks and the old surrogate; resume through a checkpoint equals an uninterrupted run; and
-configs/tdmr1_sdxl.py / configs/tdmr1_zimage.py train on tiny SDXL / Z-Image folders (with
-a JPEG-size reward: any registered reward is used as a black box).
+networks and the old surrogate; resume through a checkpoint equals an uninterrupted run. The
+real-backbone configs: tests/test_tdmr1_real.py (a file of their own, so that pytest-xdist runs
+them beside these).
 
 Kept small (one tiny model per family, 4 samples, one iteration per epoch): every trainer
 compiles its rollout and its 2 (TDM) or 3 (TDM-R1) update programs once."""
@@ -29,12 +29,6 @@ PROMPTS = ["a red circle", "a red circle", "two blue squares", "two blue squares
 TINY = {"sample.batch_size": 4, "sample.num_batches": 1, "train.batch_size": 4,
         "log_images": 2, "eval.num_samples": 0, "eval.batch_size": 4}
 
-
-# The two real-backbone runs compile three UNet / DiT update programs each (about 20 minutes
-# together on a loaded 2-core CPU): opt-in with DIDR_JAX_SLOW_TESTS=1 until their compiles shrink.
-real_backbone = pytest.mark.skipif(
-    not os.environ.get("DIDR_JAX_SLOW_TESTS"),
-    reason="real-backbone TDM-R1 configs: set DIDR_JAX_SLOW_TESTS=1 (about 20 min on 2 cores)")
 
 
 @pytest.fixture(scope="module")
@@ -193,27 +187,3 @@ def _real_epoch(name, folder):
   for n in ("generator", "fake", "surrogate"):
     assert _max_diff(state["params"][n], s0["params"][n]) > 0.0, n
   return tr, m
-
-
-@real_backbone
-def test_tdmr1_sdxl_config_trains_on_tiny_folders(tmp_path):
-  folder = str(tmp_path / "sdxl")
-  tiny.save_tiny_sd(folder, kind="sdxl", seed=5)
-  tr, _ = _real_epoch("tdmr1_sdxl", folder)
-  # steps_offset 1, leading spacing: DDIM's 4-step grid of the tiny scheduler
-  assert list(tr.grid.times) == [751, 501, 251, 1, -249]
-
-
-@real_backbone
-def test_tdmr1_zimage_config_trains_on_tiny_folders(tmp_path):
-  from didr_jax.testing import tiny_zimage
-  folder = str(tmp_path / "zimage")
-  tiny_zimage.save_tiny_zimage(folder, seed=2)
-  tr, _ = _real_epoch("tdmr1_zimage", folder)
-  u = np.array([1.0, 0.75, 0.5, 0.25])
-  np.testing.assert_allclose(tr.grid.times, list(3 * u / (1 + 2 * u)) + [0.0], rtol=1e-6)
-  # the flow student step is Euler: x_{j+1} = x_j - (sig_j - sig_{j+1}) v
-  x = jnp.ones((1, 2, 2, 1))
-  v = jnp.full((1, 2, 2, 1), 0.5)
-  x_next, _, _ = tdm_losses.student_step(v, x, 0.0, 1.0, 0.1, 0.9, "flow")
-  np.testing.assert_allclose(x_next, x - 0.1 * v, rtol=1e-6)
