@@ -2,12 +2,16 @@
 
   python benchmarks/compile_flags.py [--flags="--xla_backend_optimization_level=0"]
 
-The test suite is compile-bound (tiny models, a few calls each), so ``tests/conftest.py`` runs
-XLA:CPU's LLVM back end at ``--xla_backend_optimization_level=0``. This script measures what that
-buys: the value-and-gradient of three chained UNet calls on the tiny random SDXL folder the tests
+Measures what XLA:CPU's LLVM back end at ``--xla_backend_optimization_level=0`` buys for a
+compile-bound program: the value-and-gradient of three chained UNet calls on the tiny random SDXL folder the tests
 use, compiled in a fresh subprocess per setting (the two settings alternate, ``--repeats`` each),
 and prints tracing + lowering time, XLA compile time, the run time of the compiled program and
 the loss, which must agree between the settings (the same program, compiled differently).
+
+Measured on this project's 2-core CPU (2026-12-01, other jobs running): XLA compile 0.48x at -O0,
+run time 1.9x. Tried for the whole test suite and not kept: the tests that run the shipped toy
+models are run-bound and got slower, and two exact comparisons (fake = reference gives a zero
+gradient; one network call per micro-batch equals the per-step calls) moved by float32 rounding.
 """
 
 from __future__ import annotations

@@ -13,11 +13,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _dir = os.path.join(tempfile.gettempdir(), f"didr_jax_test_xla_{_shared or os.getpid()}")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _dir
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-# Tests are compile-bound (tiny models, a few calls each): XLA:CPU's LLVM back end at -O0
-# compiles about 40% faster (benchmarks/compile_flags.py); the programs are the same.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 
