@@ -94,7 +94,7 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
   want = jax.jit(lambda x: tr.bb.rollout(
       lambda xt, t: tr._out(state["params"]["generator"], xt, t, cond), x, num_steps=4,
       eta=0.0, rng=None).latents)(x_init)
-  np.testing.assert_allclose(np.asarray(traj.latents), np.asarray(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(traj.latents), np.asarray(want), rtol=1e-4, atol=1e-4)
 
   # fake = teacher: the DM direction x0_fake - x0_ref is exactly 0, so is the gradient, and
   # the generator (AdamW, no weight decay) does not move
