@@ -87,14 +87,6 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
   np.testing.assert_array_equal(traj.timesteps, [999, 749, 499, 249])
   np.testing.assert_array_equal(traj.sample, traj.latents[4])
   assert float(jnp.std(traj.latents[0])) > 0.5              # x_0 ~ N(0, I)
-  # the teacher as student is the DDIM eta-0 sampler on the same grid, x0 clipped as the toy
-  # scheduler's clip_sample says (an independent implementation: diffusion/ddim.py)
-  assert tr.clip_range == 1.0
-  x_init = traj.latents[0]
-  want = jax.jit(lambda x: tr.bb.rollout(
-      lambda xt, t: tr._out(state["params"]["generator"], xt, t, cond), x, num_steps=4,
-      eta=0.0, rng=None).latents)(x_init)
-  np.testing.assert_allclose(np.asarray(traj.latents), np.asarray(want), rtol=1e-4, atol=1e-4)
 
   # fake = teacher: the DM direction x0_fake - x0_ref is exactly 0, so is the gradient, and
   # the generator (AdamW, no weight decay) does not move
@@ -124,6 +116,14 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
   assert _max_diff(state["ema"]["generator"], s0["ema"]["generator"]) > 0.0
   _, ev, _, _ = tr.sample(tr.policy_params(state), PROMPTS[:2], jax.random.key(0))
   assert ev.shape == (2, 8, 8, 3) and 0.0 <= float(ev.min()) <= float(ev.max()) <= 1.0
+  # the teacher as student is the DDIM eta-0 sampler on the same grid, x0 clipped as the toy
+  # scheduler's clip_sample says (an independent implementation: diffusion/ddim.py)
+  assert tr.clip_range == 1.0
+  ref = tr.ref_params
+  got, _ = tr.rollout(ref, cond, jax.random.key(1))
+  want = jax.jit(lambda x: tr.bb.rollout(lambda xt, t: tr._out(ref, xt, t, cond), x,
+                                         num_steps=4, eta=0.0, rng=None).latents)(got.latents[0])
+  np.testing.assert_allclose(np.asarray(got.latents), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_tdmr1_toy_detector_epochs_and_resume_equals_uninterrupted(toy_folder, tmp_path):
