@@ -488,3 +488,19 @@ def test_tdm_config_sections_validate_and_name_the_bad_key():
   bad.old.end = 1.5
   with pytest.raises(ConfigError, match=r"^config\.tdm\.old: end"):
     validate_tdm_section(bad)
+
+
+def test_student_step_clips_x0_as_ddim_clip_sample(rng):
+  """clip_range clips x0_hat before the step and keeps eps_hat, as ddim.ddim_mean_std does with
+  a clip_sample schedule (float64 NumPy reference)."""
+  x = rng.normal(size=(2, 4, 4, 3))
+  out = 3.0 * rng.normal(size=(2, 4, 4, 3))
+  a, s, a2, s2 = 0.1, float(np.sqrt(1 - 0.01)), 0.5, float(np.sqrt(1 - 0.25))
+  with jax.enable_x64(True):
+    x_next, x0_hat, eps_hat = tdm.student_step(jnp.asarray(out), jnp.asarray(x), a, s, a2, s2,
+                                               "epsilon", 1.0)
+  x0 = np.clip((x - s * out) / a, -1.0, 1.0)
+  assert np.mean(np.abs((x - s * out) / a) > 1.0) > 0.5          # most entries were clipped
+  np.testing.assert_allclose(np.asarray(x0_hat), x0, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(eps_hat), out, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(x_next), a2 * x0 + s2 * out, rtol=1e-12)

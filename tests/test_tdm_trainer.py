@@ -88,14 +88,17 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
   np.testing.assert_array_equal(traj.sample, traj.latents[4])
   assert float(jnp.std(traj.latents[0])) > 0.5              # x_0 ~ N(0, I)
 
-  # fake = teacher: the DM direction x0_fake - x0_ref is exactly 0, so is the gradient, and
-  # the generator (AdamW, no weight decay) does not move
+  # fake = teacher: the DM direction x0_fake - x0_ref is 0 up to float32 rounding (the two
+  # network calls are compiled apart; with the clip they are fused differently), so is the
+  # gradient: below 1e-3 of the gradient once the fake has moved (checked below)
   uncond = tr.negative(4)
   j = jnp.int32(1)
   state, gm = tr._gen_update(state, tr.ref_params, traj.latents, cond, uncond, j,
                              jax.random.key(2), tr.scales())
-  assert float(gm["generator_grad_norm"]) == 0.0 and float(gm["nonfinite"]) == 0.0
-  assert _max_diff(state["params"]["generator"], s0["params"]["generator"]) == 0.0
+  g_perfect = float(gm["generator_grad_norm"])
+  assert float(gm["nonfinite"]) == 0.0
+  state = {**state, "params": {**state["params"], "generator": jax.tree.map(
+      jnp.array, s0["params"]["generator"])}}                # undo Adam's step of the rounding
   # after fake-score steps the fake differs from the teacher and the gradient is not 0
   for i in range(2):
     state, fm = tr._fake_update(state, tr.ref_params, traj.latents, cond, uncond, j,
@@ -103,7 +106,7 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
     assert np.isfinite(float(fm["fake_loss"])) and float(fm["fake_nonfinite"]) == 0.0
   state, gm = tr._gen_update(state, tr.ref_params, traj.latents, cond, uncond, j,
                              jax.random.key(2), tr.scales())
-  assert float(gm["generator_grad_norm"]) > 0.0
+  assert g_perfect <= 1e-3 * float(gm["generator_grad_norm"])
   assert _max_diff(state["params"]["generator"], s0["params"]["generator"]) > 0.0
   assert int(state["step"]) == 2
 
@@ -116,6 +119,14 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
   assert _max_diff(state["ema"]["generator"], s0["ema"]["generator"]) > 0.0
   _, ev, _, _ = tr.sample(tr.policy_params(state), PROMPTS[:2], jax.random.key(0))
   assert ev.shape == (2, 8, 8, 3) and 0.0 <= float(ev.min()) <= float(ev.max()) <= 1.0
+  # the teacher as student is the DDIM eta-0 sampler on the same grid, x0 clipped as the toy
+  # scheduler's clip_sample says (an independent implementation: diffusion/ddim.py)
+  assert tr.clip_range == 1.0
+  ref = tr.ref_params
+  got, _ = tr.rollout(ref, cond, jax.random.key(1))
+  want = jax.jit(lambda x: tr.bb.rollout(lambda xt, t: tr._out(ref, xt, t, cond), x,
+                                         num_steps=4, eta=0.0, rng=None).latents)(got.latents[0])
+  np.testing.assert_allclose(np.asarray(got.latents), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_tdmr1_toy_detector_epochs_and_resume_equals_uninterrupted(toy_folder, tmp_path):

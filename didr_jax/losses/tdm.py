@@ -50,11 +50,19 @@ from didr_jax.losses import common
 
 
 def student_step(output: jax.Array, x_t: jax.Array, alpha_t, sigma_t, alpha_next, sigma_next,
-                 prediction_type: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 prediction_type: str, clip_range: float | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(x_next, x0_hat, eps_hat): x0_hat, eps_hat = ``param.to_x0_eps``(output) at (alpha_t,
   sigma_t), x_next = alpha_next x0_hat + sigma_next eps_hat (DDIM eta = 0 / flow Euler).
-  The last step (alpha_next = 1, sigma_next = 0) returns x_next = x0_hat."""
+  The last step (alpha_next = 1, sigma_next = 0) returns x_next = x0_hat.
+
+  ``clip_range`` r (a VP scheduler's ``clip_sample``): x0_hat = clip(x0_hat, -r, r) before the
+  step, eps_hat unchanged, as the DDIM sampler (``ddim.ddim_mean_std``, diffusers) does. Without
+  it the first step of a pixel-space model at t = 999 (alpha about 0.006) multiplies the eps
+  error by sigma / alpha (about 157) into x0_hat."""
   x0_hat, eps_hat = param.to_x0_eps(output, x_t, alpha_t, sigma_t, prediction_type)
+  if clip_range is not None:
+    x0_hat = jnp.clip(x0_hat, -clip_range, clip_range)
   return kernels.q_sample(x0_hat, eps_hat, alpha_next, sigma_next), x0_hat, eps_hat
 
 

@@ -114,6 +114,10 @@ class TDMTrainer(common.GuardedHostState):
     self.ref_params = self.net.take_params()      # the frozen teacher, never donated
     self.grid = StudentGrid.of(backbone, int(d.num_steps), float(d.shift))
     self.ptype = backbone.prediction_type
+    # A VP scheduler with clip_sample clips the student's x0_hat as its DDIM sampler does.
+    sched = getattr(backbone, "schedule", None)
+    self.clip_range = (float(sched.clip_sample_range)
+                       if getattr(sched, "clip_sample", False) else None)
     eps = c.train.adam_eps
     opt = lambda lr, betas: common.make_optimizer(
         float(lr), b1=float(betas[0]), b2=float(betas[1]), eps=eps,
@@ -202,7 +206,8 @@ class TDMTrainer(common.GuardedHostState):
     scale = float(self.c.tdm.student_cfg)
     out = self._out(params, x, t, cond, uncond if scale != 1.0 else None, scale)
     x_next, x0_hat, _ = tdm_losses.student_step(out, x, *self._alpha_sigma(t),
-                                                *self._alpha_sigma(t_next), self.ptype)
+                                                *self._alpha_sigma(t_next), self.ptype,
+                                                self.clip_range)
     return x_next, x0_hat
 
   def _renoise(self, rng, x_next, x0_hat, j, fraction_lo: float = 0.0):
@@ -231,7 +236,7 @@ class TDMTrainer(common.GuardedHostState):
     def step(out, x, j, j_next, level, z):
       del level, z
       x_next, _, _ = tdm_losses.student_step(out, x, alphas[j], sigmas[j], alphas[j_next],
-                                             sigmas[j_next], self.ptype)
+                                             sigmas[j_next], self.ptype, self.clip_range)
       return x_next, jnp.zeros(x.shape[:1], jnp.float32), 0.0
 
     traj = ddim.run_sampler(step, lambda x, j: model_out(x, times[j[0]]), x_init, idx, idx + 1,

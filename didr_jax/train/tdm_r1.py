@@ -92,6 +92,8 @@ class TDMR1Trainer(TDMTrainer):
     times = jnp.asarray(self.grid.times)
     a_s, s_s = self._alpha_sigma(times[jp + 1])
     x_s = latents[jp + 1]
+    # The (x0, eps) pair that reproduces both stored states (with clip_sample it differs from
+    # the clipped x0_hat of the step, but keeps x_s = a_s x0 + s_s eps, what the kernel needs).
     x0_hat = tdm_losses.x0_from_states(latents[jp], x_s, *self._alpha_sigma(times[jp]), a_s, s_s)
     lo, hi = self.grid.tau_range(times[jp + 1], float(d.t_min_reward), float(d.tau_max))
     tau = r1_losses.group_shared_uniform(k_t, ids, groups, lo, hi, integer=self.grid.integer)
