@@ -75,14 +75,17 @@ def main():
     rows.append(row)
     print(json.dumps(row), flush=True)
 
-  for n in [int(s) for s in args.teacher_steps.split(",") if s]:
-    first = _load(next(iter(runs.values()))) if runs else None
-    path = first.backbone.path if first is not None else ""
-    c = load_config("toy_ddpo", **{"backbone.path": path, "eval.num_steps": n,
-                                   "eval.eta": args.teacher_eta, "sample.guidance_scale": 3.0})
+  teacher_steps = [int(s) for s in args.teacher_steps.split(",") if s]
+  if teacher_steps:  # one teacher (the first run's backbone), evaluated at each step count
+    path = _load(next(iter(runs.values()))).backbone.path if runs else ""
+    c = load_config("toy_ddpo", **{"backbone.path": path, "eval.eta": args.teacher_eta,
+                                   "sample.guidance_scale": 3.0})
     config_lib.validate(c, num_devices=1)
     tr = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)
-    point(f"teacher, {n} steps", c, tr, tr.init_state(), 0)
+    state = tr.init_state()
+    for n in teacher_steps:
+      c.eval.num_steps = n
+      point(f"teacher, {n} steps", c, tr, state, 0)
 
   for name, workdir in runs.items():
     c = _load(workdir)

@@ -1,7 +1,8 @@
 """The TDM and TDM-R1 trainers on tiny random pipelines: the student's rollout is the K-step
-deterministic student step and its grid; with a perfect fake score (fake = teacher, teacher
-without CFG) the generator's distribution-matching gradient is exactly zero, and non-zero once
-the fake score moved; a TDM-R1 epoch with the non-differentiable toy detector moves all three
+deterministic student step and its grid (the teacher's rollout is DDIM eta 0 with the
+scheduler's x0 clip); with a perfect fake score (fake = teacher, teacher without CFG) the
+generator's distribution-matching gradient is zero up to float32 rounding (below 1e-3 of the
+gradient once the fake score moved); a TDM-R1 epoch with the non-differentiable toy detector moves all three
 networks and the old surrogate; resume through a checkpoint equals an uninterrupted run. The
 real-backbone configs: tests/test_tdmr1_real.py (a file of their own, so that pytest-xdist runs
 them beside these).
@@ -28,7 +29,6 @@ from didr_jax.train import checkpoint, config as config_lib, loop, prompts as pr
 PROMPTS = ["a red circle", "a red circle", "two blue squares", "two blue squares"]
 TINY = {"sample.batch_size": 4, "sample.num_batches": 1, "train.batch_size": 4,
         "log_images": 2, "eval.num_samples": 0, "eval.batch_size": 4}
-
 
 
 @pytest.fixture(scope="module")
