@@ -123,9 +123,11 @@ def guarded_apply(tx: optax.GradientTransformation, grads: Any, opt_state: Any, 
   updates, new_opt = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
-  keep = lambda new, old: jnp.where(ok, new, old)
-  new_params = jax.tree.map(keep, new_params, params)
-  new_opt = jax.tree.map(keep, new_opt, opt_state)
+  # One conditional, not a select per leaf: XLA fused the and-chain of ``ok`` (over every
+  # leaf's finiteness) into each leaf's select, O(leaves^2) instructions (a tiny SDXL
+  # fake-score update: 620k HLO lines, 136 s of XLA:CPU compilation).
+  new_params, new_opt = jax.lax.cond(ok, lambda new, old: new, lambda new, old: old,
+                                     (new_params, new_opt), (params, opt_state))
   return new_params, new_opt, {"grad_norm": grad_norm,
                                "nonfinite": jnp.where(ok, 0.0, 1.0).astype(jnp.float32)}
 
