@@ -27,3 +27,20 @@ import pytest  # noqa: E402
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """After each test file, drop JAX's in-memory caches of compiled programs and hand freed heap
+  back to the OS: a pytest-xdist worker otherwise keeps every program it ever compiled (GBs
+  after a few tiny-SDXL trainers) and two such workers can exhaust the machine. A later file
+  that needs one of them again reads it from the persistent cache above."""
+  yield
+  import ctypes
+  import gc
+  jax.clear_caches()
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):     # not glibc
+    pass

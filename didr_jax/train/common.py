@@ -113,8 +113,8 @@ def guarded_apply(tx: optax.GradientTransformation, grads: Any, opt_state: Any, 
   """The optimizer step of every method's jitted update, skipped when it would poison the run.
 
   ``ok = isfinite(loss) & isfinite(||g||_2) & isfinite(new params)``; when ``ok`` is false the
-  step returns ``(params, opt_state)`` unchanged (a ``jnp.where`` per leaf over the whole
-  update) and the metric ``nonfinite`` is 1. Unlike ``optax.apply_if_finite`` this also looks
+  step returns ``(params, opt_state)`` unchanged (one ``lax.cond`` over the whole update)
+  and the metric ``nonfinite`` is 1. Unlike ``optax.apply_if_finite`` this also looks
   at the loss and at the updated parameters (a finite gradient can still overflow a weight), it
   never gives up and applies a bad step (the host-side ``NonFiniteGuard`` aborts the run
   instead), and the optimizer state keeps its structure (checkpoints stay compatible).
