@@ -107,9 +107,9 @@ flags.DEFINE_list("stages", ["clip", "unet", "dit"],
                   "what to (re)build: clip, unet, dit, onestep")
 flags.DEFINE_integer("onestep_steps", 2000, "generator updates of the one-step DI stage")
 flags.DEFINE_float("onestep_lr", 1e-4, "learning rate of the one-step generator and fake score")
-flags.DEFINE_integer("tdm_steps", 1500, "iterations of the 4-step TDM stage")
+flags.DEFINE_integer("tdm_steps", 160, "iterations of the 4-step TDM stage")
 flags.DEFINE_float("tdm_lr", 1e-4, "learning rate of the TDM student (the fake score: 2x)")
-flags.DEFINE_integer("tdm_export_every", 200, "also write the TDM student every this many "
+flags.DEFINE_integer("tdm_export_every", 40, "also write the TDM student every this many "
                      "iterations (0: only at the end)")
 flags.DEFINE_integer("batch", 64, "batch size of the CLIP stage")
 flags.DEFINE_integer("unet_batch", 32, "batch size of the UNet and DiT stages")
