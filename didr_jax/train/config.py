@@ -403,6 +403,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
   _require(int(t.max_consecutive_nonfinite) >= 1, "train.max_consecutive_nonfinite",
            f"must be >= 1, got {t.max_consecutive_nonfinite}")
   if c.lora.enabled:
+    # Only the DDPO trainer injects adapters today; elsewhere the flag would be silently ignored.
+    _require(c.method == "ddpo", "lora.enabled",
+             f"LoRA is implemented for method 'ddpo' only, not {c.method!r} (full fine-tuning)")
     _require(int(c.lora.rank) >= 1, "lora.rank", f"must be >= 1, got {c.lora.rank}")
     _require(float(c.lora.alpha) > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
     for pattern in c.lora.targets:
