@@ -65,11 +65,12 @@ def main():
     t0 = time.time()
     m, _ = loop.run_eval(c, trainer, state)
     steps = c.eval.num_steps if c.eval.num_steps > 0 else c.sample.num_steps
-    if c.method in ("tdm", "tdmr1"):
-      steps = c.tdm.num_steps
+    cfg = c.sample.guidance_scale
+    if c.method in ("tdm", "tdmr1"):         # the deterministic K-step student
+      steps, cfg = c.tdm.num_steps, c.tdm.student_cfg
     row = {"name": name, "method": c.method, "epochs": epochs,
            "reward_calls": c.sample.batch_size * c.sample.num_batches * epochs,
-           "sampler": f"{steps} steps, eta {c.eval.eta:g}, CFG {c.sample.guidance_scale:g}",
+           "sampler": f"{steps} steps, eta {c.eval.eta:g}, CFG {cfg:g}",
            "toy_detector": m["toy_detector"], "toy_shape_accuracy": m["toy_shape_accuracy"],
            "toy_fidelity_fd": m["toy_fidelity_fd"], "eval_s": round(time.time() - t0, 1)}
     rows.append(row)
