@@ -21,7 +21,9 @@ ASSETS = loop.TOY_ASSETS
 
 def test_assets_are_small():
   total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ASSETS) for f in fs)
-  assert total < 12e6, f"shipped toy assets are {total / 1e6:.1f} MB"
+  # 12.5 MB today: toy UNet 4.0, toy DiT 3.2, 4-step TDM student 2.0, one-step generator 2.0
+  # (both bfloat16 UNet-only folders), toy CLIP 0.8
+  assert total < 13e6, f"shipped toy assets are {total / 1e6:.1f} MB"
 
 
 def test_qwen_tokenizer_keeps_toy_words_whole():
@@ -155,7 +157,7 @@ def test_shipped_onestep_generator_loads_and_draws():
 
 
 def test_shipped_tdm_student_beats_the_teacher_read_in_four_steps():
-  """``toy_tdm`` (the 4-step TDM student, bfloat16 UNet; what ``configs/toy_tdmr1.py`` starts
+  """``toy_tdm`` (the 4-step TDM student, a bfloat16 UNet component folder; what ``configs/toy_tdmr1.py`` starts
   from) loads, and on the 72 held-out prompts x 4 noise draws (the same for both) its 4-step
   samples score higher on the non-differentiable detector than the undistilled teacher read with
   the same 4-step deterministic sampler (measured 0.054 vs 0.039; one draw of 72 alone flips the
@@ -163,7 +165,7 @@ def test_shipped_tdm_student_beats_the_teacher_read_in_four_steps():
   from didr_jax.convert import core
   from didr_jax.train.tdm import TDMTrainer
   folder = os.path.join(ASSETS, "toy_tdm")
-  weights = core.open_weights(os.path.join(folder, "unet"))
+  weights = core.open_weights(folder)
   assert {str(np.asarray(weights[k]).dtype) for k in weights} == {"bfloat16"}
   c = load_config("toy_tdm", **{"tdm.generator_path": folder})
   mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])

@@ -35,8 +35,8 @@ the DiT stage from a toy_dit folder (e.g. ``--stages=dit --dit_init=didr_jax/toy
 6. (``--stages=tdm``, not in the default stages) the 4-step toy TDM student: the toy UNet
    distilled from ``OUT/toy_unet`` (teacher CFG 3) by our TDM trainer (``train/tdm.py``: the
    K = 4 deterministic student on the trailing DDIM grid 999, 749, 499, 249, an online fake
-   score, 2 boundaries per iteration), written as a pipeline folder ``OUT/toy_tdm`` with the
-   student EMA in bfloat16 (what ``configs/toy_tdmr1.py`` starts from). Command:
+   score, 2 boundaries per iteration), written as a UNet component folder ``OUT/toy_tdm`` with
+   the student EMA in bfloat16 (what ``configs/toy_tdmr1.py`` starts from). Command:
    ``python -m didr_jax.toy.pretrain --stages=tdm --out=didr_jax/toy/assets`` (160 iterations of
    32 rollouts; 31 min on one core).
 
@@ -391,13 +391,18 @@ def train_onestep(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e
     if step % 50 == 0 or step == steps - 1:
       print(f"onestep {step}: generator_loss {float(m['generator_loss']):.4f} fake_loss "
             f"{float(m['fake_loss']):.4f} ({time.time() - t0:.0f}s)", flush=True)
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trainer.policy_params(state))
-  # only the UNet (a diffusers component folder: config.json + safetensors, bfloat16); the rest
-  # of the pipeline is the toy UNet's (``one_step.load_generator`` reads either layout)
-  dst = os.path.join(out, "toy_onestep")
+  return _write_unet_component(trainer, trainer.policy_params(state), c.backbone.path,
+                               os.path.join(out, "toy_onestep"))
+
+
+def _write_unet_component(trainer, params, teacher: str, dst: str) -> str:
+  """Writes only the UNet ``params`` (a diffusers component folder: config.json + safetensors,
+  bfloat16); the rest of the pipeline is the teacher's (``one_step.load_generator`` reads either
+  layout). Returns ``dst``."""
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   os.makedirs(dst, exist_ok=True)
   _write_json(os.path.join(dst, "config.json"),
-              core.read_json(os.path.join(c.backbone.path, "unet", "config.json")))
+              core.read_json(os.path.join(teacher, "unet", "config.json")))
   core.save_safetensors(unet_lib.export_unet(trainer.net.bind(params)),
                         os.path.join(dst, "diffusion_pytorch_model.safetensors"))
   return dst
@@ -427,9 +432,7 @@ def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4,
 
   def export():
     trainer.guard.flush()
-    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trainer.policy_params(state))
-    pipe.unet = trainer.net.bind(params)
-    pipe.export_diffusers(dst)
+    _write_unet_component(trainer, trainer.policy_params(state), c.backbone.path, dst)
 
   t0 = time.time()
   for step in range(steps):
