@@ -157,11 +157,11 @@ def test_shipped_onestep_generator_loads_and_draws():
 
 
 def test_shipped_tdm_student_beats_the_teacher_read_in_four_steps():
-  """``toy_tdm`` (the 4-step TDM student, a bfloat16 UNet component folder; what ``configs/toy_tdmr1.py`` starts
-  from) loads, and on the 72 held-out prompts x 4 noise draws (the same for both) its 4-step
-  samples score higher on the non-differentiable detector than the undistilled teacher read with
-  the same 4-step deterministic sampler (measured 0.054 vs 0.039; one draw of 72 alone flips the
-  order in 1 of these 4 draws, hence 288 samples)."""
+  """``toy_tdm`` (the 4-step TDM student, a bfloat16 UNet component folder; what
+  ``configs/toy_tdmr1.py`` starts from) loads, and on the 72 held-out prompts x 4 noise draws
+  (the same for both) its 4-step samples score higher on the non-differentiable detector than
+  the undistilled teacher read with the same 4-step deterministic sampler (measured 0.054 vs
+  0.039; one draw of 72 alone flips the order in 1 of these 4 draws, hence 288 samples)."""
   from didr_jax.convert import core
   from didr_jax.train.tdm import TDMTrainer
   folder = os.path.join(ASSETS, "toy_tdm")
