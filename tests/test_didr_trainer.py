@@ -71,6 +71,24 @@ def _gen_args(trainer, seed=3, scale=None):
           jax.random.key(seed + 1), jnp.float32(scale))
 
 
+def test_one_step_x0_is_clipped_on_a_clip_sample_scheduler(toy):
+  """The toy's DDIM scheduler clips x0 (``clip_sample``): the one-step generator's x0 is the
+  unclipped one clipped to [-1, 1] (the tiny random generator's unclipped x0 leaves it), and
+  latent backbones (no clip_sample) are left alone."""
+  import dataclasses
+  from didr_jax.train import one_step
+  spec = toy.spec
+  assert spec.clip_range == 1.0
+  cond, _, _ = toy.inputs(PROMPTS)
+  z = toy._noise(jax.random.key(0), len(PROMPTS))
+  model = toy.net.bind(toy.ref_params)
+  x0 = np.asarray(one_step.generate(toy.bb, model, z, cond, spec))
+  raw = np.asarray(one_step.generate(toy.bb, model, z, cond,
+                                     dataclasses.replace(spec, clip_range=None)))
+  assert np.abs(raw).max() > 1.0
+  np.testing.assert_array_equal(x0, np.clip(raw, -1.0, 1.0))
+
+
 def test_zero_reward_strength_equals_di(toy, toy_folder):
   s0 = toy.init_state()
   didr_state, m_didr, _ = toy._gen_update(_copy(s0), *_gen_args(toy, scale=0.0))

@@ -108,6 +108,8 @@ flags.DEFINE_list("stages", ["clip", "unet", "dit"],
                   "what to (re)build: clip, unet, dit, onestep")
 flags.DEFINE_integer("onestep_steps", 2000, "generator updates of the one-step DI stage")
 flags.DEFINE_float("onestep_lr", 1e-4, "learning rate of the one-step generator and fake score")
+flags.DEFINE_integer("onestep_export_every", 100, "also write the one-step generator every this "
+                     "many steps (0: only at the end)")
 flags.DEFINE_integer("tdm_steps", 160, "iterations of the 4-step TDM stage")
 flags.DEFINE_float("tdm_lr", 1e-4, "learning rate of the TDM student (the fake score: 2x)")
 flags.DEFINE_integer("tdm_export_every", 40, "also write the TDM student every this many "
@@ -361,12 +363,13 @@ def save_pipeline(folder: str, unet, text_model, tok, unet_config: dict | None =
   _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
 
 
-def train_onestep(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4) -> str:
+def train_onestep(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4,
+                  export_every: int = 0) -> str:
   """Distils ``OUT/toy_onestep`` from ``OUT/toy_unet`` with DI (see the module docstring):
   each step 2 fake-score DSM updates and one generator update on ``batch`` training prompts;
   the generator EMA (decay 0.99) is written in bfloat16. Returns the folder."""
   from didr_jax.parallel import mesh as mesh_lib
-  from didr_jax.train import config as config_lib, loop, prompts as prompts_lib
+  from didr_jax.train import config as config_lib, loop
   from didr_jax.train.didr import DIDRTrainer
   from didr_jax.train.didr_config import didr_section
   c = config_lib.base_config()
@@ -382,17 +385,37 @@ def train_onestep(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e
   mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   pipe = loop.build_backbone(c, mesh)
   trainer = DIDRTrainer(c, pipe, mesh)
+  step_fn = lambda state, prompts, rng: trainer.train_step(state, prompts, rng)[:2]
+  return _distil(trainer, step_fn, c.backbone.path, os.path.join(out, "toy_onestep"), "onestep",
+                 steps, batch, seed, export_every)
+
+
+def _distil(trainer, step_fn, teacher: str, dst: str, name: str, steps: int, batch: int,
+            seed: int, export_every: int) -> str:
+  """The loop of the distillation stages: ``steps`` calls of ``step_fn(state, prompts, rng)``
+  -> (state, metrics) on ``batch`` training prompts from the trainer's initial state, a log
+  line every 50 steps, the generator's EMA written to ``dst`` (``_write_unet_component``) every
+  ``export_every`` steps (0: only at the end; an interrupted stage keeps its latest) and at the
+  end. Returns ``dst``."""
+  from didr_jax.train import prompts as prompts_lib
   state = trainer.init_state()
   stream = prompts_lib.PromptStream(prompts_lib.load_prompts("toy:train"), seed=seed)
+
+  def export():
+    trainer.guard.flush()
+    _write_unet_component(trainer, trainer.policy_params(state), teacher, dst)
+
   t0 = time.time()
   for step in range(steps):
-    state, m, _ = trainer.train_step(state, stream.next(batch),
-                                     jax.random.fold_in(jax.random.key(seed), step))
+    state, m = step_fn(state, stream.next(batch), jax.random.fold_in(jax.random.key(seed), step))
     if step % 50 == 0 or step == steps - 1:
-      print(f"onestep {step}: generator_loss {float(m['generator_loss']):.4f} fake_loss "
+      print(f"{name} {step}: generator_loss {float(m['generator_loss']):.4f} fake_loss "
             f"{float(m['fake_loss']):.4f} ({time.time() - t0:.0f}s)", flush=True)
-  return _write_unet_component(trainer, trainer.policy_params(state), c.backbone.path,
-                               os.path.join(out, "toy_onestep"))
+    if export_every and (step + 1) % export_every == 0 and step + 1 < steps:
+      export()
+      print(f"{name} {step + 1}: wrote {dst}", flush=True)
+  export()
+  return dst
 
 
 def _write_unet_component(trainer, params, teacher: str, dst: str) -> str:
@@ -416,7 +439,7 @@ def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4,
   folder."""
   from didr_jax.parallel import mesh as mesh_lib
   from didr_jax.testing.configs import load_config
-  from didr_jax.train import config as config_lib, loop, prompts as prompts_lib
+  from didr_jax.train import config as config_lib, loop
   from didr_jax.train.tdm import TDMTrainer
   c = load_config("toy_tdm", **{
       "seed": seed, "backbone.path": os.path.join(out, "toy_unet"),
@@ -426,26 +449,9 @@ def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4,
   mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   pipe = loop.build_backbone(c, mesh)
   trainer = TDMTrainer(c, pipe, mesh)
-  state = trainer.init_state()
-  stream = prompts_lib.PromptStream(prompts_lib.load_prompts("toy:train"), seed=seed)
-  dst = os.path.join(out, "toy_tdm")
-
-  def export():
-    trainer.guard.flush()
-    _write_unet_component(trainer, trainer.policy_params(state), c.backbone.path, dst)
-
-  t0 = time.time()
-  for step in range(steps):
-    state, m, _, _ = trainer.train_step(state, stream.next(batch),
-                                        jax.random.fold_in(jax.random.key(seed), step), None)
-    if step % 50 == 0 or step == steps - 1:
-      print(f"tdm {step}: generator_loss {float(m['generator_loss']):.4f} fake_loss "
-            f"{float(m['fake_loss']):.4f} ({time.time() - t0:.0f}s)", flush=True)
-    if export_every and (step + 1) % export_every == 0 and step + 1 < steps:
-      export()                 # an interrupted stage still leaves its latest student
-      print(f"tdm {step + 1}: wrote {dst}", flush=True)
-  export()
-  return dst
+  step_fn = lambda state, prompts, rng: trainer.train_step(state, prompts, rng, None)[:2]
+  return _distil(trainer, step_fn, c.backbone.path, os.path.join(out, "toy_tdm"), "tdm", steps,
+                 batch, seed, export_every)
 
 
 def main(argv):
@@ -469,7 +475,8 @@ def main(argv):
     train_dit(out, FLAGS.dit_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.dit_lr,
               init=FLAGS.dit_init)
   if "onestep" in FLAGS.stages:
-    train_onestep(out, FLAGS.onestep_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.onestep_lr)
+    train_onestep(out, FLAGS.onestep_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.onestep_lr,
+                  export_every=FLAGS.onestep_export_every)
   if "tdm" in FLAGS.stages:
     train_tdm(out, FLAGS.tdm_steps, FLAGS.unet_batch, FLAGS.seed, lr=FLAGS.tdm_lr,
               export_every=FLAGS.tdm_export_every)

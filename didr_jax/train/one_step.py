@@ -12,6 +12,13 @@ conditioning time, on pure noise.
 - Flow / velocity (Z-Image, toy DiT): t_g = sigma 1, where x_1 = z exactly, so
   x0 = z - v_hat(z, 1) (the clean estimate of the flow table, METHODS section 0).
 
+A VP scheduler with ``clip_sample`` (the pixel-space toy's) clips x0 to its range, as its DDIM
+sampler clips each x0-hat: without it DI distillation of the toy one-step generator drifted to
+saturated pixels (81% of the shipped generator's x0 values above 1, the teacher's 0.7%) and the
+re-noised samples left the range the reference was trained on. Latent backbones (SD, SDXL,
+Z-Image) have no clip. The gradient through the clip is zero for clipped values, as in TDM's
+student step (``losses.tdm.student_step``).
+
 The generator runs without CFG (guidance is distilled into it). Its parameters are a copy of
 the backbone's (the teacher; DMD2-style init) or are read from a one-step checkpoint folder in
 diffusers format (``load_generator``): either a whole pipeline folder (``model_index.json``;
@@ -44,6 +51,7 @@ class OneStep:
   sigma: float
   prediction_type: str
   integer_time: bool
+  clip_range: float | None = None
 
   @classmethod
   def of(cls, backbone, time: float | None = None) -> "OneStep":
@@ -55,7 +63,7 @@ class OneStep:
         raise ConfigError(f"config.didr.generator_time: {t} is outside [0, "
                           f"{sched.num_train_timesteps})")
       a, s = kernels.vp_alpha_sigma(sched, jnp.int32(t))
-      return cls(float(t), float(a), float(s), sched.prediction_type, True)
+      return cls(float(t), float(a), float(s), sched.prediction_type, True, clip_range(backbone))
     sig = 1.0 if time is None or time < 0 else float(time)
     if not 0.0 < sig <= 1.0:
       raise ConfigError(f"config.didr.generator_time: flow sigma {sig} is outside (0, 1]")
@@ -65,11 +73,19 @@ class OneStep:
     return jnp.full((batch,), self.time, jnp.int32 if self.integer_time else jnp.float32)
 
 
+def clip_range(backbone) -> float | None:
+  """The x0 clip of a VP scheduler with ``clip_sample`` (its ``clip_sample_range``), else None."""
+  sched = getattr(backbone, "schedule", None)
+  return float(sched.clip_sample_range) if getattr(sched, "clip_sample", False) else None
+
+
 def generate(backbone, model, z: jax.Array, cond: Any, spec: OneStep) -> jax.Array:
-  """x0 = to_x0(f(z, t_g, c), z, alpha_g, sigma_g) in float32: one network call, no CFG."""
+  """x0 = to_x0(f(z, t_g, c), z, alpha_g, sigma_g) in float32, clipped to ``spec.clip_range``
+  when set: one network call, no CFG."""
   out = backbone.denoise(model, z, spec.times(z.shape[0]), cond, None, 1.0)
-  return param.to_x0(out.astype(jnp.float32), z.astype(jnp.float32), spec.alpha, spec.sigma,
-                     spec.prediction_type)
+  x0 = param.to_x0(out.astype(jnp.float32), z.astype(jnp.float32), spec.alpha, spec.sigma,
+                   spec.prediction_type)
+  return x0 if spec.clip_range is None else jnp.clip(x0, -spec.clip_range, spec.clip_range)
 
 
 def _component(backbone) -> str:

@@ -115,9 +115,7 @@ class TDMTrainer(common.GuardedHostState):
     self.grid = StudentGrid.of(backbone, int(d.num_steps), float(d.shift))
     self.ptype = backbone.prediction_type
     # A VP scheduler with clip_sample clips the student's x0_hat as its DDIM sampler does.
-    sched = getattr(backbone, "schedule", None)
-    self.clip_range = (float(sched.clip_sample_range)
-                       if getattr(sched, "clip_sample", False) else None)
+    self.clip_range = one_step.clip_range(backbone)
     eps = c.train.adam_eps
     opt = lambda lr, betas: common.make_optimizer(
         float(lr), b1=float(betas[0]), b2=float(betas[1]), eps=eps,
