@@ -175,10 +175,9 @@ def test_tdm_configs_validate_and_name_the_key(toy_folder):
       ("toy_tdmr1", {"tdm.generator_path": "", "sample.group_size": 1}, "sample.group_size"),
       ("toy_tdm", {"tdm.boundaries_per_iter": 5}, "tdm.boundaries_per_iter"),
       ("toy_tdm", {"tdm.ref_cfg": 0.5}, "tdm.ref_cfg"),
-      ("toy_tdm", {"lora.enabled": True}, "lora.enabled"),       # not silently ignored
-      ("toy_didr", {"lora.enabled": True}, "lora.enabled"),
-      ("toy_crd", {"lora.enabled": True, "sample.group_size": 2, "train.grad_accum": 1},
-       "lora.enabled")]:
+      # LoRA adapters share the reference's base: no distilled generator under them
+      ("toy_tdm", {"lora.enabled": True, "tdm.generator_path": toy_folder}, "lora.enabled"),
+      ("toy_didr", {"lora.enabled": True, "didr.generator_path": toy_folder}, "lora.enabled")]:
     c = load_config(name, **{"backbone.path": toy_folder, **TINY, **overrides})
     with pytest.raises(config_lib.ConfigError, match=rf"^config\.{key}: "):
       config_lib.validate(c, num_devices=1)

@@ -133,7 +133,8 @@ def export_merged(pipe: Any, dst: str) -> None:
 
 
 def _latest_policy_params(workdir: str) -> tuple[Any, int]:
-  """The policy parameters of the latest complete training checkpoint of ``workdir``."""
+  """The evaluated adapters (``_evaluated_params``) of the latest complete training checkpoint
+  of ``workdir``."""
   import orbax.checkpoint as ocp
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   steps = sorted(int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
@@ -145,7 +146,18 @@ def _latest_policy_params(workdir: str) -> tuple[Any, int]:
     state = ocp.StandardCheckpointer().restore(path)
   except Exception as e:  # orbax raises many types; name the checkpoint and keep the cause
     raise core.ConversionError(f"could not read the training checkpoint {path}: {e}") from e
-  return state["params"]["policy"], steps[-1]
+  return _evaluated_params(state), steps[-1]
+
+
+def _evaluated_params(state: Mapping) -> Any:
+  """The adapters a run samples and evaluates with: DDPO's / CRD's policy; DIDR's and TDM's
+  generator EMA (in the generator's dtypes) when the run keeps one, else the generator."""
+  params = state["params"]
+  if "policy" in params:
+    return params["policy"]
+  from didr_jax.train import common
+  ema = state.get("ema", {}).get("generator")
+  return params["generator"] if ema is None else common.ema_as(ema, params["generator"])
 
 
 def export_run(workdir: str, dst: str, *, merge: bool = False) -> str:

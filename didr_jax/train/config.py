@@ -403,9 +403,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
   _require(int(t.max_consecutive_nonfinite) >= 1, "train.max_consecutive_nonfinite",
            f"must be >= 1, got {t.max_consecutive_nonfinite}")
   if c.lora.enabled:
-    # Only the DDPO trainer injects adapters today; elsewhere the flag would be silently ignored.
-    _require(c.method == "ddpo", "lora.enabled",
-             f"LoRA is implemented for method 'ddpo' only, not {c.method!r} (full fine-tuning)")
+    # Every trained network of a method (policy; generator, fake score, surrogate) is a set of
+    # adapters on the one frozen base, which is also the reference: a distilled generator
+    # cannot be that base.
+    section = {"didr": "didr", "tdm": "tdm", "tdmr1": "tdm"}.get(c.method)
+    if section and section in c:
+      _require(not c[section].generator_path, "lora.enabled",
+               f"LoRA adapters share the reference's frozen base weights, so the generator "
+               f"starts from the reference: set config.{section}.generator_path=\"\" or train "
+               f"full weights (config.{section}.generator_path={c[section].generator_path!r})")
     _require(int(c.lora.rank) >= 1, "lora.rank", f"must be >= 1, got {c.lora.rank}")
     _require(float(c.lora.alpha) > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
     for pattern in c.lora.targets:

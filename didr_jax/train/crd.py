@@ -43,6 +43,7 @@ from didr_jax.losses import crd as crd_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common
 from didr_jax.train.crd_config import validate_crd_section
+from didr_jax.train.logging import log_compiles
 
 EpochAbandoned = common.EpochAbandoned
 
@@ -62,7 +63,7 @@ class CRDTrainer(common.GuardedHostState):
     self.bb = backbone
     self.mesh = mesh
     self.rules = tuple(config.mesh.rules) + mesh_lib.DEFAULT_RULES
-    self.net = common.Net.of(backbone.model)
+    self.net = common.Net.of(backbone.model, lora=config.lora)
     d = config.crd
     sched = validate_crd_section(d)
     self.old_schedule, self.sampler_schedule = sched["old"], sched["sampler"]
@@ -76,9 +77,12 @@ class CRDTrainer(common.GuardedHostState):
     # the frozen pretrained reference of the KL anchor (a copy: the state's params are donated)
     self.ref_params = (jax.tree.map(jnp.copy, self.net.params) if d.kl_beta > 0 else None)
     self._uncond = None
-    self._sample = nnx.jit(self._sample_impl, static_argnames=("num_steps",))
-    self._prepare = jax.jit(self._prepare_impl)
-    self._update = jax.jit(self._update_impl, donate_argnums=(0,))
+    # Net.jit: the frozen rest (a LoRA run's base weights) is an argument, not a constant
+    self._sample = log_compiles("the sampler", self.net.jit(
+        self._sample_impl, jit=nnx.jit, static_argnames=("num_steps",)))
+    self._prepare = log_compiles("the epoch layout", jax.jit(self._prepare_impl))
+    self._update = log_compiles("the update step", self.net.jit(self._update_impl,
+                                                                donate_argnums=(0,)))
     self._snapshots = jax.jit(self._snapshots_impl, donate_argnums=(0,))
 
   # ------------------------------------------------------------------------------ state

@@ -39,6 +39,7 @@ from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common, one_step
 from didr_jax.train.config import ConfigError
 from didr_jax.train.didr_config import didr_section, validate_didr_section  # noqa: F401
+from didr_jax.train.logging import log_compiles
 
 EpochAbandoned = common.EpochAbandoned
 
@@ -80,7 +81,7 @@ class DIDRTrainer(common.GuardedHostState):
     d = c.didr
     self.bb, self.mesh = backbone, mesh
     self.rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
-    self.net = common.Net.of(backbone.model)
+    self.net = common.Net.of(backbone.model, lora=c.lora)
     self.ref_params = self.net.take_params()      # the frozen reference, never donated
     if backbone.family == "vp":
       self.process = didr_losses.vp_process(backbone.schedule)
@@ -102,9 +103,11 @@ class DIDRTrainer(common.GuardedHostState):
     self.reward = build_reward(c)
     self.guard = common.NonFiniteGuard(t.max_consecutive_nonfinite)
     self.uncond = backbone.negative(1) if d.ref_cfg != 1.0 else None
-    self._fake_update = jax.jit(self._fake_update_impl, donate_argnums=(0,))
-    self._gen_update = jax.jit(self._gen_update_impl, donate_argnums=(0,))
-    self._generate = jax.jit(self._generate_impl)
+    # Net.jit: the frozen rest (a LoRA run's base weights) is an argument, not a constant
+    jit = lambda name, fn, **kw: log_compiles(name, self.net.jit(fn, **kw))
+    self._fake_update = jit("the fake-score update", self._fake_update_impl, donate_argnums=(0,))
+    self._gen_update = jit("the generator update", self._gen_update_impl, donate_argnums=(0,))
+    self._generate = jit("the one-step generator", self._generate_impl)
 
   # ------------------------------------------------------------------------------ state
 

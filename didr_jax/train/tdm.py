@@ -58,6 +58,7 @@ from didr_jax.diffusion.schedules import ddim_timesteps
 from didr_jax.losses import common as loss_common, tdm as tdm_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common, one_step
+from didr_jax.train.logging import log_compiles
 from didr_jax.train.tdm_config import validate_tdm_section
 
 EpochAbandoned = common.EpochAbandoned
@@ -110,7 +111,7 @@ class TDMTrainer(common.GuardedHostState):
     self.bb, self.mesh = backbone, mesh
     self.rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
     self.sections = validate_tdm_section(d)
-    self.net = common.Net.of(backbone.model)
+    self.net = common.Net.of(backbone.model, lora=c.lora)
     self.ref_params = self.net.take_params()      # the frozen teacher, never donated
     self.grid = StudentGrid.of(backbone, int(d.num_steps), float(d.shift))
     self.ptype = backbone.prediction_type
@@ -125,9 +126,16 @@ class TDMTrainer(common.GuardedHostState):
       self.tx["surrogate"] = opt(d.surrogate_lr, d.surrogate_betas)
     self.guard = common.NonFiniteGuard(c.train.max_consecutive_nonfinite)
     self._negatives: dict[int, Any] = {}
-    self._rollout = jax.jit(self._rollout_impl)
-    self._fake_update = jax.jit(self._fake_update_impl, donate_argnums=(0,))
-    self._gen_update = jax.jit(self._gen_update_impl, donate_argnums=(0,))
+    # Net.jit: the frozen rest (a LoRA run's base weights) is an argument, not a constant
+    self._rollout = self._jit("the student rollout", self._rollout_impl)
+    self._fake_update = self._jit("the fake-score update", self._fake_update_impl,
+                                  donate_argnums=(0,))
+    self._gen_update = self._jit("the generator update", self._gen_update_impl,
+                                 donate_argnums=(0,))
+
+  def _jit(self, name: str, fn, **kw):
+    """``fn`` jitted with the network's frozen rest as an argument, its compiles logged."""
+    return log_compiles(name, self.net.jit(fn, **kw))
 
   # ------------------------------------------------------------------------------ state
 

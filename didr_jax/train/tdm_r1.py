@@ -55,7 +55,8 @@ class TDMR1Trainer(TDMTrainer):
     super().__init__(config, backbone, mesh)
     self.old_schedule = self.sections["old"]
     self.group = int(config.sample.group_size)
-    self._surrogate_update = jax.jit(self._surrogate_update_impl, donate_argnums=(0,))
+    self._surrogate_update = self._jit("the surrogate update", self._surrogate_update_impl,
+                                       donate_argnums=(0,))
 
   def scales(self) -> dict:
     d = self.c.tdm
