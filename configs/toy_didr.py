@@ -3,14 +3,15 @@ trained toward the toy-CLIP-tilted reference (the differentiable ``toy_clip`` re
 evaluated with the toy CLIP score plus the held-out toy detector and toy fidelity (the loop adds
 both for toy prompts). Runs on a laptop CPU.
 
-The generator starts from the teacher (the toy UNet read as a one-step generator at t = 399,
-``train.one_step``) unless ``--config.didr.generator_path`` names a distilled one-step toy
-generator: the shipped ``didr_jax/toy/assets/toy_onestep`` (``python -m didr_jax.toy.pretrain
---stages=onestep``, 500 DI steps) is not the default because it evaluates worse than the
-undistilled teacher on every toy metric (README, DIDR section). Modes: ``didr`` (default),
+The generator starts from the shipped one-step toy generator ``didr_jax/toy/assets/toy_onestep``
+(distilled from the toy UNet by our DI: ``python -m didr_jax.toy.pretrain --stages=onestep``;
+README, DIDR section); ``--config.didr.generator_path=""`` starts from the teacher read as a
+one-step generator at t = 399 (``train.one_step``) instead. Modes: ``didr`` (default),
 ``di`` (no reward: plain distillation), ``dipp`` (DI++, terminal reward). The reference is
 queried with the toy's sampling CFG 3. Learning rates and EMA are toy choices, not the paper's.
 """
+
+import os
 
 from didr_jax.train import config as config_lib
 from didr_jax.train.didr_config import didr_section
@@ -32,6 +33,8 @@ def get_config():
   c.train.weight_decay = 0.0
   c.didr = didr_section()
   c.didr.reward = {"toy_clip": 1.0}
+  generator = os.path.join(config_lib.TOY_ASSETS, "toy_onestep")
+  c.didr.generator_path = generator if os.path.isdir(generator) else ""
   c.didr.reward_scale = 1.0          # 1/beta
   c.didr.ref_cfg = 3.0               # the toy's sampling CFG
   c.didr.fake_updates = 2

@@ -31,7 +31,8 @@ def toy_folder(tmp_path_factory):
 def toy_config(folder, **kw):
   # adam_eps = 1: Adam's first step is lr g / (|g| + 1), smooth in g, so comparisons are about
   # the gradients rather than the sign of rounding noise (the first step is lr sign(g) at eps 0)
-  base = {"backbone.path": folder, "sample.batch_size": 8, "sample.num_batches": 1,
+  base = {"backbone.path": folder, "didr.generator_path": "", "sample.batch_size": 8,
+          "sample.num_batches": 1,
           "train.batch_size": 8, "train.adam_eps": 1.0, "didr.fake_updates": 1,
           # K = 1 (Tweedie, exact on Gaussians like the default ancestral K = 2, which
           # tests/test_losses_didr.py checks) halves the compile of every generator update

@@ -27,7 +27,7 @@ SMALL = {"sample.batch_size": 8, "sample.num_batches": 1, "train.batch_size": 8,
 METHODS = {
     "toy_crd": {"sample.group_size": 2, "sample.num_steps": 2, "train.grad_accum": 1,
                 "crd.num_train_times": 1, "train.learning_rate": 1e-3},
-    "toy_didr": {"didr.fake_updates": 1, "didr.drp_steps": 1, "train.learning_rate": 1e-3,
+    "toy_didr": {"didr.generator_path": "", "didr.fake_updates": 1, "didr.drp_steps": 1, "train.learning_rate": 1e-3,
                  "didr.fake_learning_rate": 1e-3},
     "toy_tdmr1": {"tdm.generator_path": "", "sample.group_size": 2,
                   "tdm.boundaries_per_iter": 1, "tdm.gen_lr": 1e-3, "tdm.fake_lr": 1e-3,
