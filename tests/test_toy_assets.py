@@ -134,9 +134,10 @@ def test_dit_pretraining_continues_from_a_folder(tmp_path):
 
 def test_shipped_onestep_generator_loads_and_draws():
   """``toy_onestep`` (the DI-distilled one-step toy generator, a bfloat16 diffusers UNet folder;
-  ``--config.didr.generator_path`` of ``configs/toy_didr.py``) loads against the toy UNet
-  reference, and one network call gives finite, non-constant 32 x 32 RGB images in [0, 1] that
-  differ from the undistilled teacher's one-step images."""
+  the start of ``configs/toy_didr.py``) loads against the toy UNet reference, one network call
+  gives finite, non-constant 32 x 32 RGB images in [0, 1], and on the 72 held-out prompts x 2
+  noise draws (the same for both) they score higher on the detector than the undistilled teacher
+  read as a one-step generator (measured on 256 samples: 0.071 vs 0.011)."""
   from didr_jax.convert import core
   from didr_jax.train.didr import DIDRTrainer
   folder = os.path.join(ASSETS, "toy_onestep")
@@ -154,6 +155,14 @@ def test_shipped_onestep_generator_loads_and_draws():
   assert images.min() >= 0.0 and images.max() <= 1.0 and images.std() > 0.05
   _, teacher, _, _ = trainer.sample(trainer.ref_params, prompts, jax.random.key(0))
   assert np.abs(images - np.asarray(teacher)).mean() > 1e-2
+  heldout = list(shapes.heldout_prompts())
+  score = {}
+  for name, params in (("generator", trainer.policy_params(state)),
+                       ("teacher", trainer.ref_params)):
+    draws = [trainer.sample(params, heldout, jax.random.key(seed))[1] for seed in range(2)]
+    score[name] = float(np.mean([detector.batch_score(np.asarray(im), heldout).mean()
+                                 for im in draws]))
+  assert score["generator"] > score["teacher"] + 0.02, score
 
 
 def test_shipped_tdm_student_beats_the_teacher_read_in_four_steps():
