@@ -20,17 +20,15 @@ the DiT stage from a toy_dit folder (e.g. ``--stages=dit --dit_init=didr_jax/toy
 --out=/tmp/longer --dit_steps=2500 --dit_lr=5e-4``), so a longer run can be done in pieces.
 
 5. (``--stages=onestep``, not in the default stages) the one-step toy generator: the toy UNet
-   read as a one-step generator at t = 399 (``train.one_step``), distilled from ``OUT/toy_unet``
-   by our own DI (the DIDR trainer at mode "di": no reward, reference CFG 3), written as a
-   diffusers UNet folder ``OUT/toy_onestep`` (config.json + safetensors) holding the generator
-   EMA in bfloat16, 2 MB (what ``configs/toy_didr.py`` can start from with
-   ``--config.didr.generator_path``). The shipped one: ``python -m didr_jax.toy.pretrain
-   --stages=onestep --onestep_steps=500 --unet_batch=16`` (``--out`` must hold ``toy_unet``),
-   38 min wall on the 2-core CPU shared with other jobs (load 7 to 17; 5 to 8 min of it
-   compiling). It is NOT yet a good generator: on the held-out evaluation it scores worse than
-   the undistilled teacher read at t = 399 (toy-CLIP -1.30 vs 1.94, detector 0.000 vs 0.011,
-   FD 185 vs 109; README, DIDR section): 500 DI steps at lr 1e-4 are too few, or DI from
-   this teacher needs other settings; open.
+   read as a one-step generator at t = 399 (``train.one_step``, x0 clipped as the toy
+   scheduler's ``clip_sample``), distilled from ``OUT/toy_unet`` by our own DI (the DIDR trainer
+   at mode "di": no reward, reference CFG 3), written as a diffusers UNet folder
+   ``OUT/toy_onestep`` (config.json + safetensors) holding the generator EMA in bfloat16, 2 MB
+   (the start of ``configs/toy_didr.py``), also every ``--onestep_export_every`` steps. The
+   shipped one: ``python -m didr_jax.toy.pretrain --stages=onestep --onestep_steps=400
+   --unet_batch=32`` (``--out`` must hold ``toy_unet``), 50 min wall on the 2-core CPU shared
+   with two training runs. Held-out: toy-CLIP 3.66, detector 0.071, shape accuracy 0.38, FD
+   112.7 against the undistilled teacher's 1.94 / 0.011 / 0.22 / 109.1 (README, DIDR section).
 
 6. (``--stages=tdm``, not in the default stages) the 4-step toy TDM student: the toy UNet
    distilled from ``OUT/toy_unet`` (teacher CFG 3) by our TDM trainer (``train/tdm.py``: the
@@ -106,7 +104,7 @@ flags.DEFINE_string("dit_init", "", "a toy_dit folder to continue training from 
                     "text encoder and tokenizer) instead of a random init: long runs in pieces")
 flags.DEFINE_list("stages", ["clip", "unet", "dit"],
                   "what to (re)build: clip, unet, dit, onestep")
-flags.DEFINE_integer("onestep_steps", 2000, "generator updates of the one-step DI stage")
+flags.DEFINE_integer("onestep_steps", 400, "generator updates of the one-step DI stage")
 flags.DEFINE_float("onestep_lr", 1e-4, "learning rate of the one-step generator and fake score")
 flags.DEFINE_integer("onestep_export_every", 100, "also write the one-step generator every this "
                      "many steps (0: only at the end)")
