@@ -155,14 +155,21 @@ def test_shipped_onestep_generator_loads_and_draws():
   assert images.min() >= 0.0 and images.max() <= 1.0 and images.std() > 0.05
   _, teacher, _, _ = trainer.sample(trainer.ref_params, prompts, jax.random.key(0))
   assert np.abs(images - np.asarray(teacher)).mean() > 1e-2
-  heldout = list(shapes.heldout_prompts())
-  score = {}
-  for name, params in (("generator", trainer.policy_params(state)),
-                       ("teacher", trainer.ref_params)):
-    draws = [trainer.sample(params, heldout, jax.random.key(seed))[1] for seed in range(2)]
-    score[name] = float(np.mean([detector.batch_score(np.asarray(im), heldout).mean()
-                                 for im in draws]))
+  score = _heldout_detector(trainer, {"generator": trainer.policy_params(state),
+                                      "teacher": trainer.ref_params}, draws=2)
   assert score["generator"] > score["teacher"] + 0.02, score
+
+
+def _heldout_detector(trainer, models: dict, draws: int) -> dict:
+  """Mean detector score of each model's samples on the held-out prompts x ``draws`` noise
+  draws (the same noise for every model)."""
+  prompts = list(shapes.heldout_prompts())
+  score = {}
+  for name, params in models.items():
+    images = [trainer.sample(params, prompts, jax.random.key(seed))[1] for seed in range(draws)]
+    score[name] = float(np.mean([detector.batch_score(np.asarray(im), prompts).mean()
+                                 for im in images]))
+  return score
 
 
 def test_shipped_tdm_student_beats_the_teacher_read_in_four_steps():
@@ -180,11 +187,6 @@ def test_shipped_tdm_student_beats_the_teacher_read_in_four_steps():
   mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   trainer = TDMTrainer(c, loop.build_backbone(c, mesh), mesh)
   state = trainer.init_state()
-  prompts = list(shapes.heldout_prompts())
-  score = {}
-  for name, params in (("student", trainer.policy_params(state)),
-                       ("teacher", trainer.ref_params)):
-    draws = [trainer.sample(params, prompts, jax.random.key(seed))[1] for seed in range(4)]
-    score[name] = float(np.mean([detector.batch_score(np.asarray(im), prompts).mean()
-                                 for im in draws]))
+  score = _heldout_detector(trainer, {"student": trainer.policy_params(state),
+                                      "teacher": trainer.ref_params}, draws=4)
   assert score["student"] > score["teacher"] + 0.005, score
