@@ -67,6 +67,56 @@ def test_lora_layers_match_numpy_and_merge():
   np.testing.assert_allclose(np.asarray(merged(jnp.asarray(x))), y1, rtol=1e-5, atol=1e-5)
 
 
+def test_adapters_follow_the_sharding_of_their_kernel():
+  """Under fsdp A takes its kernel's input-axis sharding and B its output-axis sharding (a
+  stacked kernel's leading axes too), so adapters and their AdamW moments shrink with the
+  mesh; concrete and abstract (eval_shape) models alike."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from didr_jax.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh((("fsdp", 4), ("tensor", 2)), devices=jax.devices()[:8])
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.proj = layers.Dense(16, 8, rngs=rngs)
+      self.conv = layers.Conv2d(8, 8, 1, 1, 0, rngs=rngs)
+      self.plain = layers.Dense(8, 8, rngs=rngs)
+      self.odd = layers.Dense(16, 6, rngs=rngs)
+      self.out = layers.Dense(8, 16, rngs=rngs)
+
+  def place(model):
+    for layer, spec in ((model.proj, P("fsdp", "tensor")), (model.odd, P("fsdp", None)),
+                        (model.out, P(None, "fsdp")),
+                        (model.conv, P(None, None, "fsdp", None))):
+      value = layer.kernel.get_value()
+      sh = NamedSharding(mesh, spec)
+      layer.kernel.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sh)
+                             if isinstance(value, jax.ShapeDtypeStruct)
+                             else jax.device_put(value, sh))
+    return model
+
+  concrete = place(Net(nnx.Rngs(0)))
+  for model in (concrete, place(nnx.eval_shape(lambda: Net(nnx.Rngs(0))))):
+    lora.inject(model, rank=2, targets=["proj", "conv", "plain", "odd", "out"])
+    specs = {name: (tuple(getattr(model, name).lora_a.get_value().sharding.spec),
+                    tuple(getattr(model, name).lora_b.get_value().sharding.spec))
+             for name in ("proj", "conv", "odd", "out")}
+    # an axis the kernel keeps whole borrows the other's mesh axes when they divide it (6 by 4
+    # does not)
+    assert specs == {"proj": (("fsdp", None), (None, "tensor")),
+                     "conv": (("fsdp", None), (None, "fsdp")),
+                     "odd": (("fsdp", None), (None, None)),
+                     "out": (("fsdp", None), (None, "fsdp"))}
+    sharding = getattr(model.plain.lora_a.get_value(), "sharding", None)
+    assert not isinstance(sharding, NamedSharding)  # an unplaced kernel: left as created
+  p = concrete.proj  # the sharded adapters compute what the float64 formula says
+  p.lora_b.set_value(jax.device_put(jnp.full((2, 8), 0.3), p.lora_b.get_value().sharding))
+  x = np.random.default_rng(0).standard_normal((4, 16))
+  w, b, a, bb = (np.asarray(v[...], np.float64) for v in (p.base_module.kernel,
+                                                            p.base_module.bias, p.lora_a, p.lora_b))
+  np.testing.assert_allclose(np.asarray(jax.jit(p)(jnp.asarray(x, jnp.float32))),
+                             x @ w + b + (x @ a) @ bb, rtol=1e-5, atol=1e-5)
+
+
 def test_unet_targets_and_abstract_inject():
   cfg = unet_lib.UNetConfig.from_diffusers(dict(
       in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),

@@ -20,6 +20,7 @@ pattern matches a dot-separated suffix of its path (``to_q`` matches every ``...
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Iterable, Sequence
 
@@ -72,6 +73,7 @@ class LoRA(nnx.LoRA):
                        b_metadata=meta((None, names[-1] if names else None)))
     self.rank = rank
     self.alpha = float(alpha)
+    _shard_like(kernel.get_value(), self.lora_a, self.lora_b, lead)
 
   @property
   def scale(self) -> float:
@@ -89,6 +91,38 @@ class LoRA(nnx.LoRA):
     if isinstance(self.base_module, nnx.Conv):  # (..., in, out) -> (..., 1, 1, in, out)
       d = d.reshape(d.shape[:-2] + (1, 1) + d.shape[-2:])
     return d.reshape(kernel.shape)
+
+
+def _shard_like(kernel: Any, a: nnx.Variable, b: nnx.Variable, lead: int) -> None:
+  """Lays A and B out like the kernel they adapt: A's ``in`` axis as the kernel's input axis,
+  B's ``out`` axis as its output axis (an axis the kernel keeps whole borrows the other one's
+  mesh axes), the stacking axes as the kernel's, the rank whole. Under
+  fsdp the adapters (and their AdamW moments) then shrink with the mesh like the base weights
+  instead of being replicated on every device (a 1x1 conv kernel (..., 1, 1, in, out) ends in
+  in, out as well). A kernel without a NamedSharding leaves them as they are."""
+  sharding = getattr(kernel, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return
+  spec = tuple(sharding.spec) + (None,) * (len(kernel.shape) - len(sharding.spec))
+  stack, k_in, k_out = spec[:lead], spec[-2], spec[-1]
+  def borrow(axes, dim):  # ``axes`` when their mesh size divides ``dim``
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return axes if dim % math.prod(sharding.mesh.shape[n] for n in names) == 0 else None
+
+  # fsdp usually shards one axis of a kernel: the adapter on the whole side borrows those mesh
+  # axes (when they divide it), or it would stay whole on every device
+  if k_out is None and k_in is not None:
+    k_out = borrow(k_in, kernel.shape[-1])
+  elif k_in is None and k_out is not None:
+    k_in = borrow(k_out, kernel.shape[-2])
+  P = jax.sharding.PartitionSpec
+  for var, axes in ((a, stack + (k_in, None)), (b, stack + (None, k_out))):
+    target = jax.sharding.NamedSharding(sharding.mesh, P(*axes))
+    value = var.get_value()
+    if isinstance(value, jax.ShapeDtypeStruct):
+      var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target))
+    else:
+      var.set_value(jax.device_put(value, target))
 
 
 def _dotted(path: Sequence[Any]) -> str:
