@@ -93,8 +93,10 @@ def test_one_call_per_micro_batch_equals_the_per_step_gradients(toy_folder):
                                err_msg=jax.tree_util.keystr(path))
   assert 0.0 < float(m["clipfrac"]) < 1.0  # both branches of the clip are exercised
   assert float(m["kl_ref"]) > 1e-6
-  for n in m_ref:  # log p is a mean over dims: float32 rounding ~1e-7 in |dlogp| terms
-    np.testing.assert_allclose(np.asarray(m[n]), np.asarray(m_ref[n]), rtol=1e-5, atol=1e-7,
+  # log p is a mean over dims: float32 rounding of 1e-7 .. 2e-7 in |dlogp| terms (the larger
+  # with XLA:CPU's LLVM at -O0, as the tests run)
+  for n in m_ref:
+    np.testing.assert_allclose(np.asarray(m[n]), np.asarray(m_ref[n]), rtol=1e-5, atol=5e-7,
                                err_msg=n)
   assert float(np.sum(m["steps_count"])) == 1.0  # each of the acc x k slots counted once
   assert "grad_norm_steps" not in m  # only measured with one step per call
@@ -106,7 +108,7 @@ def test_one_call_per_micro_batch_equals_the_per_step_gradients(toy_folder):
   for g, r in zip(jax.tree.leaves(g1), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5 * scale)
   for n in m:
-    np.testing.assert_allclose(np.asarray(m1[n]), np.asarray(m[n]), rtol=1e-5, atol=1e-7,
+    np.testing.assert_allclose(np.asarray(m1[n]), np.asarray(m[n]), rtol=1e-5, atol=5e-7,
                                err_msg=n)
   # per-step gradient norms: one per trained step, each the norm of a slot's gradient
   gn = np.asarray(m1["grad_norm_steps"])

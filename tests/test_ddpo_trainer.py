@@ -157,8 +157,8 @@ def test_ddpo_sdxl_config_runs_two_epochs(tmp_path):
   tiny.save_tiny_sd(folder, kind="sdxl", seed=5)
   c = load_config("ddpo_sdxl", **{
       "backbone.path": folder, "backbone.dtype": "float32", "sample.num_steps": 3,
-      "sample.batch_size": 8, "sample.num_batches": 2, "train.batch_size": 8,
-      "train.grad_accum": 2, "num_epochs": 2, "eval.num_samples": 8, "eval.batch_size": 8,
+      "sample.batch_size": 8, "sample.num_batches": 1, "train.batch_size": 8,
+      "train.grad_accum": 1, "num_epochs": 2, "eval.num_samples": 8, "eval.batch_size": 8,
       "eval.num_steps": 3, "checkpoint_every": 1, "async_checkpoint": False})
   metrics = loop.train(c, str(tmp_path / "run"))
   assert np.isfinite(metrics["loss"]) and metrics["reward_mean"] < 0  # -kB of JPEG

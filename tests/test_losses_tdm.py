@@ -275,7 +275,7 @@ def _dm_gaussian_check(family):
 
 def test_dm_gradient_zero_when_fake_equals_ref_through_student():
   """Full TDM generator path with callables (student step, re-noise, fake and reference
-  networks): identical fake and reference networks give an exactly zero gradient on the
+  networks): identical fake and reference networks give a zero gradient on the
   student's parameters, a different fake a nonzero one."""
   key = jax.random.key(4)
   kw, kr, kf, kx, ke = jax.random.split(key, 5)
@@ -298,7 +298,8 @@ def test_dm_gradient_zero_when_fake_equals_ref_through_student():
 
   grad = jax.jit(jax.grad(loss))
   g_same, g_diff = grad(student, ref), grad(student, other)
-  assert float(jnp.max(jnp.abs(g_same["w"]))) == 0.0
+  # zero up to float32 rounding (exactly 0 when XLA computes x0(ref) once; ~3e-8 at LLVM -O0)
+  assert float(jnp.max(jnp.abs(g_same["w"]))) < 1e-6
   assert float(jnp.max(jnp.abs(g_diff["w"]))) > 1e-4
 
 

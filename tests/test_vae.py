@@ -274,5 +274,5 @@ def test_remat_gradients_match(cases):
   grad = nnx.jit(nnx.grad(lambda m, z: jnp.mean(jnp.square(m.decode(z)))))
   g0 = grad(c.jax, jnp.asarray(c.z))
   g1 = grad(remat, jnp.asarray(c.z))
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):  # float32 rounding: ~1.6e-7
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-7)
