@@ -96,10 +96,10 @@ class LoRA(nnx.LoRA):
 def _shard_like(kernel: Any, a: nnx.Variable, b: nnx.Variable, lead: int) -> None:
   """Lays A and B out like the kernel they adapt: A's ``in`` axis as the kernel's input axis,
   B's ``out`` axis as its output axis (an axis the kernel keeps whole borrows the other one's
-  mesh axes), the stacking axes as the kernel's, the rank whole. Under
-  fsdp the adapters (and their AdamW moments) then shrink with the mesh like the base weights
-  instead of being replicated on every device (a 1x1 conv kernel (..., 1, 1, in, out) ends in
-  in, out as well). A kernel without a NamedSharding leaves them as they are."""
+  mesh axes), the stacking axes as the kernel's, the rank whole. Under fsdp the adapters (and
+  their AdamW moments) then shrink with the mesh like the base weights instead of being
+  replicated on every device (a 1x1 conv kernel (..., 1, 1, in, out) ends in in, out as well).
+  A kernel without a NamedSharding leaves them as they are."""
   sharding = getattr(kernel, "sharding", None)
   if not isinstance(sharding, jax.sharding.NamedSharding):
     return
