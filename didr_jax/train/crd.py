@@ -18,7 +18,7 @@ The maths lives in ``didr_jax.losses.crd``; this file only moves data. Per epoch
      both up to crd.t_max), fresh eps, x_t = alpha_t x0 + sigma_t eps, and in one jitted function
      the outputs of theta, of the "old" snapshot ``ema.old`` and of the CFG-guided (crd.kl_cfg)
      frozen pretrained reference feed ``crd.crd_loss``. Gradients are averaged over
-     grad_accum x num_train_times (a scan) and applied once (``common.guarded_apply``).
+     grad_accum x num_train_times (``common.accumulate``) and applied once (``common.guarded_apply``).
   4. Both snapshots move: snap <- d(step) snap + (1 - d(step)) theta, step = optimizer steps
      taken so far (``SnapshotSchedule``; the config's crd.old / crd.sampler).
 
@@ -192,27 +192,20 @@ class CRDTrainer(common.GuardedHostState):
 
   def _update_impl(self, state, batch, uncond, ref_params, rng):
     """One optimizer step from (grad_accum, B, ...) data: gradients averaged over the
-    micro-batches and crd.num_train_times forward times each (a scan)."""
+    micro-batches and crd.num_train_times forward times each (``common.accumulate``)."""
     params, old = state["params"]["policy"], state["ema"]["old"]
     acc = batch["adv"].shape[0]
     k = self.num_train_times
     same = _all_equal(params, old)
 
-    def loss_at(p, idx):
+    def grad_at(idx):
       micro = jax.tree.map(lambda x: x[idx // k], batch)
-      return self._loss(p, old, ref_params, micro, uncond, jax.random.fold_in(rng, idx), same)
+      fn = lambda p: self._loss(p, old, ref_params, micro, uncond, jax.random.fold_in(rng, idx),
+                                same)
+      (_, m), g = jax.value_and_grad(fn, has_aux=True)(params)
+      return g, m
 
-    def body(carry, idx):
-      grads, msum = carry
-      (_, m), g = jax.value_and_grad(loss_at, has_aux=True)(params, idx)
-      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, msum, m)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                      jax.eval_shape(lambda: loss_at(params, 0)[1]))
-    # XLA:CPU runs convolutions inside while-loop bodies far slower than unrolled (see ddpo.py)
-    (grads, msum), _ = jax.lax.scan(body, (zeros, m0), jnp.arange(acc * k),
-                                    unroll=jax.default_backend() == "cpu")
+    grads, msum = common.accumulate(grad_at, acc * k)
     grads = jax.tree.map(lambda g: g / (acc * k), grads)
     metrics = {name: v / (acc * k) for name, v in msum.items()}
     new_params, opt, applied = common.guarded_apply(self.tx, grads, state["opt"]["policy"],

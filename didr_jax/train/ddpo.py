@@ -346,10 +346,9 @@ class DDPOTrainer:
     gradient averaged over the grad_accum x k (micro-batch, step slot) PPO losses,
         g = 1 / (grad_accum k) sum_a sum_j grad L_{a, j},
     computed by grad_accum x (k / ddpo.steps_per_call) forward-backward calls, each over
-    B x steps_per_call (sample, step) pairs (one call per step by default). A loop
-    over the calls (unrolled on CPU, where XLA runs convolutions in loop bodies far slower,
-    a rolled ``lax.scan`` elsewhere) accumulates the gradient sums. With one step per call
-    the per-step gradient norms (``grad_norm_steps``) are measured and
+    B x steps_per_call (sample, step) pairs (one call per step by default), summed by
+    ``common.accumulate`` (a rolled loop: one call compiled, one call's activations live).
+    With one step per call the per-step gradient norms (``grad_norm_steps``) are measured and
     ``ddpo.step_grad_clip`` clips each step's gradient before the sum."""
     acc = batch["adv"].shape[0]
     rwr = self.c.ddpo.objective == "rwr"
@@ -365,8 +364,8 @@ class DDPOTrainer:
         fn = lambda p: self._rwr_loss(p, micro, key)
         (_, m), g = jax.value_and_grad(fn, has_aux=True)(params)
         return g, m
-      # slots of chunk c: a traced chunk index picks them (dynamic slices) so a rolled scan
-      # works; one chunk (the default) takes them all statically
+      # slots of chunk c: the traced chunk index of the rolled loop picks them (dynamic
+      # slices); one chunk (the default) takes them all statically
       if chunks == 1:
         sub = micro
       else:
@@ -380,19 +379,12 @@ class DDPOTrainer:
         g = clip_step_grad(g, self.c.ddpo.step_grad_clip)
       return g, m
 
-    def body(carry, idx):
-      grads, msum = carry
+    def grad_at(idx):
       a, c = idx // chunks, idx % chunks
       micro = jax.tree.map(lambda x: x[a], batch)
-      g, m = grad_fn(micro, c, jax.random.fold_in(rng, idx))
-      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, msum, m)), None
+      return grad_fn(micro, c, jax.random.fold_in(rng, idx))
 
-    first = jax.tree.map(lambda x: x[0], batch)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    m0 = jax.eval_shape(lambda: grad_fn(first, 0, rng)[1])
-    m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
-    (grads, msum), _ = jax.lax.scan(body, (zeros, m0), jnp.arange(acc * chunks),
-                                    unroll=jax.default_backend() == "cpu")
+    grads, msum = common.accumulate(grad_at, acc * chunks)
     grads = jax.tree.map(lambda g: g / (acc * k), grads)
     metrics = {k_: v / (acc * k) for k_, v in msum.items()}
     return grads, metrics
