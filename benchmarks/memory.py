@@ -53,9 +53,9 @@ What the programs are: the configs ``configs/ddpo_sdxl.py`` / ``configs/ddpo_zim
 1024 px, with ``train.batch_size`` = ``sample.batch_size`` = ``--batch`` (global, 8 default:
 1 sample per device, 2 with CFG), ``train.grad_accum`` = ``--grad_accum`` (1) and
 ``--train_steps`` (1) trained steps per sample. The update runs one network call per (micro-
-batch, trained step) and XLA:CPU unrolls that loop (the trainer does so on CPU); every call's
-activations die before the next, so a longer loop changes the compile time, not the memory
-(only the gradient accumulator, one parameter-sized buffer, spans the loop). ``--what=sampler``
+batch, trained step) in a rolled loop (``common.accumulate``); every call's activations die
+before the next, so a longer loop changes neither the compile time nor the memory (only the
+gradient accumulator, one parameter-sized buffer, spans the loop). ``--what=sampler``
 is the whole rollout (one ``lax.scan`` over the steps) plus the VAE decode.
 
 Model configs. Written here from the public diffusers configs (no file in the repository holds

@@ -57,3 +57,51 @@ def test_conv_gradient_in_a_loop_keeps_plain_convolutions():
   assert "while" in hlo
   labels = set(part.split(",")[0] for part in hlo.split("dim_labels=")[1:])
   assert labels == {"b01f_01io->b01f"}, labels
+
+
+def _attention_f64(q, k, v, mask, scale):
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  s = np.einsum("bqnh,bknh->bnqk", q, k) * scale
+  if mask is not None:
+    s = np.where(np.broadcast_to(mask, s.shape), s, -1e300)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bnqk,bknh->bqnh", p, v)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "keys", "causal"])
+@pytest.mark.parametrize("block", [64, 1 << 20])  # 8 query blocks of 4 / one block
+def test_blocked_attention_equals_float64_and_jax(mask_kind, block):
+  """``blocked_attention`` against float64 NumPy (outputs) and ``jax.nn.dot_product_attention``
+  (outputs and the gradients of all three inputs), with key-padding and causal masks, in
+  several query blocks and in one."""
+  b, t, tk, n, h = 2, 32, 24, 3, 4
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (b, t, n, h))
+  k, v = (jax.random.normal(kk, (b, tk, n, h)) for kk in ks[1:3])
+  mask = None
+  if mask_kind == "keys":
+    mask = (jnp.arange(tk)[None, :] < jnp.array([[tk], [tk - 7]]))[:, None, None, :]
+  elif mask_kind == "causal":
+    mask = (jnp.arange(tk)[None, :] <= jnp.arange(t)[:, None])[None, None]
+  ours = lambda q, k, v: layers.blocked_attention(q, k, v, mask=mask, scale=0.3, block=block)
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.3)
+  np.testing.assert_allclose(np.asarray(ours(q, k, v)), _attention_f64(q, k, v, mask, 0.3),
+                             rtol=1e-5, atol=1e-6)
+  dy = jax.random.normal(ks[3], q.shape)
+  g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * dy), (0, 1, 2))(q, k, v)
+  g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * dy), (0, 1, 2))(q, k, v)
+  for a, r in zip(g_ours, g_ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5)
+  if block == 64:  # really blocked: a loop over the 8 query blocks in the program
+    assert "while" in jax.jit(ours).lower(q, k, v).as_text()
+
+
+def test_attention_on_cpu_is_blocked_and_keeps_bfloat16():
+  q = jax.random.normal(jax.random.key(0), (2, 16, 2, 8), jnp.bfloat16)
+  out = layers.attention(q, q, q)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), _attention_f64(q, q, q, None, 8 ** -0.5),
+                             atol=2e-2)
+  jaxpr = str(jax.make_jaxpr(lambda q: layers.attention(q, q, q))(q))
+  assert "dot_product_attention" not in jaxpr and "exp" in jaxpr

@@ -197,6 +197,9 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
+_SCORE_BLOCK = 1 << 20  # score elements per query block of the CPU attention (4 MiB in f32)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
               scale: float | None = None, implementation: str | None = None) -> jax.Array:
   """Multi-head attention on (B, T, N, H) tensors through ``jax.nn.dot_product_attention``.
@@ -204,9 +207,63 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   ``mask`` is boolean, broadcastable to (B, N, Tq, Tk), True where attention is allowed.
   ``implementation`` is passed through (None lets XLA choose; "cudnn" on GPUs).
   Softmax runs in float32 whatever the input dtype (XLA's implementation does so).
+
+  On the CPU backend (``implementation`` None, as many key as query heads) the same function
+  is computed by ``blocked_attention``: XLA:CPU materialises the whole (B, N, Tq, Tk) score
+  tensor, which at 1024 tokens (tiny SD at 64 px: 16 x 8 x 1024 x 1024 floats) made one
+  attention take 2.4 s where PyTorch's blocked kernel takes 0.28 s; blocked, 0.11 s.
   """
+  if (implementation is None and jax.default_backend() == "cpu"
+      and k.shape[2] == q.shape[2]):
+    return blocked_attention(q, k, v, mask=mask, scale=scale)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                       implementation=implementation)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                      scale: float | None = None, block: int = _SCORE_BLOCK) -> jax.Array:
+  """softmax(scale q k^T, masked) v on (B, T, N, H) tensors, over blocks of queries:
+      o[b, i, n] = sum_j exp(s_ij - m_i) v[b, j, n] / sum_j exp(s_ij - m_i),
+      s_ij = scale <q[b, i, n], k[b, j, n]> (float32; -inf-like where ``mask`` is False),
+      m_i = max_j s_ij,
+  with the queries split into the fewest equal blocks whose (B, N, block, Tk) scores hold at
+  most ``block`` elements (cache-sized), one block at a time in a ``lax.map`` whose body is
+  rematerialised (the backward pass recomputes a block's scores instead of storing them all).
+  The loop runs over query positions, never over the batch or heads, so batch- or
+  head-sharded inputs stay sharded. A single block is computed directly. ``mask``: boolean,
+  broadcastable to (B, N, Tq, Tk). Same function as ``jax.nn.dot_product_attention`` (tested
+  against it and against float64 NumPy)."""
+  b, tq, n, h = q.shape
+  tk = k.shape[1]
+  scale = h ** -0.5 if scale is None else scale
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  qb = max(1, min(tq, block // max(1, b * n * tk)))
+  while tq % qb:
+    qb -= 1
+  nb = tq // qb
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, N, Tk, H)
+
+  def one(qq, mm):  # qq (B, N, qb, H); mm broadcastable to (B, N, qb, Tk) or None
+    s = jnp.einsum("bnqh,bnkh->bnqk", qq, kt, preferred_element_type=jnp.float32) * scale
+    if mm is not None:
+      s = jnp.where(mm, s, jnp.finfo(jnp.float32).min)
+    p = jnp.exp(s - jnp.max(s, -1, keepdims=True))
+    o = jnp.einsum("bnqk,bnkh->bnqh", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+    return (o / jnp.sum(p, -1, keepdims=True)).astype(q.dtype)
+
+  qt = q.transpose(0, 2, 1, 3)  # (B, N, Tq, H)
+  if nb == 1:
+    return one(qt, mask).transpose(0, 2, 1, 3)
+  qs = qt.reshape(b, n, nb, qb, h).transpose(2, 0, 1, 3, 4)
+  if mask is not None and mask.shape[2] > 1:  # a per-query mask is sliced with its block
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (tq, tk))
+    ms = mask.reshape(mask.shape[:2] + (nb, qb, tk)).transpose(2, 0, 1, 3, 4)
+    out = jax.lax.map(jax.checkpoint(lambda a: one(*a)), (qs, ms))
+  else:
+    out = jax.lax.map(jax.checkpoint(lambda qq: one(qq, mask)), qs)
+  return out.transpose(1, 2, 0, 3, 4).reshape(b, n, tq, h).transpose(0, 2, 1, 3)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
