@@ -33,9 +33,8 @@ three, batch 8 / 20 steps for the last three; --batch / --steps override all of 
            self-check runs one identical minibatch (same weights, latents, log-probs,
            advantages, conditioning; 4 samples x 2 of the 20 steps, so its update compiles
            quickly) through our update and through the PyTorch one and prints both losses and
-           pre-clip gradient norms. On XLA:CPU our 20-step update runs its per-step calls
-           unrolled and its buffers took 60 GB (out of memory on a 24 GB machine: the error is
-           printed and the peer still runs); --remat trains our UNet with rematerialisation.
+           pre-clip gradient norms. If our update runs out of memory the error is printed
+           and the peer still runs; --remat trains our UNet with rematerialisation.
 Printed: images (samples) per second of each side and the ratio ours / peer (> 1 means ours is
 faster). Compilation and PyTorch's first call are excluded from the sampling figures (one
 warm-up call each); sd64 / sdxl64 time two interleaved rounds (ours, peer, ours, peer) of
@@ -403,8 +402,7 @@ def ddpo_self_check(args, folder, check_steps=2):
   fixed advantages including two beyond the clip of 5) through our jitted update and through
   ``TorchDDPO.accumulate`` from the same initial weights and conditioning: (loss, pre-clip
   gradient norm) of each, the parameter counts, and the largest |log p_torch - log p_ours|.
-  A few steps, not all 20, so the check's update compiles in about a minute and fits in
-  memory (XLA:CPU runs the update's per-step calls unrolled and holds all their activations)."""
+  A few steps, not all 20, so the check is quick."""
   from didr_jax.parallel import mesh as mesh_lib
   from didr_jax.train import common, loop, prompts
   c = trl_config(args, folder, 1)

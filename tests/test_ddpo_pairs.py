@@ -123,3 +123,24 @@ def test_steps_per_call_config_checks(toy_folder):
                                              "ddpo.steps_per_call": 2}), num_devices=1)
   config_lib.validate(small(toy_folder, **{"ddpo.step_grad_clip": 1.0,
                                            "ddpo.steps_per_call": 1}), num_devices=1)
+
+
+def test_update_program_does_not_grow_with_the_trained_steps(toy_folder):
+  """The update accumulates its per-step calls in a rolled loop: training 3 steps per sample
+  instead of 1 compiles the same network call once (as many convolutions in the program) and
+  needs no more temporary memory (an unrolled loop held every call's activations at once)."""
+  programs = {}
+  for frac in (1 / 3, 1.0):  # 4 steps, 3 stochastic: k = 1 and k = 3 trained per sample
+    c = small(toy_folder, **{"train.timestep_fraction": frac, "ddpo.kl_beta": 0.0})
+    trainer = _trainer(c)
+    state = trainer.init_state()
+    data, uncond = _epoch_data(trainer, state)
+    batch = jax.tree.map(lambda x: x[0], trainer._prepare(jax.random.key(1), data))
+    compiled = jax.jit(trainer._grads).lower(
+        trainer.policy_params(state), batch, uncond, None, jnp.float32(3.0),
+        jax.random.key(2)).compile()
+    programs[trainer.num_train_t] = (compiled.as_text().count(" convolution("),
+                                     compiled.memory_analysis().temp_size_in_bytes)
+  (conv1, temp1), (conv3, temp3) = programs[1], programs[3]
+  assert conv1 > 0 and conv3 == conv1, programs
+  assert temp3 <= 1.1 * temp1, programs
