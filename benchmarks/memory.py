@@ -71,10 +71,12 @@ whatever it is (it is the compute dtype), so the SDXL state is the same in both;
 loader stores parameters in that dtype (and AdamW's moments follow the parameters' dtype).
 
 Numbers are XLA:CPU's compiled memory analysis: buffer assignment of the SPMD-partitioned
-program of one device. XLA:CPU has no fused (flash) attention: ``jax.nn.dot_product_attention``
-materialises the (B, heads, T, T) scores, which is most of the temp bytes at 1024 px (Z-Image:
-4352 tokens); accelerator back ends with fused attention need far less there. The state and
-argument bytes do not depend on the back end.
+program of one device. On the CPU back end the models' attention runs in cache-sized query
+blocks (``layers.blocked_attention``: at most 2^20 score elements live per block, nothing of
+size T x T kept for the backward); on accelerators it is ``jax.nn.dot_product_attention``, whose
+XLA form materialises the (B, heads, T, T) scores (Z-Image at 1024 px: 4352 tokens) unless a
+fused kernel (cuDNN, a TPU flash kernel) is chosen, so the temp bytes printed here are a lower
+bound for accelerators. The state and argument bytes do not depend on the back end.
 
 Compile time on this project's 2-core CPU: see README "Memory at real sizes"; ``--compile=none``
 prints the sharding-derived table alone (seconds), and the flags select the compiled subset.
