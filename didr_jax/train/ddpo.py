@@ -21,7 +21,8 @@ per-step layout (steps_per_call 1, the default: one call per step, the sum over 
 per-step masked means), only in fewer, bigger calls. The per-step layout uses the least
 activation memory, measures ``grad_norm/step_s`` and applies ``ddpo.step_grad_clip``, and on
 XLA:CPU it measured faster: the toy UNet's one-call update (160 pairs, CFG: batch 320)
-compiled in about 2/3 of the time but ran over 10 times slower than five calls of 32.
+compiled in about 2/3 of the time but ran over 10 times slower than five calls of 32 (measured
+when the calls were unrolled, before ``common.accumulate`` rolled them).
 
 The policy's steps (``sample.deterministic_last_step``, ``sample.sde_window``): a per-step noise
 level vector, sample.eta on the stochastic (MDP) steps and 0 elsewhere (ODE steps, log-prob 0,
