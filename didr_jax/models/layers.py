@@ -67,7 +67,8 @@ def _conv_fwd(x, w, strides, padding, precision):
 def _conv_bwd(strides, padding, precision, res, dy):
   """Both cotangents of y = conv(x, w) (NHWC x HWIO, stride s, padding (lo, hi)) as plain
   NHWC x HWIO convolutions of explicitly transposed operands:
-      dx = conv(dilate_s(dy), flip_hw(w)^{io}, padding (k - 1 - lo, H + k - 2 - (Ho - 1) s - (k - 1 - lo)))
+      dx = conv(dilate_s(dy), flip_hw(w)^{io}, padding (a, H + k - 2 - (Ho - 1) s - a)),
+           a = k - 1 - lo
       dw = conv(x^{b<->c}, dy as a (Ho, Wo, B, Co) kernel dilated by s,
                 padding (lo, k + (Ho - 1) s - H - lo))^{(Ci, kh, kw, Co) -> (kh, kw, Ci, Co)}
   the same sums as JAX's transpose rules, which instead relabel the dimensions (kernel 'oi',

@@ -18,7 +18,8 @@ The maths lives in ``didr_jax.losses.crd``; this file only moves data. Per epoch
      both up to crd.t_max), fresh eps, x_t = alpha_t x0 + sigma_t eps, and in one jitted function
      the outputs of theta, of the "old" snapshot ``ema.old`` and of the CFG-guided (crd.kl_cfg)
      frozen pretrained reference feed ``crd.crd_loss``. Gradients are averaged over
-     grad_accum x num_train_times (``common.accumulate``) and applied once (``common.guarded_apply``).
+     grad_accum x num_train_times (``common.accumulate``) and applied once
+     (``common.guarded_apply``).
   4. Both snapshots move: snap <- d(step) snap + (1 - d(step)) theta, step = optimizer steps
      taken so far (``SnapshotSchedule``; the config's crd.old / crd.sampler).
 
