@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from didr_jax.models import layers
+from didr_jax.train import common
 
 
 @pytest.mark.parametrize("stride,padding,kernel,size", [
@@ -47,11 +48,9 @@ def test_conv_gradient_in_a_loop_keeps_plain_convolutions():
   graph, params = nnx.split(conv)
   xs = jax.random.normal(jax.random.key(0), (2, 2, 8, 8, 8))
 
-  def accumulate(params, xs):
-    def step(g, x):
-      grad = jax.grad(lambda p: jnp.sum(nnx.merge(graph, p)(x) ** 2))(params)
-      return jax.tree.map(jnp.add, g, grad), None
-    return jax.lax.scan(step, jax.tree.map(jnp.zeros_like, params), xs)[0]
+  def accumulate(params, xs):  # the trainers' gradient accumulation loop
+    loss = lambda p, x: jnp.sum(nnx.merge(graph, p)(x) ** 2)
+    return common.accumulate(lambda i: jax.grad(loss)(params, xs[i]), xs.shape[0])
 
   hlo = jax.jit(accumulate).lower(params, xs).compile().as_text()
   assert "while" in hlo

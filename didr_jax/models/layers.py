@@ -102,9 +102,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   gradient inside a loop (an accumulation scan) runs at XLA:CPU's fast-convolution speed.
   Other backends, and anything but an ungrouped, undilated NHWC convolution with explicit
   padding, take lax's own."""
-  dn = dimension_numbers
-  specs = (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) if dn is not None else ()
-  if (jax.default_backend() == "cpu" and specs == _NHWC and feature_group_count == 1
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  if (jax.default_backend() == "cpu" and tuple(map(tuple, dn)) == _NHWC and feature_group_count == 1
       and not isinstance(padding, str) and set(lhs_dilation or (1,)) == {1}
       and set(rhs_dilation or (1,)) == {1} and kwargs.get("out_sharding") is None
       and kwargs.get("preferred_element_type") is None):
@@ -266,16 +265,10 @@ def _scores(qq, kt, mask, scale):
   return s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min)
 
 
-def _block_mask(per_block, const):
-  return (lambda m: m) if per_block is not None else (lambda m: const)
-
-
 def _attend_fwd(qs, kt, vt, per_block, const, scale):
-  pick = _block_mask(per_block, const)
-
   def one(args):
-    qq, mm = args
-    s = _scores(qq, kt, pick(mm), scale)
+    qq, mm = args  # mm: this block's slice of per_block, None without one
+    s = _scores(qq, kt, const if mm is None else mm, scale)
     m = jnp.max(s, -1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, -1, keepdims=True)
@@ -289,7 +282,6 @@ def _attend_fwd(qs, kt, vt, per_block, const, scale):
 
 def _attend_bwd(scale, res, dout):
   qs, kt, vt, per_block, const, out, lse = res
-  pick = _block_mask(per_block, const)
   f32 = lambda x: x.astype(jnp.float32)
 
   # dk and dv are accumulated transposed, (B, N, H, Tk) += (B, N, H, qb) @ (B, N, qb, Tk): the
@@ -300,7 +292,8 @@ def _attend_bwd(scale, res, dout):
   def one(carry, args):
     dk_t, dv_t = carry
     qq, mm, o, lse_b, do = args
-    p = jnp.exp(_scores(qq, kt, pick(mm), scale) - lse_b[..., None])  # (B, N, qb, Tk)
+    p = jnp.exp(_scores(qq, kt, const if mm is None else mm, scale)
+                - lse_b[..., None])  # (B, N, qb, Tk)
     dv_t = dv_t + jnp.einsum("bnhq,bnqk->bnhk", small_t(do), p)
     dp = jnp.einsum("bnqh,bnkh->bnqk", f32(do), f32(vt))
     delta = jnp.sum(f32(do) * f32(o), -1, keepdims=True)
