@@ -66,6 +66,13 @@ WORKLOADS = {"toy": (16, 10), "toy_dit": (16, 10), "tiny_sd": (16, 10),
 PROMPTS = ["two red circles", "a blue square"]
 
 
+def _mesh():
+  """Every device on the batch axis (``--cpu_devices``): our pipelines shard a sampling batch
+  over it, as the trainers do."""
+  from didr_jax.parallel import mesh as mesh_lib
+  return mesh_lib.make_mesh()
+
+
 def _clock(fn, repeats):
   """Mean (wall seconds, process CPU seconds) per call of ``fn`` over ``repeats`` calls (no
   warm-up). CPU seconds count every thread of this process, so on a machine shared with other
@@ -114,7 +121,7 @@ def bench_toy(args):
   from didr_jax.train import loop
   folder = loop.TOY_ASSETS + "/toy_unet"
   prompts = ["two red circles", "a blue square and a yellow triangle"] * (args.batch // 2)
-  pipe = SDPipeline.from_pretrained(folder)
+  pipe = SDPipeline.from_pretrained(folder, mesh=_mesh())
   ours = lambda: jax.block_until_ready(pipe.sample(prompts, num_steps=args.steps,
                                                    guidance_scale=3.0, eta=1.0, seed=0)[0])
   peer = torch_loop_sampler(folder, prompts, args.steps, 3.0, 0)
@@ -128,7 +135,7 @@ def bench_toy_dit(args):
   from didr_jax.train import loop
   folder = loop.TOY_ASSETS + "/toy_dit"
   prompts = ["two red circles", "a blue square and a yellow triangle"] * (args.batch // 2)
-  pipe = OurZImage.from_pretrained(folder)
+  pipe = OurZImage.from_pretrained(folder, mesh=_mesh())
   noise = np.random.default_rng(0).standard_normal((args.batch, pipe.size, pipe.size, 3))
   noise = noise.astype(np.float32)
   ours = lambda: np.asarray(pipe.sample(prompts, num_steps=args.steps, guidance_scale=3.0,
@@ -146,7 +153,7 @@ def sd_samplers(args, folder, kind):
   from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
   from didr_jax.pipelines.sd import SDPipeline
   prompts = PROMPTS * (args.batch // 2)
-  pipe = SDPipeline.from_pretrained(folder)
+  pipe = SDPipeline.from_pretrained(folder, mesh=_mesh())
   ours = lambda: np.asarray(jax.block_until_ready(pipe.sample(
       prompts, num_steps=args.steps, guidance_scale=5.0, eta=1.0, seed=0)[0]))
   ref = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[kind]
@@ -481,17 +488,23 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--remat", action="store_true",
                  help="ddpo_trl: our UNet with rematerialisation (less memory, more compute)")
+  p.add_argument("--cpu_devices", type=int, default=0,
+                 help="JAX devices the CPU is split into, as the CLI's config.cpu_devices (0: "
+                      "one per core as the batch sizes allow; 1: one device)")
   args = p.parse_args()
   names = [w for w in args.workloads.split(",") if w]
   unknown = set(names) - set(WORKLOADS)
   if unknown:
     p.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+  from didr_jax.parallel import mesh as mesh_lib  # before JAX starts its backends
+  batches = [args.batch or WORKLOADS[n][0] for n in names] + [4]  # 4: ddpo_trl's minibatch
+  mesh_lib.split_cpu(mesh_lib.cpu_device_count(args.cpu_devices, batches))
   torch.set_num_threads(os.cpu_count() or 1)
   import diffusers, transformers
   diffusers.utils.logging.disable_progress_bar()
   transformers.utils.logging.disable_progress_bar()
-  print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU threads for torch; "
-        f"repeats {args.repeats}", flush=True)
+  print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPU "
+        f"threads for torch; repeats {args.repeats}", flush=True)
   from didr_jax.testing import tiny
   with tempfile.TemporaryDirectory() as tmp:
     folders = {}

@@ -26,9 +26,8 @@ def main(argv):
   quiet_logs()
   del argv
   from didr_jax.parallel import mesh as mesh_lib
-  mesh_lib.maybe_initialize_distributed()
-  from didr_jax.train import checkpoint, config as config_lib, loop
-
+  from didr_jax.train import config as config_lib
+  distributed = mesh_lib.maybe_initialize_distributed()
   path = os.path.join(FLAGS.workdir, "config.json")
   if not os.path.exists(path):
     raise app.UsageError(f"{path} not found: is {FLAGS.workdir!r} a didr_jax run directory?")
@@ -41,6 +40,9 @@ def main(argv):
   compile_cache(c.compile_cache_dir)  # before anything compiles
   if FLAGS.num_samples:
     c.eval.num_samples = FLAGS.num_samples
+  if not distributed:  # before JAX starts: one CPU device per core (config.cpu_devices)
+    mesh_lib.split_cpu(config_lib.cpu_devices(c))
+  from didr_jax.train import checkpoint, loop
   config_lib.validate(c, training=False)
   mesh = mesh_lib.make_mesh(c.mesh.axes)
   trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)

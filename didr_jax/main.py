@@ -34,8 +34,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   compile_cache(_CONFIG.value.get("compile_cache_dir", ""))  # before anything compiles
   from didr_jax.parallel import mesh as mesh_lib
-  mesh_lib.maybe_initialize_distributed()
-  from didr_jax.train import config as config_lib, loop
+  from didr_jax.train import config as config_lib
+  if not mesh_lib.maybe_initialize_distributed():  # before JAX starts: one CPU device per core
+    mesh_lib.split_cpu(config_lib.cpu_devices(_CONFIG.value))
+  from didr_jax.train import loop
   workdir = FLAGS.workdir or os.path.join(
       "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   try:

@@ -29,6 +29,8 @@ flags.DEFINE_integer("seed", 0, "seed for the initial noise")
 flags.DEFINE_integer("height", None, "image height in pixels")
 flags.DEFINE_integer("width", None, "image width in pixels")
 flags.DEFINE_string("latents", None, ".npy initial latents in diffusers' NCHW layout")
+flags.DEFINE_integer("cpu_devices", 0, "on a CPU: JAX devices to split the cores into, the "
+                     "prompts sharded over them; 0 = one per core as the prompt count allows")
 flags.mark_flag_as_required("model")
 
 
@@ -85,9 +87,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   prompts = read_prompts()
   latents = None if not FLAGS.latents else read_latents(FLAGS.latents, len(prompts))
+  if FLAGS.cpu_devices < 0:
+    raise app.UsageError(f"--cpu_devices={FLAGS.cpu_devices}: must be >= 0")
+  from didr_jax.parallel import mesh as mesh_lib
+  mesh_lib.split_cpu(mesh_lib.cpu_device_count(FLAGS.cpu_devices, [len(prompts)]))
   from didr_jax.pipelines import registry
   registry.check_folder(FLAGS.model)  # headers only: a bad folder fails before loading
-  pipe = registry.load_pipeline(FLAGS.model)
+  pipe = registry.load_pipeline(FLAGS.model, mesh=mesh_lib.make_mesh())  # batch over devices
   pipe.warn_long_prompts(prompts, max_tokens=getattr(pipe, "max_sequence_length", None))
   if latents is not None:
     b, h, w, ch = pipe.latent_shape(len(prompts), FLAGS.height, FLAGS.width)
@@ -108,6 +114,9 @@ def main(argv):
     path = os.path.join(FLAGS.out, f"{i:04d}.png")
     Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
     print(path, prompts[i])
+  import jax
+  print(f"sampled {len(images)} images on {jax.device_count()} {jax.default_backend()} "
+        f"device(s)")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,65 @@ def test_logical_rules_and_divisibility_fallback():
   custom = (("mlp", "fsdp"),) + rules
   assert mesh_lib.logical_to_spec(("embed", "mlp"), custom, m, (8, 8)) == P("fsdp")
   assert mesh_lib.batch_sharding(m, 4, rules, 6).spec == P("data")  # 6 % 4 != 0
+
+
+def test_cpu_device_count_takes_one_device_per_core_as_the_batches_allow():
+  count = mesh_lib.cpu_device_count
+  assert count(3, [8, 4], cores=2) == 3                   # asked for: taken as it is
+  assert count(0, [8, 4], cores=2) == 2
+  assert count(0, [8, 6], cores=4) == 2                   # 4 and 3 do not divide both
+  assert count(0, [8, 3], cores=2) == 1
+  assert count(0, [16], cores=1) == 1
+  assert count(0, [32], [("data", -1), ("fsdp", 2)], cores=8) == 8
+  assert count(0, [32], [("data", -1), ("fsdp", 2)], cores=3) == 2   # fsdp 2 must divide it
+  assert count(0, [32], [("data", 1), ("fsdp", 8)], cores=2) == 1    # a fixed 8-device mesh
+  assert count(0, [32], [("data", 1), ("fsdp", 4)], cores=8) == 4
+
+
+def test_config_cpu_devices_counts_the_batches_the_run_shards():
+  from didr_jax.testing.configs import load_config
+  from didr_jax.train import config as config_lib
+  c = load_config("toy_ddpo", **{"sample.batch_size": 24, "train.batch_size": 12,
+                                 "eval.batch_size": 4, "eval.num_samples": 8})
+  assert config_lib.device_batches(c) == {"sample.batch_size": 24, "train.batch_size": 12,
+                                          "eval.batch_size": 4}
+  with c.unlocked():
+    c.eval.num_samples = 0                               # no evaluation: its batch is free
+  assert "eval.batch_size" not in config_lib.device_batches(c)
+  assert mesh_lib.cpu_device_count(0, config_lib.device_batches(c).values(), cores=6) == 6
+  with c.unlocked():
+    c.cpu_devices = 5
+  assert config_lib.cpu_devices(c) == 5
+  with pytest.raises(config_lib.ConfigError, match="sample.batch_size: 24 is not divisible by "
+                     "the 5 devices"):
+    config_lib.validate(c, num_devices=5)
+  with c.unlocked():
+    c.cpu_devices = -1
+  with pytest.raises(config_lib.ConfigError, match="cpu_devices"):
+    config_lib.validate(c, num_devices=1)
+
+
+_SPLIT = """
+import jax
+from didr_jax.parallel import mesh as mesh_lib
+first = mesh_lib.split_cpu(2)
+n = jax.device_count()
+print(first, n, mesh_lib.split_cpu(3), jax.device_count())
+"""
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, "True 2 False 2"),                                  # too late once JAX has started
+    ({"JAX_NUM_CPU_DEVICES": "3"}, "False 3 False 3"),       # the environment's choice wins
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, "False 4 False 4"),
+])
+def test_split_cpu_before_jax_starts_unless_the_environment_chose(env, want):
+  import os
+  import subprocess
+  import sys
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+  r = subprocess.run([sys.executable, "-c", _SPLIT], env={**base, "JAX_PLATFORMS": "cpu", **env},
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split("\n")[-2] == want

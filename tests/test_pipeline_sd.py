@@ -66,6 +66,22 @@ def test_matches_diffusers_pipeline(saved):
   print(f"{saved['kind']}: latents max abs err {err_lat:.2e}, images {err_img:.2e}")
 
 
+def test_sample_splits_the_batch_over_the_mesh_of_the_parameters(saved):
+  """Loaded onto a 2-device mesh, ``sample`` shards the batch (not the whole batch on each
+  device) and still reproduces diffusers."""
+  import jax
+  from didr_jax.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh(devices=jax.devices()[:2])
+  pipe = SDPipeline.from_pretrained(saved["folder"], mesh=mesh)
+  images, traj = pipe.sample(PROMPTS, num_steps=STEPS, guidance_scale=GUIDANCE, eta=0.0,
+                             latents=saved["latents"].transpose(0, 2, 3, 1), height=32,
+                             width=32)
+  assert traj.sample.sharding.spec[0] in ("data", ("data",)), traj.sample.sharding
+  assert images.sharding.shard_shape(images.shape)[0] == 1
+  _close(np.asarray(traj.sample).transpose(0, 3, 1, 2), saved["ref_latents"], 1e-4)
+  _close(np.asarray(images), saved["ref_images"], 1e-4)
+
+
 def test_orbax_cache_and_diffusers_export_round_trip(saved, tmp_path):
   from diffusers import DiffusionPipeline
   pipe = SDPipeline.from_pretrained(saved["folder"])
@@ -110,7 +126,11 @@ def test_convert_and_sample_commands(tmp_path, tmp_path_factory):
   cmd = [sys.executable, "-m", "didr_jax.sample", f"--model={cache}", f"--out={out}",
          f"--steps={STEPS}", f"--guidance={GUIDANCE}", f"--latents={lat_file}",
          "--height=32", "--width=32"] + [f"--prompt={p}" for p in PROMPTS]
-  subprocess.run(cmd, check=True, env=env, capture_output=True)
+  # the sampling command splits the CPU into 2 devices and the 2 prompts over them
+  split = {k: v for k, v in env.items() if k != "JAX_NUM_CPU_DEVICES"}
+  r = subprocess.run(cmd + ["--cpu_devices=2"], check=True, env=split, capture_output=True,
+                     text=True)
+  assert "sampled 2 images on 2 cpu device(s)" in r.stdout, r.stdout
   from PIL import Image
   for i in range(len(PROMPTS)):
     png = np.asarray(Image.open(os.path.join(out, f"{i:04d}.png"))).astype(np.float32)

@@ -13,6 +13,7 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -124,8 +125,70 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES,
   return NamedSharding(mesh, spec)
 
 
+def shard_batch(tree: Any, batch: int, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """Lays the leaves of ``tree`` with a leading batch axis of size ``batch`` out along the
+  mesh's batch axes (``batch_sharding``); other leaves are returned as arrays."""
+  def put(x):
+    x = jnp.asarray(x)
+    if x.ndim == 0 or x.shape[0] != batch:
+      return x
+    return jax.device_put(x, batch_sharding(mesh, x.ndim, rules, batch))
+  return jax.tree.map(put, tree)
+
+
+def params_mesh(module: nnx.Module) -> Mesh | None:
+  """The mesh ``module``'s parameters are laid out on (None when they carry no named sharding,
+  as after loading without a mesh)."""
+  for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)):
+    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+    if isinstance(mesh, Mesh):
+      return mesh
+  return None
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def cpu_device_count(requested: int, batch_sizes: Iterable[int],
+                     axes: Sequence[tuple[str, int]] = DEFAULT_AXES,
+                     cores: int | None = None) -> int:
+  """How many devices to split this machine's CPU into (``config.cpu_devices``): ``requested``
+  when it is > 0, else the largest count up to the number of cores (``cores``, default the
+  ones this process may run on) that divides every batch size and fits the mesh ``axes``
+  (their fixed sizes divide it; equal it when no size is -1); 1 when none does.
+
+  XLA:CPU runs one device's program on a thread pool that keeps about 1.5 of 2 cores busy on
+  the tiny SD UNet; with the batch sharded over one device per core both are (UNet forward at
+  batch 16: 515 -> 349 ms on 2 cores)."""
+  if requested > 0:
+    return int(requested)
+  if cores is None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  sizes = [int(s) for _, s in axes]
+  fixed = math.prod(s for s in sizes if s != -1)
+  batch_sizes = [int(b) for b in batch_sizes]
+  for n in range(max(int(cores or 1), 1), 1, -1):
+    fits = n % fixed == 0 if -1 in sizes else n == fixed
+    if fits and all(b % n == 0 for b in batch_sizes):
+      return n
+  return 1
+
+
+def split_cpu(n: int) -> bool:
+  """Makes JAX's CPU backend ``n`` devices (``jax_num_cpu_devices``). Does nothing, and returns
+  False, when ``n`` is 1, when the environment already chose (``JAX_NUM_CPU_DEVICES``, or
+  ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``) or when JAX's backends have
+  started (the setting only applies before). Accelerators are unaffected: the CPU devices then
+  sit unused beside them."""
+  if n <= 1 or "JAX_NUM_CPU_DEVICES" in os.environ or (
+      "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
+    return False
+  try:
+    jax.config.update("jax_num_cpu_devices", int(n))
+  except RuntimeError:  # backends already initialised (a notebook, a test session)
+    return False
+  return True
 
 
 def maybe_initialize_distributed() -> bool:

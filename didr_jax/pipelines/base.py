@@ -91,6 +91,17 @@ class PipelineBase:
   def vae_scale(self) -> int:
     return 1 if self.vae is None else self.vae.config.downsample_factor
 
+  def shard_batch(self, tree: Any, batch: int) -> Any:
+    """``tree``'s batch-leading arrays laid out over the batch axes of the mesh the model's
+    parameters live on (``from_pretrained(mesh=...)``), so that a sampling call splits its
+    batch over the devices instead of running it whole on each; unchanged on one device or
+    when the batch does not divide."""
+    from didr_jax.parallel import mesh as mesh_lib
+    mesh = mesh_lib.params_mesh(self.model)
+    if mesh is None or mesh.size == 1:
+      return tree
+    return mesh_lib.shard_batch(tree, batch, mesh)
+
   def count_truncated(self, prompts: Sequence[str], max_tokens: int | None = None
                       ) -> tuple[int, int, int]:
     """(how many ``prompts`` are longer than the text encoder reads, that limit in tokens, the

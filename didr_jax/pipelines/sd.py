@@ -263,9 +263,9 @@ class SDPipeline(PipelineBase):
     latents = jnp.asarray(latents, jnp.float32)
     if latents.shape != shape:
       raise ValueError(f"initial latents have shape {latents.shape}, expected NHWC {shape}")
-    out = _sample(self.unet, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
-                  self.schedule, num_steps, float(guidance_scale), float(eta))
-    return out
+    cond, uncond, latents = self.shard_batch((cond, uncond, latents), b)
+    return _sample(self.unet, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
+                   self.schedule, num_steps, float(guidance_scale), float(eta))
 
 
 def _export_clip_classic(text_encoder: nnx.Module) -> dict[str, np.ndarray]:

@@ -216,19 +216,6 @@ class NonFiniteGuard:
     self.total = int(d.get("total", 0))
 
 
-def shard_batch(tree: Any, batch: int, mesh, rules) -> Any:
-  """Lays the leaves of ``tree`` with a leading batch axis of size ``batch`` out along the
-  mesh's batch axes (``mesh.batch_sharding``); other leaves are returned as arrays."""
-  from didr_jax.parallel import mesh as mesh_lib
-
-  def put(x):
-    x = jnp.asarray(x)
-    if x.ndim == 0 or x.shape[0] != batch:
-      return x
-    return jax.device_put(x, mesh_lib.batch_sharding(mesh, x.ndim, rules, batch))
-  return jax.tree.map(put, tree)
-
-
 def host_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in global order."""
   if jax.process_count() == 1:

@@ -31,6 +31,8 @@ import re
 import jax
 import ml_collections
 
+from didr_jax.parallel import mesh as mesh_lib
+
 METHODS = ("ddpo", "crd", "didr", "tdm", "tdmr1")
 BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit")
 
@@ -48,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache (didr_jax.main, evaluate): a rerun or resume loads the
   # compiled steps; "" = off; an explicit JAX_COMPILATION_CACHE_DIR environment variable wins
   c.compile_cache_dir = "~/.cache/didr_jax/xla"
+  # On a CPU: how many JAX devices the command line splits the cores into, the batches sharded
+  # over them as over accelerators (XLA:CPU fills the cores better so); 0 = one per core, or the
+  # largest count that divides every batch size; 1 = one device. JAX_NUM_CPU_DEVICES or XLA_FLAGS'
+  # --xla_force_host_platform_device_count, when set, win; accelerators are unaffected
+  c.cpu_devices = 0
 
   c.backbone = ml_collections.ConfigDict()
   c.backbone.kind = "toy_unet"
@@ -271,6 +278,8 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
   _require(c.eval_every >= 0, "eval_every",
            f"must be >= 0 (0 = only before the first and after the last epoch), got {c.eval_every}")
   _require(c.log_images >= 0, "log_images", f"must be >= 0, got {c.log_images}")
+  _require(c.get("cpu_devices", 0) >= 0, "cpu_devices",
+           f"must be >= 0 (0 = one per core as the batch sizes allow), got {c.cpu_devices}")
   _require(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
   for key, v in (("train.adam_b1", t.adam_b1), ("train.adam_b2", t.adam_b2)):
     _require(0 <= v < 1, key, f"must be in [0, 1), got {v}")
@@ -362,6 +371,23 @@ def _check_prompts(c: ml_collections.ConfigDict, training: bool) -> None:
       raise ConfigError(f"config.prompts.{key}: {e}") from None
 
 
+def device_batches(c: ml_collections.ConfigDict) -> dict[str, int]:
+  """The batch sizes a run splits over its devices, by config key (the evaluation batch only
+  when the run evaluates)."""
+  out = {"sample.batch_size": int(c.sample.batch_size),
+         "train.batch_size": int(c.train.batch_size)}
+  if c.eval.num_samples > 0:
+    out["eval.batch_size"] = int(c.eval.batch_size)
+  return out
+
+
+def cpu_devices(c: ml_collections.ConfigDict) -> int:
+  """The CPU device count ``config.cpu_devices`` asks for (``mesh.cpu_device_count``: 0 = one
+  per core as far as every batch of ``device_batches`` and the mesh axes allow)."""
+  return mesh_lib.cpu_device_count(int(c.get("cpu_devices", 0)), device_batches(c).values(),
+                                   tuple(tuple(a) for a in c.mesh.axes))
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
              training: bool = True) -> dict:
   """Checks the config and the files it names (model folder headers, prompt files; the
@@ -385,10 +411,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
     _require(int(v) >= 1, key, f"must be >= 1, got {v}")
   _require(s.batch_size % s.group_size == 0, "sample.batch_size",
            f"{s.batch_size} is not a multiple of sample.group_size={s.group_size}")
-  _require(s.batch_size % num_devices == 0, "sample.batch_size",
-           f"{s.batch_size} is not divisible by the {num_devices} devices")
-  _require(t.batch_size % num_devices == 0, "train.batch_size",
-           f"{t.batch_size} is not divisible by the {num_devices} devices")
+  for key, b in device_batches(c).items():
+    _require(b % num_devices == 0, key, f"{b} is not divisible by the {num_devices} devices")
   per_epoch = s.batch_size * s.num_batches
   per_step = t.batch_size * t.grad_accum
   _require(per_epoch % per_step == 0, "train.batch_size",
@@ -398,8 +422,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
   _require(c.eval.num_samples >= 0, "eval.num_samples", "must be >= 0 (0 = no evaluation)")
   _require(c.eval.num_samples % c.eval.batch_size == 0, "eval.num_samples",
            f"{c.eval.num_samples} is not a multiple of eval.batch_size={c.eval.batch_size}")
-  _require(c.eval.batch_size % num_devices == 0, "eval.batch_size",
-           f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
   _require(int(t.max_consecutive_nonfinite) >= 1, "train.max_consecutive_nonfinite",
            f"must be >= 1, got {t.max_consecutive_nonfinite}")
   if c.lora.enabled:

@@ -142,7 +142,7 @@ class DIDRTrainer(common.GuardedHostState):
 
   def _shard(self, tree, batch: int):
     """Lays leaves with a leading batch axis out along the mesh's batch axes."""
-    return common.shard_batch(tree, batch, self.mesh, self.rules)
+    return mesh_lib.shard_batch(tree, batch, self.mesh, self.rules)
 
   def _noise(self, rng, batch: int) -> jax.Array:
     z = jax.random.normal(rng, self.bb.latent_shape(batch), jnp.float32)

@@ -179,7 +179,7 @@ class TDMTrainer(common.GuardedHostState):
 
   def _shard(self, tree, batch: int):
     """Lays leaves with a leading batch axis out along the mesh's batch axes."""
-    return common.shard_batch(tree, batch, self.mesh, self.rules)
+    return mesh_lib.shard_batch(tree, batch, self.mesh, self.rules)
 
   def negative(self, batch: int):
     """The unconditional conditioning for ``batch`` samples (encoded once per batch size)."""
