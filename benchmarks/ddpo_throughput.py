@@ -1,7 +1,7 @@
 """DDPO throughput beside diffusers / PyTorch peers, in the same run and process.
 
   python benchmarks/ddpo_throughput.py [--workloads=toy,sd64,...] [--batch=N] [--steps=N]
-                                       [--repeats=3] [--remat]
+                                       [--repeats=3] [--remat] [--cpu_devices=0]
 
 Workloads (--workloads, a comma list; default all), each run by both implementations with the
 same architecture, weights, steps, batch and CFG (defaults: batch 16 / 10 steps for the first
@@ -35,6 +35,10 @@ three, batch 8 / 20 steps for the last three; --batch / --steps override all of 
            quickly) through our update and through the PyTorch one and prints both losses and
            pre-clip gradient norms. If our update runs out of memory the error is printed
            and the peer still runs; --remat trains our UNet with rematerialisation.
+On a CPU, JAX runs as the command line does by default (``config.cpu_devices`` 0): the cores
+split into one device each as far as every batch size divides, our pipelines and trainers
+sharding their batches over them; ``--cpu_devices=1`` measures one device. PyTorch uses every
+core in both cases (``torch.set_num_threads``).
 Printed: images (samples) per second of each side and the ratio ours / peer (> 1 means ours is
 faster). Compilation and PyTorch's first call are excluded from the sampling figures (one
 warm-up call each); sd64 / sdxl64 time two interleaved rounds (ours, peer, ours, peer) of

@@ -82,6 +82,22 @@ def test_sample_splits_the_batch_over_the_mesh_of_the_parameters(saved):
   _close(np.asarray(images), saved["ref_images"], 1e-4)
 
 
+def test_sample_sees_updated_parameters_and_replaced_modules(saved):
+  """``sample`` caches its walk of the module graph (``cached_call``): a parameter changed in
+  place after a first call, and a module replaced by another, still take effect."""
+  pipe = SDPipeline.from_pretrained(saved["folder"])
+  before, _ = _sample(pipe, saved["latents"])
+  kernel = pipe.unet.conv_out.kernel
+  kernel.set_value(kernel[...] * 0.5)
+  halved, _ = _sample(pipe, saved["latents"])
+  fresh = SDPipeline.from_pretrained(saved["folder"])
+  fresh.unet.conv_out.kernel.set_value(fresh.unet.conv_out.kernel[...] * 0.5)
+  np.testing.assert_allclose(halved, _sample(fresh, saved["latents"])[0], atol=1e-6)
+  assert np.abs(halved - before).max() > 1e-3
+  pipe.unet = SDPipeline.from_pretrained(saved["folder"]).unet   # the original weights again
+  np.testing.assert_allclose(_sample(pipe, saved["latents"])[0], before, atol=1e-6)
+
+
 def test_orbax_cache_and_diffusers_export_round_trip(saved, tmp_path):
   from diffusers import DiffusionPipeline
   pipe = SDPipeline.from_pretrained(saved["folder"])

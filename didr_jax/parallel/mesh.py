@@ -139,10 +139,10 @@ def shard_batch(tree: Any, batch: int, mesh: Mesh, rules: Rules = DEFAULT_RULES)
 def params_mesh(module: nnx.Module) -> Mesh | None:
   """The mesh ``module``'s parameters are laid out on (None when they carry no named sharding,
   as after loading without a mesh)."""
-  for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)):
-    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
-    if isinstance(mesh, Mesh):
-      return mesh
+  for _, node in nnx.iter_graph(module):  # the first parameter tells (a whole state is slow)
+    if isinstance(node, nnx.Param):
+      mesh = getattr(getattr(node.get_value(), "sharding", None), "mesh", None)
+      return mesh if isinstance(mesh, Mesh) else None
   return None
 
 

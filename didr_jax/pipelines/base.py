@@ -91,6 +91,19 @@ class PipelineBase:
   def vae_scale(self) -> int:
     return 1 if self.vae is None else self.vae.config.downsample_factor
 
+  def cached_call(self, fn: Callable, *modules) -> Callable:
+    """``nnx.cached_partial(fn, *modules)`` for an ``nnx.jit`` function, kept while the pipeline
+    holds the same modules: ``nnx.jit`` walks the whole graph of every module argument on each
+    call (about 60 ms for the tiny SDXL UNet + VAE on a 2-core CPU, 2% of a 20-step sampling
+    call); the cached partial walks it once. Parameter updates reach it (it shares the
+    modules' variables); a module replaced by another gets a new one."""
+    key = (fn, *(id(m) for m in modules))
+    cache = self.__dict__.setdefault("_cached_calls", {})
+    if key not in cache:
+      cache.clear()
+      cache[key] = nnx.cached_partial(fn, *modules)
+    return cache[key]
+
   def shard_batch(self, tree: Any, batch: int) -> Any:
     """``tree``'s batch-leading arrays laid out over the batch axes of the mesh the model's
     parameters live on (``from_pretrained(mesh=...)``), so that a sampling call splits its

@@ -264,8 +264,9 @@ class SDPipeline(PipelineBase):
     if latents.shape != shape:
       raise ValueError(f"initial latents have shape {latents.shape}, expected NHWC {shape}")
     cond, uncond, latents = self.shard_batch((cond, uncond, latents), b)
-    return _sample(self.unet, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
-                   self.schedule, num_steps, float(guidance_scale), float(eta))
+    return self.cached_call(_sample, self.unet, self.vae)(
+        cond, uncond, latents, jax.random.key(seed + 1), self.schedule, num_steps,
+        float(guidance_scale), float(eta))
 
 
 def _export_clip_classic(text_encoder: nnx.Module) -> dict[str, np.ndarray]:

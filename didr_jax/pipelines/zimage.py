@@ -328,10 +328,10 @@ class ZImagePipeline(PipelineBase):
     if latents.shape != shape:
       raise ValueError(f"initial latents have shape {latents.shape}, expected NHWC {shape}")
     cond, uncond, latents = self.shard_batch((cond, uncond, latents), b)
-    return _sample(self.transformer, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
-                   jnp.asarray(self.sigmas(num_steps, shape)), float(guidance_scale),
-                   float(eta), normalization=float(cfg_normalization),
-                   truncation=float(cfg_truncation))
+    return self.cached_call(_sample, self.transformer, self.vae)(
+        cond, uncond, latents, jax.random.key(seed + 1), jnp.asarray(self.sigmas(num_steps, shape)),
+        float(guidance_scale), float(eta), normalization=float(cfg_normalization),
+        truncation=float(cfg_truncation))
 
 
 @functools.partial(nnx.jit, static_argnames=("normalization", "truncation"))
