@@ -104,9 +104,10 @@ class VAEConfig:
 def _maybe_remat(module: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
   """Calls ``module(x)``; under ``remat`` its activations are recomputed in the backward pass
   (decoding for a differentiable reward otherwise stores every full-resolution activation)."""
+  x = layers.constrain_batch(x)  # the batch stays sharded (layers.activation_sharding)
   if not remat:
-    return module(x)
-  return nnx.remat(lambda m, h: m(h))(module, x)
+    return layers.constrain_batch(module(x))
+  return layers.constrain_batch(nnx.remat(lambda m, h: m(h))(module, x))
 
 
 class DownEncoderBlock2D(nnx.Module):

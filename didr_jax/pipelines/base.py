@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from didr_jax.convert import core, orbax_io
+from didr_jax.models import layers
+from didr_jax.parallel import mesh as mesh_lib
 
 PARAMS_DIR = "orbax_params"  # the Orbax cache of a converted folder, beside its configs
 
@@ -96,20 +98,26 @@ class PipelineBase:
     holds the same modules: ``nnx.jit`` walks the whole graph of every module argument on each
     call (about 60 ms for the tiny SDXL UNet + VAE on a 2-core CPU, 2% of a 20-step sampling
     call); the cached partial walks it once. Parameter updates reach it (it shares the
-    modules' variables); a module replaced by another gets a new one."""
+    modules' variables); a module replaced by another gets a new one. It is traced under
+    ``layers.activation_sharding`` on the parameters' mesh."""
     key = (fn, *(id(m) for m in modules))
     cache = self.__dict__.setdefault("_cached_calls", {})
     if key not in cache:
       cache.clear()
       cache[key] = nnx.cached_partial(fn, *modules)
-    return cache[key]
+    call = cache[key]
+    mesh = mesh_lib.params_mesh(self.model)
+
+    def sharded(*args, **kwargs):  # traced with the blocks' batch sharding
+      with layers.activation_sharding(mesh):
+        return call(*args, **kwargs)
+    return sharded
 
   def shard_batch(self, tree: Any, batch: int) -> Any:
     """``tree``'s batch-leading arrays laid out over the batch axes of the mesh the model's
     parameters live on (``from_pretrained(mesh=...)``), so that a sampling call splits its
     batch over the devices instead of running it whole on each; unchanged on one device or
     when the batch does not divide."""
-    from didr_jax.parallel import mesh as mesh_lib
     mesh = mesh_lib.params_mesh(self.model)
     if mesh is None or mesh.size == 1:
       return tree
@@ -159,7 +167,6 @@ def load_components(path: str, names: Sequence[str], *,
   ``loaders[name](folder, shardings)`` converts; ``abstract[name](folder)`` gives the abstract
   module the cache restores into; parameters are placed by ``mesh`` and the logical ``rules``.
   """
-  from didr_jax.parallel import mesh as mesh_lib
   sharding_fn = (None if mesh is None else
                  lambda v: mesh_lib.param_sharding(v, mesh, rules or mesh_lib.DEFAULT_RULES))
   cache = os.path.join(path, PARAMS_DIR)

@@ -16,6 +16,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from didr_jax.models import layers
+
 
 @dataclasses.dataclass
 class Net:
@@ -23,11 +25,16 @@ class Net:
   graphdef: Any
   params: Any
   rest: Any
+  mesh: Any = None    # with rules: the batch sharding its blocks keep (layers.activation_sharding)
+  rules: Any = None
   _traced_rest: list = dataclasses.field(default_factory=list, repr=False)
 
   @classmethod
-  def of(cls, module: nnx.Module, *, trainable: Any = nnx.Param, lora: Any = None) -> "Net":
+  def of(cls, module: nnx.Module, *, trainable: Any = nnx.Param, lora: Any = None,
+         mesh: Any = None, rules: Any = None) -> "Net":
     """Splits ``module`` into the ``trainable`` variables (``params``) and everything else.
+    Functions jitted by ``Net.jit`` trace the module under ``layers.activation_sharding(mesh,
+    rules)``: its blocks keep their hidden states batch-sharded over ``mesh``.
 
     ``lora``: a ``config.lora`` section. When enabled, LoRA adapters are injected into the
     module's target layers (in place, see ``didr_jax.models.lora``) and only they
@@ -42,7 +49,7 @@ class Net:
         raise ConfigError(f"config.lora.targets: {e}") from None
       trainable = nnx.LoRAParam
     graphdef, params, rest = nnx.split(module, trainable, ...)
-    return cls(graphdef, nnx.to_pure_dict(params), rest)
+    return cls(graphdef, nnx.to_pure_dict(params), rest, mesh, rules)
 
   def take_params(self) -> Any:
     """Hands the loaded parameters over (once): jitted updates donate them afterwards."""
@@ -66,7 +73,8 @@ class Net:
     def inner(rest, *args, **kw):
       self._traced_rest.append(rest)
       try:
-        return fn(*args, **kw)
+        with layers.activation_sharding(self.mesh, self.rules):
+          return fn(*args, **kw)
       finally:
         self._traced_rest.pop()
 

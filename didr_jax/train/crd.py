@@ -64,7 +64,8 @@ class CRDTrainer(common.GuardedHostState):
     self.bb = backbone
     self.mesh = mesh
     self.rules = tuple(config.mesh.rules) + mesh_lib.DEFAULT_RULES
-    self.net = common.Net.of(backbone.model, lora=config.lora)
+    self.net = common.Net.of(backbone.model, lora=config.lora, mesh=mesh,
+                              rules=self.rules)
     d = config.crd
     sched = validate_crd_section(d)
     self.old_schedule, self.sampler_schedule = sched["old"], sched["sampler"]

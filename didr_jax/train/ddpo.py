@@ -124,7 +124,8 @@ class DDPOTrainer:
     self.bb = backbone
     self.mesh = mesh
     self.rules = tuple(config.mesh.rules) + mesh_lib.DEFAULT_RULES
-    self.net = common.Net.of(backbone.model, lora=config.lora)
+    self.net = common.Net.of(backbone.model, lora=config.lora, mesh=mesh,
+                              rules=self.rules)
     t = config.train
     self.tx = common.make_optimizer(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                                     weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)

@@ -81,7 +81,8 @@ class DIDRTrainer(common.GuardedHostState):
     d = c.didr
     self.bb, self.mesh = backbone, mesh
     self.rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
-    self.net = common.Net.of(backbone.model, lora=c.lora)
+    self.net = common.Net.of(backbone.model, lora=c.lora, mesh=mesh,
+                              rules=self.rules)
     self.ref_params = self.net.take_params()      # the frozen reference, never donated
     if backbone.family == "vp":
       self.process = didr_losses.vp_process(backbone.schedule)

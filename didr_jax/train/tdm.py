@@ -111,7 +111,8 @@ class TDMTrainer(common.GuardedHostState):
     self.bb, self.mesh = backbone, mesh
     self.rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
     self.sections = validate_tdm_section(d)
-    self.net = common.Net.of(backbone.model, lora=c.lora)
+    self.net = common.Net.of(backbone.model, lora=c.lora, mesh=mesh,
+                              rules=self.rules)
     self.ref_params = self.net.take_params()      # the frozen teacher, never donated
     self.grid = StudentGrid.of(backbone, int(d.num_steps), float(d.shift))
     self.ptype = backbone.prediction_type
