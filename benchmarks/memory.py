@@ -76,7 +76,10 @@ blocks (``layers.blocked_attention``: at most 2^20 score elements live per block
 size T x T kept for the backward); on accelerators it is ``jax.nn.dot_product_attention``, whose
 XLA form materialises the (B, heads, T, T) scores (Z-Image at 1024 px: 4352 tokens) unless a
 fused kernel (cuDNN, a TPU flash kernel) is chosen, so the temp bytes printed here are a lower
-bound for accelerators. The state and argument bytes do not depend on the back end.
+bound for accelerators. The state and argument bytes do not depend on the back end. The
+programs are traced as the trainer traces them, under ``layers.activation_sharding``: every
+model block keeps its hidden state batch-sharded (without it, XLA gathered the batch of half the
+UNet's and all the VAE decoder's convolutions onto every device under fsdp).
 
 Compile time on this project's 2-core CPU: see README "Memory at real sizes"; ``--compile=none``
 prints the sharding-derived table alone (seconds), and the flags select the compiled subset.
@@ -570,8 +573,7 @@ def fmt_row(r: dict) -> str:
   c = r.get("compiled") or {}
   ratio = r["ratio"]
   cols = [r["model"], r["mode"], r["dtype"], str(r["fsdp"]),
-          r["what"] + (" (pinned)" if r.get("batch_constraint") else "")
-          + "".join(f" {k}={v}" for k, v in (r.get("overrides") or {}).items()),
+          r["what"] + "".join(f" {k}={v}" for k, v in (r.get("overrides") or {}).items()),
           f"{r['param_count'] / 1e6:.1f}M", _gb(r["params_bytes"]), _gb(r["opt_bytes"]),
           _gb(r["state_bytes"]),
           f"{ratio:.3f} ({1 / r['fsdp']:.3f})",
@@ -596,8 +598,7 @@ def frozen_for(r: dict, what: str) -> int:
 
 
 def run(models, modes, dtypes, fsdps, whats, *, batch: int, grad_accum: int, train_steps: int,
-        compile_programs: bool, resolution: int = 0, batch_constraint: bool = False,
-        overrides: dict | None = None, log=print, save: Callable | None = None) -> dict:
+        compile_programs: bool, resolution: int = 0, overrides: dict | None = None, log=print, save: Callable | None = None) -> dict:
   """Every (model, mode, dtype, fsdp) x program; ``save(result)`` after each row."""
   jax = _jax()
   rows = []
@@ -618,15 +619,14 @@ def run(models, modes, dtypes, fsdps, whats, *, batch: int, grad_accum: int, tra
           for what in whats:
             row = {"model": model, "mode": mode, "dtype": dtype, "fsdp": fsdp, "what": what,
                    "batch": batch, "resolution": s.spec.resolution,
-                   "batch_constraint": batch_constraint, "overrides": dict(overrides or {}),
+                   "overrides": dict(overrides or {}),
                    **rep,
                    # at fsdp 1 every state leaf is whole on every device
                    "ratio": rep["state_bytes"] / rep["state_global_bytes"],
                    "frozen_bytes": frozen_for(rep, what), "replicated": repl, "compiled": None}
             if compile_programs:
               try:
-                with batch_constrained(s.mesh, s.rules, batch_constraint):
-                  row["compiled"] = compile_program(s, what)
+                row["compiled"] = compile_program(s, what)
               except Exception as e:  # report and go on with the other programs
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
                 log(f"# {model} {mode} {dtype} fsdp={fsdp} {what}: {row['error']}")
@@ -643,41 +643,6 @@ def run(models, modes, dtypes, fsdps, whats, *, batch: int, grad_accum: int, tra
 
 def summarize(rows) -> dict:
   return {"rows": rows, "notes": shrink_notes(rows), "layout_notes": layout_notes(rows)}
-
-
-class batch_constrained:
-  """A probe, off by default (``--batch_constraint``): while active, every block the models
-  run through ``layers.remat_call`` (UNet resnets and transformer blocks, Z-Image blocks) has
-  its hidden-state input and output constrained to the batch sharding. The models carry no
-  activation constraints of their own; this measures what such constraints would change."""
-
-  def __init__(self, mesh, rules, active: bool):
-    self.mesh, self.rules, self.active = mesh, rules, active
-
-  def __enter__(self):
-    if not self.active:
-      return self
-    jax = _jax()
-    from didr_jax.models import layers
-    from didr_jax.parallel import mesh as mesh_lib
-    self._orig = orig = layers.remat_call
-    mesh, rules = self.mesh, self.rules
-
-    def pin(x):
-      if not hasattr(x, "ndim") or x.ndim < 3:
-        return x
-      return jax.lax.with_sharding_constraint(
-          x, mesh_lib.batch_sharding(mesh, x.ndim, rules, x.shape[0]))
-
-    def remat_call(module, *args, remat=True):
-      return pin(orig(module, pin(args[0]), *args[1:], remat=remat))
-    layers.remat_call = remat_call
-    return self
-
-  def __exit__(self, *exc):
-    if self.active:
-      from didr_jax.models import layers
-      layers.remat_call = self._orig
 
 
 def layout_notes(rows) -> list[str]:
@@ -750,8 +715,6 @@ def main(argv=None):
                   help="none: only the sharding-derived state bytes")
   ap.add_argument("--set", action="append", default=[],
                   help="dotted.config.key=python literal, e.g. backbone.remat=False")
-  ap.add_argument("--batch_constraint", action="store_true",
-                  help="probe: pin every model block's input and output to the batch sharding")
   ap.add_argument("--xla_O0", type=int, default=1,
                   help="1: compile with --xla_backend_optimization_level=0 (same bytes, faster)")
   ap.add_argument("--out", default="", help="write PATH.json and PATH.md (after every row)")
@@ -809,16 +772,14 @@ def main(argv=None):
     raise SystemExit("--what: update and/or sampler")
   print(f"backend {jax.default_backend()}, {len(jax.devices())} devices, mesh data x fsdp "
         f"(tensor 1); batch {args.batch} (global), grad_accum {args.grad_accum}, "
-        f"{args.train_steps} trained step(s) per sample"
-        + (", blocks pinned to the batch sharding (probe)" if args.batch_constraint else ""),
-        flush=True)
+        f"{args.train_steps} trained step(s) per sample", flush=True)
   log = lambda line: print(line, flush=True)
   log(HEADER)
   t0 = time.perf_counter()
   result = run(models, _csv(args.modes), _csv(args.dtypes), fsdps, whats, batch=args.batch,
                grad_accum=args.grad_accum, train_steps=args.train_steps,
                compile_programs=args.compile == "all", resolution=args.resolution,
-               batch_constraint=args.batch_constraint, overrides=overrides, log=log,
+               overrides=overrides, log=log,
                save=save)
   print("\n" + render(result), flush=True)
   print(f"\ntotal {time.perf_counter() - t0:.0f} s", flush=True)
