@@ -68,6 +68,7 @@ import torch
 WORKLOADS = {"toy": (16, 10), "toy_dit": (16, 10), "tiny_sd": (16, 10),
              "sd64": (8, 20), "sdxl64": (8, 20), "ddpo_trl": (8, 20)}
 PROMPTS = ["two red circles", "a blue square"]
+TRL_MINIBATCH = 4  # ddpo_trl's train.batch_size (TRL DDPOTrainer's train_batch_size)
 
 
 def _mesh():
@@ -219,7 +220,7 @@ def trl_config(args, folder, num_epochs):
       "sample.batch_size": args.batch, "sample.num_batches": 2, "sample.num_steps": args.steps,
       "sample.guidance_scale": 5.0, "sample.eta": 1.0,
       "sample.deterministic_last_step": False,   # TRL trains the last step too
-      "train.batch_size": 4, "train.grad_accum": 1, "train.timestep_fraction": 1.0,
+      "train.batch_size": TRL_MINIBATCH, "train.grad_accum": 1, "train.timestep_fraction": 1.0,
       "train.cfg": True, "train.num_inner_epochs": 1, "train.learning_rate": 3e-4,
       "train.adam_b1": 0.9, "train.adam_b2": 0.999, "train.adam_eps": 1e-8,
       "train.weight_decay": 1e-4, "train.max_grad_norm": 1.0,
@@ -454,8 +455,8 @@ def ddpo_self_check(args, folder, check_steps=2):
 def bench_ddpo_trl(args, folder):
   b = args.batch
   print(f"ddpo_trl: tiny SD 64 px; 2 x {b} samples, {args.steps} DDIM steps (eta 1), all "
-        f"{args.steps} steps trained with CFG 5, minibatch 4 -> {2 * b // 4} AdamW steps / epoch,"
-        f" JPEG compressibility{'; ours with remat' if args.remat else ''}", flush=True)
+        f"{args.steps} steps trained with CFG 5, minibatch {TRL_MINIBATCH} -> "
+        f"{2 * b // TRL_MINIBATCH} AdamW steps / epoch, JPEG compressibility{'; ours with remat' if args.remat else ''}", flush=True)
   rows, compile_s = ours_ddpo_epochs(args, folder)
   peer_rows = torch_ddpo_epochs(args, folder)
   fmt = lambda r: f"{r[0]:6.2f} samples/s | sampling {r[1]:6.1f} s | training {r[2]:6.1f} s"
@@ -501,7 +502,7 @@ def main():
   if unknown:
     p.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
   from didr_jax.parallel import mesh as mesh_lib  # before JAX starts its backends
-  batches = [args.batch or WORKLOADS[n][0] for n in names] + [4]  # 4: ddpo_trl's minibatch
+  batches = [args.batch or WORKLOADS[n][0] for n in names] + [TRL_MINIBATCH]
   mesh_lib.split_cpu(mesh_lib.cpu_device_count(args.cpu_devices, batches))
   torch.set_num_threads(os.cpu_count() or 1)
   import diffusers, transformers

@@ -372,7 +372,7 @@ _ACTIVATION_SHARDING = contextvars.ContextVar("didr_jax_activation_sharding", de
 @contextlib.contextmanager
 def activation_sharding(mesh, rules=None):
   """While a model is traced inside this context, every block it runs (``remat_call``: UNet
-  resnets and transformer blocks, Z-Image blocks; the VAE's resnets) keeps the batch axis of its
+  resnets and transformer blocks, Z-Image blocks, the VAE's up / down / mid blocks) keeps the batch axis of its
   hidden state sharded over the mesh's batch axes (``parallel.mesh.batch_sharding``, by
   ``rules``). Without these constraints XLA's sharding propagation may instead gather the batch
   and split the channels of FSDP-sharded weights: compiled on 8 devices with fsdp 8, the tiny
@@ -381,7 +381,7 @@ def activation_sharding(mesh, rules=None):
   one device: nothing is constrained."""
   active = mesh is not None and mesh.size > 1
   token = _ACTIVATION_SHARDING.set(
-      (mesh, tuple(rules or ()) + mesh_lib.DEFAULT_RULES) if active else None)
+      (mesh, rules or mesh_lib.DEFAULT_RULES) if active else None)
   try:
     yield
   finally:

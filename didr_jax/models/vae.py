@@ -101,15 +101,6 @@ class VAEConfig:
         force_upcast=bool(get("force_upcast")))
 
 
-def _maybe_remat(module: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
-  """Calls ``module(x)``; under ``remat`` its activations are recomputed in the backward pass
-  (decoding for a differentiable reward otherwise stores every full-resolution activation)."""
-  x = layers.constrain_batch(x)  # the batch stays sharded (layers.activation_sharding)
-  if not remat:
-    return layers.constrain_batch(module(x))
-  return layers.constrain_batch(nnx.remat(lambda m, h: m(h))(module, x))
-
-
 class DownEncoderBlock2D(nnx.Module):
   """``num_layers`` resnets, then an optional stride-2 conv (right/bottom zero padding)."""
 
@@ -197,8 +188,8 @@ class Encoder(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv_in(x)
     for block in self.down_blocks:
-      x = _maybe_remat(block, x, self.remat)
-    x = _maybe_remat(self.mid_block, x, self.remat)
+      x = layers.remat_call(block, x, remat=self.remat)
+    x = layers.remat_call(self.mid_block, x, remat=self.remat)
     # The output activation is always SiLU, whatever act_fn the resnets use.
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
@@ -223,9 +214,9 @@ class Decoder(nnx.Module):
 
   def __call__(self, z: jax.Array) -> jax.Array:
     x = self.conv_in(z)
-    x = _maybe_remat(self.mid_block, x, self.remat)
+    x = layers.remat_call(self.mid_block, x, remat=self.remat)
     for block in self.up_blocks:
-      x = _maybe_remat(block, x, self.remat)
+      x = layers.remat_call(block, x, remat=self.remat)
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
