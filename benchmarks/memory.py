@@ -67,8 +67,10 @@ flow scheduler (shift 3). ``tiny_sdxl`` / ``tiny_zimage`` are the small test mod
 ``didr_jax.testing`` (the test runs them).
 
 Dtypes. ``--dtypes`` is ``config.backbone.dtype``. The SD loaders keep float32 parameters
-whatever it is (it is the compute dtype), so the SDXL state is the same in both; Z-Image's
-loader stores parameters in that dtype (and AdamW's moments follow the parameters' dtype).
+whatever it is (it is the compute dtype; float32 master weights for a full fine-tune), so the
+SDXL full state is the same in both; a LoRA run stores the UNet's frozen base in it (LoRA
+adapters are float32 in every run). Z-Image's loader stores parameters in that dtype (and
+AdamW's moments follow the parameters' dtype).
 
 Numbers are XLA:CPU's compiled memory analysis: buffer assignment of the SPMD-partitioned
 program of one device. On the CPU back end the models' attention runs in cache-sized query
@@ -266,8 +268,10 @@ def logical_axes(module) -> dict[str, tuple]:
   return out
 
 
-def abstract_backbone(spec: ModelSpec, dtype_name: str, remat: bool, mesh, rules):
-  """The pipeline of ``spec`` with shape-only, sharded denoiser and VAE (no text encoders)."""
+def abstract_backbone(spec: ModelSpec, dtype_name: str, remat: bool, mesh, rules,
+                      lora: bool = False):
+  """The pipeline of ``spec`` with shape-only, sharded denoiser and VAE (no text encoders); with
+  ``lora`` the SD UNet's frozen base in the compute dtype, as ``train.loop.build_backbone``."""
   import jax.numpy as jnp
   dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
   with tempfile.TemporaryDirectory() as folder:
@@ -279,7 +283,7 @@ def abstract_backbone(spec: ModelSpec, dtype_name: str, remat: bool, mesh, rules
     if spec.family == "sdxl":
       from didr_jax.diffusion.schedules import VPSchedule
       from didr_jax.pipelines import sd
-      _, abstract = sd._component_fns(dtype, remat)
+      _, abstract = sd._component_fns(dtype, remat, dtype if lora else jnp.float32)
       unet = place(abstract["unet"](os.path.join(folder, "unet")), mesh, rules)
       vae = place(abstract["vae"](os.path.join(folder, "vae")), mesh, rules)
       return sd.SDPipeline(unet=unet, vae=vae, text_encoders=[], tokenizers=[],
@@ -390,7 +394,8 @@ def make_setup(model: str, *, mode: str, dtype: str, fsdp: int, batch: int, grad
                    grad_accum=grad_accum, train_steps=train_steps, overrides=overrides)
   mesh = make_mesh(fsdp)
   rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
-  backbone = abstract_backbone(spec, dtype, bool(c.backbone.remat), mesh, rules)
+  backbone = abstract_backbone(spec, dtype, bool(c.backbone.remat), mesh, rules,
+                              lora=bool(c.lora.enabled))
   axes = logical_axes(backbone.model)
   kl_beta = float(c.ddpo.kl_beta)
   c.ddpo.kl_beta = 0.0     # the constructor copies concrete reference parameters

@@ -373,3 +373,25 @@ def test_zimage_scanned_adapters_load_in_diffusers():
   err, effect = np.abs(got - ours).max(), np.abs(base - ours).max()
   print(f"Z-Image torch LoRA vs ours (scanned): max abs err {err:.2e} (LoRA effect {effect:.2e})")
   assert effect > 0.05 and err < 1e-4 * max(1.0, np.abs(ours).max())
+
+
+def test_lora_run_keeps_the_frozen_base_in_the_compute_dtype(tiny_sd):
+  """A bfloat16 LoRA run loads the SD UNet's frozen base in bfloat16 (half the memory of the
+  float32 master weights a full fine-tune keeps) and samples exactly the same images: the
+  layers computed with bfloat16 weights before. ``master_weights`` (the merged export) keeps
+  float32."""
+  from didr_jax.testing.configs import load_config
+  from didr_jax.train import common, loop
+  c = load_config("toy_ddpo", **{"backbone.kind": "sd", "backbone.path": tiny_sd,
+                                 "backbone.dtype": "bfloat16", "lora.enabled": True})
+  dtypes = lambda m: {str(v.dtype) for v in jax.tree.leaves(nnx.state(m, nnx.Param))}
+  lean = loop.build_backbone(c, None)
+  full = loop.build_backbone(c, None, master_weights=True)
+  assert dtypes(lean.model) == {"bfloat16"} and dtypes(full.model) == {"float32"}
+  for pipe in (lean, full):
+    common.Net.of(pipe.model, lora=c.lora)   # adapters: B = 0, the base's function
+  assert {str(x.dtype) for x in jax.tree.leaves(nnx.state(lean.model, nnx.LoRAParam))} == {
+      "float32"}
+  images = [np.asarray(p.sample(["a red circle"] * 2, num_steps=2, seed=0)[0])
+            for p in (lean, full)]
+  np.testing.assert_array_equal(images[0], images[1])

@@ -83,8 +83,8 @@ def test_sample_splits_the_batch_over_the_mesh_of_the_parameters(saved):
 
 
 def test_sample_sees_updated_parameters_and_replaced_modules(saved):
-  """``sample`` caches its walk of the module graph (``cached_call``): a parameter changed in
-  place after a first call, and a module replaced by another, still take effect."""
+  """``sample``'s jitted sampler takes the modules as arguments on every call: a parameter
+  changed in place after a first call, and a module replaced by another, take effect."""
   pipe = SDPipeline.from_pretrained(saved["folder"])
   before, _ = _sample(pipe, saved["latents"])
   kernel = pipe.unet.conv_out.kernel

@@ -168,7 +168,7 @@ def export_run(workdir: str, dst: str, *, merge: bool = False) -> str:
     raise core.ConversionError(f"{workdir}: the run was not trained with LoRA "
                                "(config lora.enabled is false); export it with didr_jax.convert")
   from didr_jax.train import loop
-  pipe = loop.build_backbone(c, None)
+  pipe = loop.build_backbone(c, None, master_weights=merge)
   lora_lib.from_config(pipe.model, c.lora)
   params, step = _latest_policy_params(workdir)
   set_adapter_params(pipe.model, params)

@@ -27,6 +27,7 @@ with ``lax.scan`` (one compiled layer, as big LLM ports do); it computes the sam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -340,7 +341,7 @@ def tokenize_prompts_zimage(tokenizer, prompts: str | Sequence[str], *, max_leng
   return out, mask
 
 
-@nnx.jit(static_argnames=("hidden_state_index",))
+@functools.partial(jax.jit, static_argnames=("hidden_state_index",))
 def _encode(model: Qwen3Model, ids, mask, hidden_state_index: int):
   h = model(ids, mask, hidden_state_index=hidden_state_index)
   return h * mask[..., None].astype(h.dtype), mask  # padded rows zeroed: deterministic output

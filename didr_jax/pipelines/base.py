@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from didr_jax.convert import core, orbax_io
-from didr_jax.models import layers
 from didr_jax.parallel import mesh as mesh_lib
 
 PARAMS_DIR = "orbax_params"  # the Orbax cache of a converted folder, beside its configs
@@ -93,25 +92,10 @@ class PipelineBase:
   def vae_scale(self) -> int:
     return 1 if self.vae is None else self.vae.config.downsample_factor
 
-  def cached_call(self, fn: Callable, *modules) -> Callable:
-    """``nnx.cached_partial(fn, *modules)`` for an ``nnx.jit`` function, kept while the pipeline
-    holds the same modules: ``nnx.jit`` walks the whole graph of every module argument on each
-    call (about 60 ms for the tiny SDXL UNet + VAE on a 2-core CPU, 2% of a 20-step sampling
-    call); the cached partial walks it once. Parameter updates reach it (it shares the
-    modules' variables); a module replaced by another gets a new one. It is traced under
-    ``layers.activation_sharding`` on the parameters' mesh."""
-    key = (fn, *(id(m) for m in modules))
-    cache = self.__dict__.setdefault("_cached_calls", {})
-    if key not in cache:
-      cache.clear()
-      cache[key] = nnx.cached_partial(fn, *modules)
-    call = cache[key]
-    mesh = mesh_lib.params_mesh(self.model)
-
-    def sharded(*args, **kwargs):  # traced with the blocks' batch sharding
-      with layers.activation_sharding(mesh):
-        return call(*args, **kwargs)
-    return sharded
+  def mesh(self):
+    """The mesh the denoiser's parameters live on (None off a mesh): the samplers take it as a
+    static argument and trace under ``layers.activation_sharding`` on it."""
+    return mesh_lib.params_mesh(self.model)
 
   def shard_batch(self, tree: Any, batch: int) -> Any:
     """``tree``'s batch-leading arrays laid out over the batch axes of the mesh the model's

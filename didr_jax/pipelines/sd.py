@@ -27,7 +27,7 @@ from flax import nnx
 from didr_jax.convert import core
 from didr_jax.diffusion import ddim, guidance, kernels, param
 from didr_jax.diffusion.schedules import VPSchedule
-from didr_jax.models import clip, unet as unet_lib, vae as vae_lib
+from didr_jax.models import clip, layers, unet as unet_lib, vae as vae_lib
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.pipelines.base import (PipelineBase, copy_configs, decode_images,
                                      load_components, write_component)
@@ -37,11 +37,13 @@ _ABSTRACT = {"unet": unet_lib.abstract_unet, "vae": vae_lib.abstract_vae,
              "text_encoder": clip.abstract_clip}
 
 
-def _component_fns(dtype, remat: bool):
-  """(loaders, abstract builders) by component name for ``base.load_components``; remat
-  applies to the trainable UNet only."""
+def _component_fns(dtype, remat: bool, unet_param_dtype=jnp.float32):
+  """(loaders, abstract builders) by component name for ``base.load_components``; remat and
+  ``unet_param_dtype`` apply to the trainable UNet only (the others keep float32 parameters)."""
   def opts(name):
-    return {"dtype": dtype, **({"remat": True} if remat and name == "unet" else {})}
+    if name != "unet":
+      return {"dtype": dtype}
+    return {"dtype": dtype, "param_dtype": unet_param_dtype, **({"remat": True} if remat else {})}
   names = ("unet", "vae", "text_encoder", "text_encoder_2")
   loaders = {n: (lambda f, shardings, n=n: _LOADERS[n.removesuffix("_2")](
       f, shardings=shardings, **opts(n))) for n in names}
@@ -164,8 +166,12 @@ class SDPipeline(PipelineBase):
   @classmethod
   def from_pretrained(cls, path: str, *, dtype=jnp.float32, mesh=None,
                       rules=mesh_lib.DEFAULT_RULES, resolution: int | None = None,
-                      remat: bool = False) -> "SDPipeline":
-    """Loads a diffusers pipeline folder, or one that holds our Orbax cache (see ``save``)."""
+                      remat: bool = False, unet_param_dtype=jnp.float32) -> "SDPipeline":
+    """Loads a diffusers pipeline folder, or one that holds our Orbax cache (see ``save``).
+
+    ``dtype`` is the compute dtype; parameters are float32 (a full fine-tune's master weights)
+    except the UNet's under ``unet_param_dtype`` (a LoRA run keeps its frozen base in the
+    compute dtype: the same values the layers compute with, half the memory in bfloat16)."""
     from didr_jax.pipelines import registry
     index = registry.read_index(path)
     kind = registry.pipeline_kind(path, index)
@@ -173,7 +179,7 @@ class SDPipeline(PipelineBase):
       raise core.ConversionError(f"{path}: a {kind!r} pipeline, not SD / SDXL")
     names, tok_names = registry.components(kind, index)
     te_names = [n for n in names if n.startswith("text_encoder")]
-    loaders, abstract = _component_fns(dtype, remat)
+    loaders, abstract = _component_fns(dtype, remat, unet_param_dtype)
     modules = load_components(path, names, loaders=loaders, abstract=abstract, mesh=mesh,
                               rules=rules)
     from transformers import AutoTokenizer
@@ -264,9 +270,8 @@ class SDPipeline(PipelineBase):
     if latents.shape != shape:
       raise ValueError(f"initial latents have shape {latents.shape}, expected NHWC {shape}")
     cond, uncond, latents = self.shard_batch((cond, uncond, latents), b)
-    return self.cached_call(_sample, self.unet, self.vae)(
-        cond, uncond, latents, jax.random.key(seed + 1), self.schedule, num_steps,
-        float(guidance_scale), float(eta))
+    return _sample(self.unet, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
+                   self.schedule, num_steps, float(guidance_scale), float(eta), mesh=self.mesh())
 
 
 def _export_clip_classic(text_encoder: nnx.Module) -> dict[str, np.ndarray]:
@@ -295,13 +300,17 @@ def _encode(text_encoders, ids, kind, height, width) -> Cond:
   return _encode_jit(text_encoders, [jnp.asarray(i) for i in ids], kind, height, width)
 
 
-@functools.partial(nnx.jit, static_argnames=("num_steps",))
-def _sample(unet, vae, cond, uncond, latents, rng, schedule, num_steps, guidance_scale, eta):
+@functools.partial(jax.jit, static_argnames=("num_steps", "mesh"))
+def _sample(unet, vae, cond, uncond, latents, rng, schedule, num_steps, guidance_scale, eta, *,
+            mesh):
+  """Modules go in as pytrees (``nnx.jit`` would also return all their variables); ``mesh``
+  (static) is the parameters' mesh, whose batch sharding the blocks keep."""
   def denoise(x, t):
     return guided_unet(unet, x, t, cond, uncond, guidance_scale)
 
-  traj = ddim.ddim_sample(denoise, latents, schedule, num_steps, eta=eta, rng=rng)
-  images = decode_images(vae, traj.sample)
+  with layers.activation_sharding(mesh):
+    traj = ddim.ddim_sample(denoise, latents, schedule, num_steps, eta=eta, rng=rng)
+    images = decode_images(vae, traj.sample)
   return images, traj
 
 

@@ -328,18 +328,20 @@ class ZImagePipeline(PipelineBase):
     if latents.shape != shape:
       raise ValueError(f"initial latents have shape {latents.shape}, expected NHWC {shape}")
     cond, uncond, latents = self.shard_batch((cond, uncond, latents), b)
-    return self.cached_call(_sample, self.transformer, self.vae)(
-        cond, uncond, latents, jax.random.key(seed + 1), jnp.asarray(self.sigmas(num_steps, shape)),
-        float(guidance_scale), float(eta), normalization=float(cfg_normalization),
-        truncation=float(cfg_truncation))
+    return _sample(self.transformer, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
+                   jnp.asarray(self.sigmas(num_steps, shape)), float(guidance_scale), float(eta),
+                   normalization=float(cfg_normalization), truncation=float(cfg_truncation),
+                   mesh=self.mesh())
 
 
-@functools.partial(nnx.jit, static_argnames=("normalization", "truncation"))
+@functools.partial(jax.jit, static_argnames=("normalization", "truncation", "mesh"))
 def _sample(transformer, vae, cond, uncond, latents, rng, sigmas, guidance_scale, eta, *,
-            normalization, truncation):
+            normalization, truncation, mesh):
+  """As ``sd._sample``: modules as pytrees, ``mesh`` (static) for the blocks' batch sharding."""
   def denoise(x, sig):
     return guided_velocity(transformer, x, sig, cond, uncond, guidance_scale,
                            normalization=normalization, truncation=truncation)
 
-  traj = flow.flow_sample(denoise, latents, sigmas, a=eta, rng=rng)
-  return decode_images(vae, traj.sample), traj
+  with layers.activation_sharding(mesh):
+    traj = flow.flow_sample(denoise, latents, sigmas, a=eta, rng=rng)
+    return decode_images(vae, traj.sample), traj

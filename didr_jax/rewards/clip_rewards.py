@@ -220,8 +220,8 @@ class PickScore:
                                       tokenizer, folder)
     self.max_length = min(int(self.tokenizer.model_max_length),
                           self.model.config.text_config.max_position_embeddings)
-    self._text = nnx.jit(lambda m, ids, mask: clip.l2_normalize(m.get_text_features(ids, mask)))
-    self._score = nnx.jit(lambda m, x, t: pickscore_fn(m, self.prep)(x, t))
+    self._text = jax.jit(lambda m, ids, mask: clip.l2_normalize(m.get_text_features(ids, mask)))
+    self._score = jax.jit(lambda m, x, t: pickscore_fn(m, self.prep)(x, t))
 
   def text_embeds(self, prompts: Sequence[str]) -> jax.Array:
     """(B, P) L2-normalised projected text features (right-padded to the model's length)."""
@@ -242,7 +242,7 @@ class Aesthetic:
     self.model = AestheticPredictor(vision, load_aesthetic_mlp(mlp_path,
                                                                vision.config.projection_dim))
     self.prep = ImagePrep.from_folder(vision.config.image_size, clip_folder)
-    self._score = nnx.jit(lambda m, x: aesthetic_fn(m, self.prep)(x))
+    self._score = jax.jit(lambda m, x: aesthetic_fn(m, self.prep)(x))
 
   def __call__(self, images, prompts: Sequence[str] = ()) -> np.ndarray:
     return np.asarray(self._score(self.model, jnp.asarray(images, jnp.float32)))

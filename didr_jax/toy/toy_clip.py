@@ -9,7 +9,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 
@@ -43,8 +42,8 @@ class ToyCLIP:
     from didr_jax.models import clip
     self.model = clip.load_clip(folder, clip.CLIPModel)
     self.tokenizer = AutoTokenizer.from_pretrained(folder)
-    self._score = nnx.jit(score)
-    self._features = nnx.jit(lambda m, x: m.get_image_features(pixels(m, x)))
+    self._score = jax.jit(score)
+    self._features = jax.jit(lambda m, x: m.get_image_features(pixels(m, x)))
 
   def ids(self, prompts) -> jax.Array:
     n = self.model.config.text_config.max_position_embeddings

@@ -64,11 +64,12 @@ class Net:
     rest = self._traced_rest[-1] if self._traced_rest else self.rest
     return nnx.merge(self.graphdef, nnx.State(params), rest)
 
-  def jit(self, fn: Callable, *, jit: Callable = jax.jit, donate_argnums: tuple[int, ...] = (),
-          **kwargs) -> Callable:
-    """``jit(fn, ...)`` (``jax.jit`` or ``nnx.jit``) with the frozen ``rest`` passed as an extra
-    argument: a LoRA run's base weights then stay device arrays in their shardings instead of
-    being captured by ``bind`` as constants that XLA would embed, unsharded, in every program.
+  def jit(self, fn: Callable, *, donate_argnums: tuple[int, ...] = (), **kwargs) -> Callable:
+    """``jax.jit(fn, ...)`` with the frozen ``rest`` passed as an extra argument: a LoRA run's
+    base weights then stay device arrays in their shardings instead of being captured by
+    ``bind`` as constants that XLA would embed, unsharded, in every program. Modules among the
+    arguments (a pipeline's frozen VAE) go in as pytrees: ``nnx.jit`` would also return every
+    variable of them, and of ``rest``, as outputs (a copy of all frozen weights per call).
     Same call signature as ``fn``; ``.lower`` / ``.trace`` take ``fn``'s arguments too."""
     def inner(rest, *args, **kw):
       self._traced_rest.append(rest)
@@ -78,7 +79,7 @@ class Net:
       finally:
         self._traced_rest.pop()
 
-    jitted = jit(inner, donate_argnums=tuple(i + 1 for i in donate_argnums), **kwargs)
+    jitted = jax.jit(inner, donate_argnums=tuple(i + 1 for i in donate_argnums), **kwargs)
     call = functools.wraps(fn)(lambda *args, **kw: jitted(self.rest, *args, **kw))
     call.lower = lambda *args, **kw: jitted.lower(self.rest, *args, **kw)
     call.trace = lambda *args, **kw: jitted.trace(self.rest, *args, **kw)

@@ -36,7 +36,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from didr_jax.diffusion import kernels
@@ -81,7 +80,7 @@ class CRDTrainer(common.GuardedHostState):
     self._uncond = None
     # Net.jit: the frozen rest (a LoRA run's base weights) is an argument, not a constant
     self._sample = log_compiles("the sampler", self.net.jit(
-        self._sample_impl, jit=nnx.jit, static_argnames=("num_steps",)))
+        self._sample_impl, static_argnames=("num_steps",)))
     self._prepare = log_compiles("the epoch layout", jax.jit(self._prepare_impl))
     self._update = log_compiles("the update step", self.net.jit(self._update_impl,
                                                                 donate_argnums=(0,)))

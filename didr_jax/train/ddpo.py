@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from didr_jax.diffusion import ddim
@@ -136,7 +135,7 @@ class DDPOTrainer:
                                    "'rwr'")
     self.ref_params = (jax.tree.map(jnp.copy, self.net.params) if d.kl_beta > 0 else None)
     self._sample = log_compiles("the sampler", self.net.jit(
-        self._sample_impl, jit=nnx.jit, static_argnames=("num_steps",)))
+        self._sample_impl, static_argnames=("num_steps",)))
     self._update = log_compiles("the update step", self.net.jit(self._update_impl,
                                                                 donate_argnums=(0,)))
     self._prepare = log_compiles("the epoch layout", jax.jit(self._prepare_impl))

@@ -49,8 +49,10 @@ from didr_jax.train.logging import CompileClock, RunLogger
 TOY_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "assets")
 
 
-def build_backbone(c: ml_collections.ConfigDict, mesh):
-  """The pipeline named by ``config.backbone`` with parameters placed on ``mesh``."""
+def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool = False):
+  """The pipeline named by ``config.backbone`` with parameters placed on ``mesh``. A LoRA run
+  keeps the SD UNet's frozen base in the compute dtype (``backbone.dtype``), unless
+  ``master_weights`` (float32, as a full fine-tune: what a merged export folds into)."""
   dtype = jnp.bfloat16 if c.backbone.dtype == "bfloat16" else jnp.float32
   rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
   kind = c.backbone.kind
@@ -63,9 +65,12 @@ def build_backbone(c: ml_collections.ConfigDict, mesh):
   if not os.path.isdir(path):
     raise config_lib.ConfigError(f"config.backbone.path: {path!r} is not a folder")
   from didr_jax.pipelines import registry
+  extra = {}
+  if c.lora.enabled and not master_weights and kind in ("sd", "sdxl", "toy_unet"):
+    extra["unet_param_dtype"] = dtype  # the frozen base as computed; adapters stay float32
   pipe = registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
                                 remat=c.backbone.remat,
-                                resolution=c.backbone.resolution or None)
+                                resolution=c.backbone.resolution or None, **extra)
   found = pipe.kind
   expected = {"toy_unet": "sd", "toy_dit": "zimage"}.get(kind, kind)
   if found != expected:
