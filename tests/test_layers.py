@@ -104,3 +104,30 @@ def test_attention_on_cpu_is_blocked_and_keeps_bfloat16():
                              atol=2e-2)
   jaxpr = str(jax.make_jaxpr(lambda q: layers.attention(q, q, q))(q))
   assert "dot_product_attention" not in jaxpr and "exp" in jaxpr
+
+
+def test_programs_for_another_platform_take_its_forms():
+  """The CPU-only forms (blocked attention, the convolution's custom gradient: both custom
+  VJPs) follow the platform of the mesh a program is traced for (``layers.activation_sharding``),
+  not the host's backend: a program compiled ahead of time for TPU chips on this CPU
+  (``benchmarks/memory.py --topology``) takes ``jax.nn.dot_product_attention`` and lax's
+  convolution."""
+  import types
+  q = jax.random.normal(jax.random.key(0), (2, 16, 2, 8))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 8, 4))
+  x = jax.random.normal(jax.random.key(2), (2, 6, 6, 8))
+
+  def forms(mesh):  # fresh functions: jax keeps traces per function
+    attn = lambda q: layers.attention(q, q, q)
+    conv = lambda x: layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    with layers.activation_sharding(mesh):
+      return (layers.platform(), "custom_vjp" in str(jax.make_jaxpr(attn)(q)),
+              "custom_vjp" in str(jax.make_jaxpr(conv)(x)))
+
+  tpu = types.SimpleNamespace(size=1, devices=np.array([types.SimpleNamespace(platform="tpu")]))
+  cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  assert forms(cpu) == ("cpu", True, True)
+  assert forms(None) == ("cpu", True, True)     # no mesh: the default backend
+  assert forms(tpu) == ("tpu", False, False)
+  assert layers.platform() == "cpu"             # the context is left

@@ -81,3 +81,13 @@ def test_update_compiles_to_a_memory_analysis(tmp_path):
   # leaves whose sharding the update changes: the count and its breakdown agree
   assert c["state_layout_changed"] == sum(v["leaves"]
                                           for v in c["state_layout_changes"].values())
+
+
+def test_unknown_tpu_topology_is_one_clear_line():
+  """``--topology`` compiles for TPU chips through libtpu (ahead of time, no TPU attached); a
+  topology it cannot describe (or no libtpu at all, as in CI) stops with one line naming it."""
+  bench = _bench()
+  with pytest.raises(SystemExit, match=r"--topology=v0:2x4: .*libtpu"):
+    bench.main(["--topology=v0:2x4", "--models=tiny_sdxl", "--fsdp=8", "--compile=none"])
+  assert bench.TOPOLOGY == "v0:2x4"
+  bench.TOPOLOGY = ""

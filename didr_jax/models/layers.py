@@ -107,7 +107,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   Other backends, and anything but an ungrouped, undilated NHWC convolution with explicit
   padding, take lax's own."""
   dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  if (jax.default_backend() == "cpu" and tuple(map(tuple, dn)) == _NHWC and feature_group_count == 1
+  if (platform() == "cpu" and tuple(map(tuple, dn)) == _NHWC and feature_group_count == 1
       and not isinstance(padding, str) and set(lhs_dilation or (1,)) == {1}
       and set(rhs_dilation or (1,)) == {1} and kwargs.get("out_sharding") is None
       and kwargs.get("preferred_element_type") is None):
@@ -217,8 +217,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   tensor, which at 1024 tokens (tiny SD at 64 px: 16 x 8 x 1024 x 1024 floats) made one
   attention take 2.4 s where PyTorch's blocked kernel takes 0.28 s; blocked, 0.11 s.
   """
-  if (implementation is None and jax.default_backend() == "cpu"
-      and k.shape[2] == q.shape[2]):
+  if implementation is None and platform() == "cpu" and k.shape[2] == q.shape[2]:
     return blocked_attention(q, k, v, mask=mask, scale=scale)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                       implementation=implementation)
@@ -367,6 +366,15 @@ def abstract_module(build: Callable[[Any], nnx.Module]) -> nnx.Module:
 
 
 _ACTIVATION_SHARDING = contextvars.ContextVar("didr_jax_activation_sharding", default=None)
+_PLATFORM = contextvars.ContextVar("didr_jax_platform", default=None)
+
+
+def platform() -> str:
+  """The platform the program being traced is for: that of the ``activation_sharding`` mesh's
+  devices (a program compiled ahead of time for a TPU topology on a CPU host takes the TPU
+  forms), else JAX's default backend. Picks the CPU-only forms of ``conv_general_dilated``'s
+  gradient and ``attention``."""
+  return _PLATFORM.get() or jax.default_backend()
 
 
 @contextlib.contextmanager
@@ -382,9 +390,11 @@ def activation_sharding(mesh, rules=None):
   active = mesh is not None and mesh.size > 1
   token = _ACTIVATION_SHARDING.set(
       (mesh, rules or mesh_lib.DEFAULT_RULES) if active else None)
+  where = _PLATFORM.set(None if mesh is None else mesh.devices.flat[0].platform)
   try:
     yield
   finally:
+    _PLATFORM.reset(where)
     _ACTIVATION_SHARDING.reset(token)
 
 
