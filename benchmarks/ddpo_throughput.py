@@ -456,7 +456,8 @@ def bench_ddpo_trl(args, folder):
   b = args.batch
   print(f"ddpo_trl: tiny SD 64 px; 2 x {b} samples, {args.steps} DDIM steps (eta 1), all "
         f"{args.steps} steps trained with CFG 5, minibatch {TRL_MINIBATCH} -> "
-        f"{2 * b // TRL_MINIBATCH} AdamW steps / epoch, JPEG compressibility{'; ours with remat' if args.remat else ''}", flush=True)
+        f"{2 * b // TRL_MINIBATCH} AdamW steps / epoch, JPEG compressibility"
+        f"{'; ours with remat' if args.remat else ''}", flush=True)
   rows, compile_s = ours_ddpo_epochs(args, folder)
   peer_rows = torch_ddpo_epochs(args, folder)
   fmt = lambda r: f"{r[0]:6.2f} samples/s | sampling {r[1]:6.1f} s | training {r[2]:6.1f} s"

@@ -298,9 +298,10 @@ def logical_axes(module) -> dict[str, tuple]:
 
 
 def abstract_backbone(spec: ModelSpec, dtype_name: str, remat: bool, mesh, rules,
-                      lora: bool = False):
-  """The pipeline of ``spec`` with shape-only, sharded denoiser and VAE (no text encoders); with
-  ``lora`` the SD UNet's frozen base in the compute dtype, as ``train.loop.build_backbone``."""
+                      unet_param_dtype=None):
+  """The pipeline of ``spec`` with shape-only, sharded denoiser and VAE (no text encoders); the
+  SD UNet's parameters in ``unet_param_dtype`` (None: float32; ``train.loop.unet_param_dtype``
+  of the run's config is what ``build_backbone`` loads)."""
   import jax.numpy as jnp
   dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
   with tempfile.TemporaryDirectory() as folder:
@@ -312,7 +313,7 @@ def abstract_backbone(spec: ModelSpec, dtype_name: str, remat: bool, mesh, rules
     if spec.family == "sdxl":
       from didr_jax.diffusion.schedules import VPSchedule
       from didr_jax.pipelines import sd
-      _, abstract = sd._component_fns(dtype, remat, dtype if lora else jnp.float32)
+      _, abstract = sd._component_fns(dtype, remat, unet_param_dtype or jnp.float32)
       unet = place(abstract["unet"](os.path.join(folder, "unet")), mesh, rules)
       vae = place(abstract["vae"](os.path.join(folder, "vae")), mesh, rules)
       return sd.SDPipeline(unet=unet, vae=vae, text_encoders=[], tokenizers=[],
@@ -424,7 +425,7 @@ def make_setup(model: str, *, mode: str, dtype: str, fsdp: int, batch: int, grad
   mesh = make_mesh(fsdp)
   rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
   backbone = abstract_backbone(spec, dtype, bool(c.backbone.remat), mesh, rules,
-                              lora=bool(c.lora.enabled))
+                              loop.unet_param_dtype(c))
   axes = logical_axes(backbone.model)
   kl_beta = float(c.ddpo.kl_beta)
   c.ddpo.kl_beta = 0.0     # the constructor copies concrete reference parameters

@@ -97,12 +97,12 @@ class PipelineBase:
     static argument and trace under ``layers.activation_sharding`` on it."""
     return mesh_lib.params_mesh(self.model)
 
-  def shard_batch(self, tree: Any, batch: int) -> Any:
-    """``tree``'s batch-leading arrays laid out over the batch axes of the mesh the model's
-    parameters live on (``from_pretrained(mesh=...)``), so that a sampling call splits its
-    batch over the devices instead of running it whole on each; unchanged on one device or
-    when the batch does not divide."""
-    mesh = mesh_lib.params_mesh(self.model)
+  @staticmethod
+  def shard_batch(tree: Any, batch: int, mesh) -> Any:
+    """``tree``'s batch-leading arrays laid out over the batch axes of ``mesh`` (``mesh()``: the
+    one the model's parameters live on), so that a sampling call splits its batch over the
+    devices instead of running it whole on each; unchanged off a mesh, on one device or when
+    the batch does not divide."""
     if mesh is None or mesh.size == 1:
       return tree
     return mesh_lib.shard_batch(tree, batch, mesh)

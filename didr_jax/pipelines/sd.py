@@ -269,9 +269,10 @@ class SDPipeline(PipelineBase):
     latents = jnp.asarray(latents, jnp.float32)
     if latents.shape != shape:
       raise ValueError(f"initial latents have shape {latents.shape}, expected NHWC {shape}")
-    cond, uncond, latents = self.shard_batch((cond, uncond, latents), b)
+    mesh = self.mesh()
+    cond, uncond, latents = self.shard_batch((cond, uncond, latents), b, mesh)
     return _sample(self.unet, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
-                   self.schedule, num_steps, float(guidance_scale), float(eta), mesh=self.mesh())
+                   self.schedule, num_steps, float(guidance_scale), float(eta), mesh=mesh)
 
 
 def _export_clip_classic(text_encoder: nnx.Module) -> dict[str, np.ndarray]:

@@ -327,11 +327,12 @@ class ZImagePipeline(PipelineBase):
     latents = jnp.asarray(latents, jnp.float32)
     if latents.shape != shape:
       raise ValueError(f"initial latents have shape {latents.shape}, expected NHWC {shape}")
-    cond, uncond, latents = self.shard_batch((cond, uncond, latents), b)
+    mesh = self.mesh()
+    cond, uncond, latents = self.shard_batch((cond, uncond, latents), b, mesh)
     return _sample(self.transformer, self.vae, cond, uncond, latents, jax.random.key(seed + 1),
                    jnp.asarray(self.sigmas(num_steps, shape)), float(guidance_scale), float(eta),
                    normalization=float(cfg_normalization), truncation=float(cfg_truncation),
-                   mesh=self.mesh())
+                   mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("normalization", "truncation", "mesh"))

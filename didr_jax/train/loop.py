@@ -49,10 +49,19 @@ from didr_jax.train.logging import CompileClock, RunLogger
 TOY_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "assets")
 
 
+def unet_param_dtype(c: ml_collections.ConfigDict, *, master_weights: bool = False):
+  """The SD UNet's parameter dtype for ``c``: float32 (a full fine-tune's master weights), but
+  a LoRA run keeps its frozen base in the compute dtype (``backbone.dtype``: the values the
+  layers compute with; adapters stay float32), unless ``master_weights`` (what a merged export
+  folds into)."""
+  if c.lora.enabled and not master_weights and c.backbone.dtype == "bfloat16":
+    return jnp.bfloat16
+  return jnp.float32
+
+
 def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool = False):
-  """The pipeline named by ``config.backbone`` with parameters placed on ``mesh``. A LoRA run
-  keeps the SD UNet's frozen base in the compute dtype (``backbone.dtype``), unless
-  ``master_weights`` (float32, as a full fine-tune: what a merged export folds into)."""
+  """The pipeline named by ``config.backbone`` with parameters placed on ``mesh`` (the SD
+  UNet's in ``unet_param_dtype``)."""
   dtype = jnp.bfloat16 if c.backbone.dtype == "bfloat16" else jnp.float32
   rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
   kind = c.backbone.kind
@@ -65,9 +74,8 @@ def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool =
   if not os.path.isdir(path):
     raise config_lib.ConfigError(f"config.backbone.path: {path!r} is not a folder")
   from didr_jax.pipelines import registry
-  extra = {}
-  if c.lora.enabled and not master_weights and kind in ("sd", "sdxl", "toy_unet"):
-    extra["unet_param_dtype"] = dtype  # the frozen base as computed; adapters stay float32
+  extra = ({"unet_param_dtype": unet_param_dtype(c, master_weights=master_weights)}
+           if kind in ("sd", "sdxl", "toy_unet") else {})
   pipe = registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
                                 remat=c.backbone.remat,
                                 resolution=c.backbone.resolution or None, **extra)
