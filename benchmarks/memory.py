@@ -49,9 +49,10 @@ The update's batch is laid out by the trainer's own ``_prepare_impl`` (under ``e
 from an epoch whose trajectory shapes come from the backbone's ``rollout``.
 
 What the programs are: the configs ``configs/ddpo_sdxl.py`` / ``configs/ddpo_zimage.py``
-(remat on, CFG in training, SDXL 50 sampling steps, Z-Image 10 with KL 0.04) at the models'
-1024 px, with ``train.batch_size`` = ``sample.batch_size`` = ``--batch`` (global, 8 default:
-1 sample per device, 2 with CFG), ``train.grad_accum`` = ``--grad_accum`` (1) and
+(remat on, CFG in training, SDXL 50 sampling steps, Z-Image 10 with KL 0.04 and its 30 main
+layers scanned: ``backbone.scan_layers``, ``--set backbone.scan_layers=False`` unrolls them) at
+the models' 1024 px, with ``train.batch_size`` = ``sample.batch_size`` = ``--batch`` (global,
+8 default: 1 sample per device, 2 with CFG), ``train.grad_accum`` = ``--grad_accum`` (1) and
 ``--train_steps`` (1) trained steps per sample. The update runs one network call per (micro-
 batch, trained step) in a rolled loop (``common.accumulate``); every call's activations die
 before the next, so a longer loop changes neither the compile time nor the memory (only the
@@ -298,10 +299,11 @@ def logical_axes(module) -> dict[str, tuple]:
 
 
 def abstract_backbone(spec: ModelSpec, dtype_name: str, remat: bool, mesh, rules,
-                      unet_param_dtype=None):
+                      unet_param_dtype=None, scan_layers: bool = False):
   """The pipeline of ``spec`` with shape-only, sharded denoiser and VAE (no text encoders); the
   SD UNet's parameters in ``unet_param_dtype`` (None: float32; ``train.loop.unet_param_dtype``
-  of the run's config is what ``build_backbone`` loads)."""
+  of the run's config is what ``build_backbone`` loads); the Z-Image DiT's layers stacked with
+  ``scan_layers``."""
   import jax.numpy as jnp
   dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
   with tempfile.TemporaryDirectory() as folder:
@@ -322,7 +324,7 @@ def abstract_backbone(spec: ModelSpec, dtype_name: str, remat: bool, mesh, rules
                            resolution=spec.resolution)
     from didr_jax.diffusion import flow
     from didr_jax.pipelines import zimage
-    _, abstract = zimage._component_fns(dtype, remat)
+    _, abstract = zimage._component_fns(dtype, remat, scan_layers)
     transformer = place(abstract["transformer"](os.path.join(folder, "transformer")), mesh,
                         rules)
     vae = place(abstract["vae"](os.path.join(folder, "vae")), mesh, rules)
@@ -425,7 +427,7 @@ def make_setup(model: str, *, mode: str, dtype: str, fsdp: int, batch: int, grad
   mesh = make_mesh(fsdp)
   rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
   backbone = abstract_backbone(spec, dtype, bool(c.backbone.remat), mesh, rules,
-                              loop.unet_param_dtype(c))
+                              loop.unet_param_dtype(c), bool(c.backbone.scan_layers))
   axes = logical_axes(backbone.model)
   kl_beta = float(c.ddpo.kl_beta)
   c.ddpo.kl_beta = 0.0     # the constructor copies concrete reference parameters

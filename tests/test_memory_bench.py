@@ -48,7 +48,8 @@ def test_abstract_state_is_init_state(model, mode):
   bench = _bench()
   s = bench.make_setup(model, mode=mode, dtype="float32", fsdp=4, batch=8)
   bb = bench.abstract_backbone(s.spec, "float32", bool(s.config.backbone.remat), s.mesh,
-                               s.rules)
+                               s.rules, scan_layers=bool(s.config.backbone.scan_layers))
+  assert getattr(bb.model, "scan_layers", False) == (model == "tiny_zimage")  # the config's
   concrete = _concrete(bb.model)
   if s.spec.family == "sdxl":
     bb.unet = concrete

@@ -199,6 +199,38 @@ def test_orbax_cache_and_diffusers_export_round_trip(saved, pipe, tmp_path):
       assert torch.equal(got[k], ref[k]), (name, k)
 
 
+def test_scanned_layers_sample_the_same_and_caches_load_in_either_form(saved, pipe, tmp_path):
+  """``scan_layers``: the DiT's main layers stacked (one ``nnx.scan``) sample what the unrolled
+  layers sample; an Orbax cache written in one layer form loads in the other, restacked and
+  placed on the mesh as the loaders place it."""
+  from didr_jax.models import zimage_dit
+  from didr_jax.parallel import mesh as mesh_lib
+  folder = saved["folder"]
+  scanned = ZImagePipeline.from_pretrained(folder, scan_layers=True)
+  assert scanned.transformer.scan_layers and not pipe.transformer.scan_layers
+  n = scanned.transformer.config.n_layers
+  assert scanned.transformer.layers.attention.to_q.kernel.shape[0] == n
+  _, want = _sample(pipe, saved["latents"])
+  _, got_scanned = _sample(scanned, saved["latents"])
+  _close(got_scanned, want, 1e-5, "scanned vs unrolled DiT, sampled latents")
+
+  mesh = mesh_lib.make_mesh((("data", -1), ("fsdp", 2), ("tensor", 1)))
+  unrolled_cache, scanned_cache = str(tmp_path / "unrolled"), str(tmp_path / "scanned")
+  pipe.save(unrolled_cache)
+  scanned.save(scanned_cache)
+  for cache, form in ((unrolled_cache, True), (scanned_cache, False)):
+    loaded = ZImagePipeline.from_pretrained(cache, scan_layers=form, mesh=mesh)
+    assert loaded.transformer.scan_layers == form
+    ref = (scanned if form else pipe).transformer
+    want_params = dict(zimage_dit.core.param_paths(ref))
+    for path, var in zimage_dit.core.param_paths(loaded.transformer):
+      np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(want_params[path][...]))
+      target = mesh_lib.param_sharding(var, mesh, mesh_lib.DEFAULT_RULES)
+      assert var[...].sharding.is_equivalent_to(target, var[...].ndim), path
+    _, got = _sample(loaded, saved["latents"])
+    _close(got, got_scanned if form else want, 1e-5, f"cache restacked to scan_layers={form}")
+
+
 def test_sample_and_convert_commands(saved, tmp_path):
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
   lat_file = str(tmp_path / "lat.npy")

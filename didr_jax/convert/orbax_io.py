@@ -116,6 +116,20 @@ class _held_stderr(contextlib.AbstractContextManager):
       sys.stderr.flush()
 
 
+def tree_metadata(path: str) -> dict:
+  """The saved tree of the checkpoint at ``path``: nested dicts of array metadata (shapes,
+  dtypes; no array is read)."""
+  path = os.path.abspath(path)
+  check_cache(path)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return dict(ckptr.metadata(path).item_metadata.tree)
+  except Exception as e:
+    raise ConversionError(f"could not read the Orbax checkpoint {path!r} ({root_cause(e)}); "
+                          "it is incomplete or corrupt: delete it and convert the source "
+                          "folder again (python -m didr_jax.convert)") from e
+
+
 def restore_modules(path: str, modules: Mapping[str, nnx.Module],
                     sharding_fn: ShardingFn | None = None) -> dict[str, nnx.Module]:
   """Restores the named (abstract) modules from ``path``; fails clearly on a missing or

@@ -307,10 +307,11 @@ class ZImageTransformer(nnx.Module):
   """diffusers' ``ZImageTransformer2DModel`` on batched, padded inputs (module docstring).
 
   ``scan_layers``: the main ``layers`` are one block with stacked parameters (leading axis of
-  logical name "layers", length n_layers) run by ``nnx.scan``, so compile time does not grow with
-  depth; otherwise ``layers`` is an ``nnx.List`` named as in diffusers. ``remat`` rematerialises
-  every block's activations in the backward pass (``nnx.remat``). ``dtype`` is the compute dtype
-  (None: the parameters' dtype), ``param_dtype`` the storage dtype of the Linear weights.
+  logical name "layers", length n_layers) run by one ``lax.scan``, so compile time does not grow
+  with depth; otherwise ``layers`` is an ``nnx.List`` named as in diffusers. ``remat``
+  rematerialises every block's activations in the backward pass (``layers.remat_call``).
+  ``dtype`` is the compute dtype (None: the parameters' dtype), ``param_dtype`` the storage
+  dtype of the Linear weights.
   """
 
   def __init__(self, config: ZImageConfig, *, scan_layers: bool = False, remat: bool = False,
@@ -360,12 +361,15 @@ class ZImageTransformer(nnx.Module):
   def _run_trunk(self, x, mask, rope, adaln):
     if not self.scan_layers:
       return self._run(self.layers, x, mask, rope, adaln)
-    @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry,
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def body(block, x, mask, rope, adaln):
-      return layers.remat_call(block, x, mask, rope, adaln, remat=self.remat)
+    # Functional, as ``layers.remat_call``: ``nnx.scan`` refuses variables of an outer trace
+    # (a model bound outside a sampler's scan, or passed to ``jax.jit`` as a pytree).
+    graphdef, stacked = nnx.split(self.layers)
 
-    return body(self.layers, x, mask, rope, adaln)
+    def body(x, state):  # state: one layer's slice of every stacked variable
+      block = nnx.merge(graphdef, state)
+      return layers.remat_call(block, x, mask, rope, adaln, remat=self.remat), None
+
+    return jax.lax.scan(body, x, stacked)[0]
 
   def __call__(self, latents: jax.Array, t: jax.Array, cap_feats: jax.Array,
                cap_mask: jax.Array | None = None, *, patch_size: int | None = None,
@@ -468,6 +472,22 @@ def _rebuild(model: ZImageTransformer, scan_layers: bool) -> ZImageTransformer:
       value = src[("layers",) + path[2:]][path[1]]
     new.append((path, var.replace(value)))
   return nnx.merge(graphdef, nnx.from_flat_state(new), rest)
+
+
+def restack_layers(model: ZImageTransformer, scan_layers: bool,
+                   sharding_fn: Callable[[nnx.Variable], Any] | None = None) -> ZImageTransformer:
+  """``model`` in the given layer form (stacked or unrolled; the same parameter values), each
+  parameter placed by ``sharding_fn(var)`` when given (the stacked axis is a new dimension, so
+  the converted arrays need placing)."""
+  if model.scan_layers == scan_layers:
+    return model
+  out = _rebuild(model, scan_layers)
+  if sharding_fn is None:
+    return out
+  graphdef, params, rest = nnx.split(out, nnx.Param, ...)
+  params = jax.tree.map(lambda v: v.replace(jax.device_put(v.get_value(), sharding_fn(v))),
+                        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, params, rest)
 
 
 def stack_layers(model: ZImageTransformer) -> ZImageTransformer:

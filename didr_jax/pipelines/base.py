@@ -142,6 +142,13 @@ def has_vae(index: Mapping[str, Any]) -> bool:
   return bool(index.get("vae")) and index["vae"][0] is not None
 
 
+def cached_tree(path: str) -> dict | None:
+  """The parameter tree (names -> array metadata, nothing read) of the Orbax cache of the
+  pipeline folder ``path``; None when it has none."""
+  cache = os.path.join(path, PARAMS_DIR)
+  return orbax_io.tree_metadata(cache) if os.path.isdir(cache) else None
+
+
 def load_components(path: str, names: Sequence[str], *,
                     loaders: Mapping[str, Callable], abstract: Mapping[str, Callable],
                     mesh=None, rules=None) -> dict[str, nnx.Module]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,8 @@ from didr_jax.convert import core
 from didr_jax.diffusion import ddim, flow, guidance, kernels
 from didr_jax.models import layers, qwen3, vae as vae_lib, zimage_dit
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.pipelines.base import (PipelineBase, copy_configs, decode_images, has_vae,
-                                     load_components, write_component)
+from didr_jax.pipelines.base import (PipelineBase, cached_tree, copy_configs, decode_images,
+                                     has_vae, load_components, write_component)
 
 DEFAULT_CAPTION_LENGTH = 256  # tokens per caption in training batches (encode / negative)
 MAX_SEQUENCE_LENGTH = 512     # diffusers' max_sequence_length: prompts are truncated there
@@ -103,11 +103,12 @@ def image_seq_len(latent_shape: Sequence[int]) -> int:
   return (latent_shape[1] // 2) * (latent_shape[2] // 2)
 
 
-def _abstract_transformer(folder: str, dtype, remat: bool) -> zimage_dit.ZImageTransformer:
+def _abstract_transformer(folder: str, dtype, remat: bool,
+                          scan_layers: bool) -> zimage_dit.ZImageTransformer:
   config = zimage_dit.ZImageConfig.from_diffusers(core.read_json(os.path.join(folder,
                                                                               "config.json")))
   return layers.abstract_module(lambda rngs: zimage_dit.ZImageTransformer(
-      config, rngs=rngs, remat=remat, dtype=dtype, param_dtype=dtype))
+      config, rngs=rngs, remat=remat, scan_layers=scan_layers, dtype=dtype, param_dtype=dtype))
 
 
 def _abstract_qwen3(folder: str, dtype) -> qwen3.Qwen3Model:
@@ -116,19 +117,29 @@ def _abstract_qwen3(folder: str, dtype) -> qwen3.Qwen3Model:
                                                               param_dtype=dtype))
 
 
-def _component_fns(dtype, remat: bool):
-  """(loaders, abstract builders) by component name for ``base.load_components``; remat
-  applies to the trainable transformer only."""
+def _component_fns(dtype, remat: bool, scan_layers: bool = False):
+  """(loaders, abstract builders) by component name for ``base.load_components``; remat and
+  scan_layers apply to the trainable transformer only."""
   loaders = {
       "transformer": lambda f, shardings: zimage_dit.load_zimage_transformer(
-          f, dtype=dtype, shardings=shardings, remat=remat),
+          f, dtype=dtype, shardings=shardings, remat=remat, scan_layers=scan_layers),
       "vae": lambda f, shardings: vae_lib.load_vae(f, dtype=dtype, shardings=shardings),
       "text_encoder": lambda f, shardings: qwen3.load_qwen3(f, dtype=dtype,
                                                             shardings=shardings)}
-  abstract = {"transformer": lambda f: _abstract_transformer(f, dtype, remat),
+  abstract = {"transformer": lambda f: _abstract_transformer(f, dtype, remat, scan_layers),
               "vae": lambda f: vae_lib.abstract_vae(f, dtype=dtype),
               "text_encoder": lambda f: _abstract_qwen3(f, dtype)}
   return loaders, abstract
+
+
+def _cached_scan_layers(path: str) -> bool | None:
+  """Whether the Orbax cache of ``path`` holds the transformer's layers stacked (None: the
+  folder has no cache, or none with a transformer)."""
+  tree = cached_tree(path)
+  trunk = (tree or {}).get("transformer", {}).get("layers")
+  if not isinstance(trunk, Mapping):
+    return None
+  return not any(str(k).isdigit() for k in trunk)
 
 
 @dataclasses.dataclass
@@ -229,22 +240,29 @@ class ZImagePipeline(PipelineBase):
   @classmethod
   def from_pretrained(cls, path: str, *, dtype=jnp.float32, mesh=None,
                       rules=mesh_lib.DEFAULT_RULES, resolution: int | None = None,
-                      remat: bool = False,
+                      remat: bool = False, scan_layers: bool = False,
                       caption_length: int | None = None) -> "ZImagePipeline":
     """Loads a diffusers ZImagePipeline folder, or one that holds our Orbax cache (``save``).
 
     ``dtype`` is the parameter and compute dtype of the transformer and text encoder and the
     compute dtype of the VAE (its parameters stay float32); ``remat`` applies to the
-    transformer. The default ``resolution`` is the VAE config's ``sample_size`` (else
-    ``model_index.json``'s optional ``resolution``, else 1024); ``caption_length`` (training
-    captions, tokens) defaults to ``model_index.json``'s optional ``caption_length``, else
-    ``DEFAULT_CAPTION_LENGTH``."""
+    transformer, and ``scan_layers`` (its main layers stacked and run by one ``lax.scan``: the
+    programs hold one block instead of ``n_layers``; ``zimage_dit.ZImageTransformer``). A cache
+    written in the other layer form is restored as written and restacked. The default
+    ``resolution`` is the VAE config's ``sample_size`` (else ``model_index.json``'s optional
+    ``resolution``, else 1024); ``caption_length`` (training captions, tokens) defaults to
+    ``model_index.json``'s optional ``caption_length``, else ``DEFAULT_CAPTION_LENGTH``."""
     index = core.read_json(os.path.join(path, "model_index.json"))
     with_vae = has_vae(index)
     names = ["transformer"] + (["vae"] if with_vae else []) + ["text_encoder"]
-    loaders, abstract = _component_fns(dtype, remat)
+    stored = _cached_scan_layers(path)  # the layer form of an Orbax cache (None: no cache)
+    loaders, abstract = _component_fns(dtype, remat, scan_layers if stored is None else stored)
     modules = load_components(path, names, loaders=loaders, abstract=abstract, mesh=mesh,
                               rules=rules)
+    if stored is not None and stored != scan_layers:
+      modules["transformer"] = zimage_dit.restack_layers(
+          modules["transformer"], scan_layers,
+          None if mesh is None else lambda v: mesh_lib.param_sharding(v, mesh, rules))
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
     sched = flow.FlowMatchConfig.from_diffusers(

@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone.path = ""           # local diffusers folder or Orbax cache; "" = the shipped toy base
   c.backbone.dtype = "float32"   # compute dtype of the trainable network
   c.backbone.remat = False
+  # Z-Image DiT (zimage, toy_dit): its main layers stacked and run by one lax.scan, so the
+  # compiled programs hold one block instead of 30 (compile time and memory; same values)
+  c.backbone.scan_layers = False
   c.backbone.resolution = 0      # image size in pixels; 0 = the model folder's default
 
   c.rewards = ml_collections.ConfigDict({"toy_detector": 1.0})
@@ -158,14 +161,16 @@ def real_base(method: str, kind: str, rewards: dict, *, num_epochs: int, eval_ev
               checkpoint_every: int = 5) -> ml_collections.ConfigDict:
   """``base_config()`` set up for a real backbone (the head every ``configs/<method>_sdxl.py``
   and ``_zimage.py`` shares): ``method`` on ``kind`` ("sdxl" | "zimage"), the folder left empty
-  (required: a local diffusers folder or our Orbax cache), bfloat16 with remat, the toy prompt
-  lists as placeholders for the user's prompt files, and the run length."""
+  (required: a local diffusers folder or our Orbax cache), bfloat16 with remat (Z-Image's layers
+  scanned), the toy prompt lists as placeholders for the user's prompt files, and the run
+  length."""
   c = base_config()
   c.method = method
   c.backbone.kind = kind
   c.backbone.path = ""            # required: a local diffusers folder or our Orbax cache
   c.backbone.dtype = "bfloat16"
   c.backbone.remat = True
+  c.backbone.scan_layers = kind == "zimage"
   c.rewards = dict(rewards)
   c.prompts.train = "toy:train"   # replace with a prompt file for real runs
   c.prompts.eval = "toy:heldout"
@@ -399,6 +404,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
            f"{c.backbone.kind!r} is not one of {BACKBONES}")
   _require(c.backbone.dtype in ("float32", "bfloat16"), "backbone.dtype",
            "must be float32 or bfloat16")
+  _require(isinstance(c.backbone.scan_layers, bool), "backbone.scan_layers",
+           "must be True or False")
+  _require(not c.backbone.scan_layers or c.backbone.kind in FLOW_KINDS, "backbone.scan_layers",
+           f"only the Z-Image DiT ({', '.join(FLOW_KINDS)}) stacks its layers, not "
+           f"{c.backbone.kind!r}")
   _require(c.backbone.resolution >= 0, "backbone.resolution",
            f"must be >= 0 (0 = the model's default), got {c.backbone.resolution}")
   _check_numbers(c)

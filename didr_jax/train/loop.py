@@ -61,7 +61,7 @@ def unet_param_dtype(c: ml_collections.ConfigDict, *, master_weights: bool = Fal
 
 def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool = False):
   """The pipeline named by ``config.backbone`` with parameters placed on ``mesh`` (the SD
-  UNet's in ``unet_param_dtype``)."""
+  UNet's in ``unet_param_dtype``; the Z-Image DiT's layers stacked with ``scan_layers``)."""
   dtype = jnp.bfloat16 if c.backbone.dtype == "bfloat16" else jnp.float32
   rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
   kind = c.backbone.kind
@@ -75,7 +75,7 @@ def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool =
     raise config_lib.ConfigError(f"config.backbone.path: {path!r} is not a folder")
   from didr_jax.pipelines import registry
   extra = ({"unet_param_dtype": unet_param_dtype(c, master_weights=master_weights)}
-           if kind in ("sd", "sdxl", "toy_unet") else {})
+           if kind in ("sd", "sdxl", "toy_unet") else {"scan_layers": c.backbone.scan_layers})
   pipe = registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
                                 remat=c.backbone.remat,
                                 resolution=c.backbone.resolution or None, **extra)

@@ -101,18 +101,20 @@ def load_generator(path: str, backbone, like: Any, *, dtype, mesh, rules, remat:
   students load through it too."""
   if not os.path.isdir(path):
     raise ConfigError(f"{key}: {path!r} is not a folder")
+  # a Z-Image DiT in the backbone's layer form (stacked for scan_layers, or unrolled)
+  form = {} if backbone.family == "vp" else {"scan_layers": bool(backbone.model.scan_layers)}
   try:
     if os.path.isfile(os.path.join(path, "model_index.json")):
       from didr_jax.pipelines import registry
       module = registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
-                                      remat=remat).model
+                                      remat=remat, **form).model
     elif os.path.isfile(os.path.join(path, "config.json")):
       from didr_jax.parallel import mesh as mesh_lib
       if backbone.family == "vp":
         from didr_jax.pipelines.sd import _component_fns
       else:
         from didr_jax.pipelines.zimage import _component_fns
-      loaders, _ = _component_fns(dtype, remat)
+      loaders, _ = _component_fns(dtype, remat, **form)
       module = loaders[_component(backbone)](
           path, lambda p, v: mesh_lib.param_sharding(v, mesh, rules))
     else:
