@@ -140,7 +140,7 @@ def bench_toy_dit(args):
   from didr_jax.train import loop
   folder = loop.TOY_ASSETS + "/toy_dit"
   prompts = ["two red circles", "a blue square and a yellow triangle"] * (args.batch // 2)
-  pipe = OurZImage.from_pretrained(folder, mesh=_mesh())
+  pipe = OurZImage.from_pretrained(folder, mesh=_mesh(), scan_layers=args.scan_layers)
   noise = np.random.default_rng(0).standard_normal((args.batch, pipe.size, pipe.size, 3))
   noise = noise.astype(np.float32)
   ours = lambda: np.asarray(pipe.sample(prompts, num_steps=args.steps, guidance_scale=3.0,
@@ -494,6 +494,8 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--remat", action="store_true",
                  help="ddpo_trl: our UNet with rematerialisation (less memory, more compute)")
+  p.add_argument("--scan_layers", action="store_true",
+                 help="toy_dit: the DiT's layers stacked and scanned (backbone.scan_layers)")
   p.add_argument("--cpu_devices", type=int, default=0,
                  help="JAX devices the CPU is split into, as the CLI's config.cpu_devices (0: "
                       "one per core as the batch sizes allow; 1: one device)")
@@ -525,7 +527,8 @@ def main():
     for name in names:
       batch, steps = WORKLOADS[name]
       a = argparse.Namespace(batch=args.batch or batch, steps=args.steps or steps,
-                             repeats=args.repeats, remat=args.remat)
+                             repeats=args.repeats, remat=args.remat,
+                             scan_layers=args.scan_layers)
       b = a.batch
       print(f"== {name}: batch {b}, {a.steps} sampling steps, CFG on", flush=True)
       if name == "toy":
@@ -538,7 +541,7 @@ def main():
         jt, tt, diff = bench_toy_dit(a)
         print(f"toy_dit sampling  jax {b / jt:8.2f} samples/s | diffusers torch {b / tt:8.2f} "
               f"samples/s | ratio {tt / jt:5.2f}x | max |image diff| {diff:.1e}")
-        rate = ddpo_epoch(a, "toy_ddpo_dit")
+        rate = ddpo_epoch(a, "toy_ddpo_dit", **{"backbone.scan_layers": a.scan_layers})
         print(f"toy DiT DDPO epoch (flow SDE, a = 0.7)       jax {rate:8.2f} samples/s")
       elif name == "tiny_sd":
         d = folder("sd", 16)

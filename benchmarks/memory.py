@@ -81,7 +81,8 @@ describes without any TPU attached (``pip install 'libtpu==0.0.42.*'``, the vers
 (``layers.platform`` follows the mesh's devices): ``jax.nn.dot_product_attention`` and lax's
 convolution gradient, bfloat16 computed as such (XLA:CPU computes bfloat16 dots in float32 and
 keeps a float32 copy of every weight live across the sampling loop). A TPU compile of the
-SDXL sampler takes about 11 minutes and 15 GB of host memory on this project's 2-core CPU.
+SDXL sampler takes about 11 minutes and 15 GB of host memory on this project's 2-core CPU, the
+(scanned) Z-Image sampler and update 2 to 4 minutes.
 On the CPU back end the models' attention runs in cache-sized query
 blocks (``layers.blocked_attention``: at most 2^20 score elements live per block, nothing of
 size T x T kept for the backward); on accelerators it is ``jax.nn.dot_product_attention``, whose

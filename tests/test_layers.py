@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from didr_jax.models import layers
+from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common
 
 
@@ -110,24 +111,66 @@ def test_programs_for_another_platform_take_its_forms():
   """The CPU-only forms (blocked attention, the convolution's custom gradient: both custom
   VJPs) follow the platform of the mesh a program is traced for (``layers.activation_sharding``),
   not the host's backend: a program compiled ahead of time for TPU chips on this CPU
-  (``benchmarks/memory.py --topology``) takes ``jax.nn.dot_product_attention`` and lax's
-  convolution."""
+  (``benchmarks/memory.py --topology``) takes the Pallas flash-attention kernel (XLA's
+  ``jax.nn.dot_product_attention`` for a mask that is not a key mask) and lax's convolution."""
   import types
   q = jax.random.normal(jax.random.key(0), (2, 16, 2, 8))
   w = jax.random.normal(jax.random.key(1), (3, 3, 8, 4))
   x = jax.random.normal(jax.random.key(2), (2, 6, 6, 8))
 
+  causal = jnp.tril(jnp.ones((16, 16), bool))
+
   def forms(mesh):  # fresh functions: jax keeps traces per function
     attn = lambda q: layers.attention(q, q, q)
+    masked = lambda q: layers.attention(q, q, q, mask=causal)
     conv = lambda x: layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
     with layers.activation_sharding(mesh):
-      return (layers.platform(), "custom_vjp" in str(jax.make_jaxpr(attn)(q)),
-              "custom_vjp" in str(jax.make_jaxpr(conv)(x)))
+      a, m = str(jax.make_jaxpr(attn)(q)), str(jax.make_jaxpr(masked)(q))
+      return (layers.platform(), "custom_vjp" in a and "pallas_call" not in a,
+              "custom_vjp" in str(jax.make_jaxpr(conv)(x)),
+              "pallas_call" in a, "pallas_call" in m)
 
   tpu = types.SimpleNamespace(size=1, devices=np.array([types.SimpleNamespace(platform="tpu")]))
   cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  assert forms(cpu) == ("cpu", True, True)
-  assert forms(None) == ("cpu", True, True)     # no mesh: the default backend
-  assert forms(tpu) == ("tpu", False, False)
+  assert forms(cpu) == ("cpu", True, True, False, False)
+  assert forms(None) == ("cpu", True, True, False, False)  # no mesh: the default backend
+  # TPU: the Pallas flash kernel; a causal mask (not a key mask) takes XLA's form
+  assert forms(tpu) == ("tpu", False, False, True, False)
   assert layers.platform() == "cpu"             # the context is left
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_flash_attention_matches_xla_attention(sharded):
+  """``layers.flash_attention`` (the Pallas TPU kernel, run here by Pallas' TPU interpreter)
+  against ``jax.nn.dot_product_attention``: values and all three gradients, with a key
+  (padding) mask and sequence lengths that are not multiples of the kernel's 128 blocks; and
+  under an 8-device mesh, where it runs per device under ``shard_map``."""
+  from jax.experimental.pallas import tpu as pltpu
+  b, tq, tk, n, h = 8, 40, 77, 2, 16
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (b, tq, n, h))
+  k = jax.random.normal(kk, (b, tk, n, h))
+  v = jax.random.normal(kv, (b, tk, n, h))
+  mask = (jnp.arange(tk)[None, :] < jnp.arange(30, 30 + 5 * b, 5)[:, None])[:, None, None, :]
+  mesh = mesh_lib.make_mesh((("data", -1), ("fsdp", 2), ("tensor", 1))) if sharded else None
+
+  def loss(fn):
+    def f(q, k, v):
+      with layers.activation_sharding(mesh):
+        out = fn(q, k, v)
+      return (out * jnp.cos(out)).sum(), out
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+
+  want = loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
+  flash = lambda q, k, v: layers.attention(q, k, v, mask=mask, implementation="flash")
+  with pltpu.force_tpu_interpret_mode():
+    got = loss(flash)(q, k, v)
+    if sharded:
+      jaxpr = str(jax.make_jaxpr(lambda q: loss(flash)(q, k, v))(q))
+      assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+  (_, out), grads = got
+  (_, ref_out), ref_grads = want
+  np.testing.assert_allclose(out, ref_out, rtol=0, atol=2e-6)
+  for name, g, r in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=0, atol=2e-5, err_msg=f"d{name}")
