@@ -78,17 +78,18 @@ XLA:CPU's by default; with ``--topology`` (an 8-chip TPU topology name such as v
 v6e:2x4, v4:2x2x2, v5p:2x2x2) the TPU compiler's, compiling ahead of time for chips libtpu
 describes without any TPU attached (``pip install 'libtpu==0.0.42.*'``, the version jax[tpu]
 0.10.2 pins; run with ``JAX_PLATFORMS=cpu``). The models then take their accelerator forms
-(``layers.platform`` follows the mesh's devices): ``jax.nn.dot_product_attention`` and lax's
+(``layers.platform`` follows the mesh's devices): the Pallas TPU flash attention and lax's
 convolution gradient, bfloat16 computed as such (XLA:CPU computes bfloat16 dots in float32 and
 keeps a float32 copy of every weight live across the sampling loop). A TPU compile of the
 SDXL sampler takes about 11 minutes and 15 GB of host memory on this project's 2-core CPU, the
 (scanned) Z-Image sampler and update 2 to 4 minutes.
 On the CPU back end the models' attention runs in cache-sized query
 blocks (``layers.blocked_attention``: at most 2^20 score elements live per block, nothing of
-size T x T kept for the backward); on accelerators it is ``jax.nn.dot_product_attention``, whose
-XLA form materialises the (B, heads, T, T) scores (Z-Image at 1024 px: 4352 tokens) unless a
-fused kernel (cuDNN, a TPU flash kernel) is chosen, so the temp bytes printed here are a lower
-bound for accelerators. The state and argument bytes do not depend on the back end. The
+size T x T kept for the backward); on TPUs it is the Pallas flash kernel
+(``layers.flash_attention``: no score tensor in HBM either); on GPUs
+``jax.nn.dot_product_attention``, whose XLA form materialises the (B, heads, T, T) scores
+(Z-Image at 1024 px: 4608 tokens with its caption) unless cuDNN's fused kernel is chosen. The
+state and argument bytes do not depend on the back end. The
 programs are traced as the trainer traces them, under ``layers.activation_sharding``: every
 model block keeps its hidden state batch-sharded (without it, XLA gathered the batch of half the
 UNet's and all the VAE decoder's convolutions onto every device under fsdp).

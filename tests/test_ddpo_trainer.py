@@ -141,6 +141,9 @@ def test_config_validation_names_the_key(toy_folder):
   c = small(toy_folder, **{"backbone.resolution": -32})
   with pytest.raises(config_lib.ConfigError, match="config.backbone.resolution"):
     config_lib.validate(c, num_devices=1)
+  c = small(toy_folder, **{"backbone.scan_layers": True})  # a UNet has no layer stack
+  with pytest.raises(config_lib.ConfigError, match="config.backbone.scan_layers: only the Z-Image"):
+    config_lib.validate(c, num_devices=1)
   one = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   c = small(toy_folder, **{"backbone.path": "/nonexistent"})
   with pytest.raises(config_lib.ConfigError, match="config.backbone.path"):
