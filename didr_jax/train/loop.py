@@ -74,17 +74,16 @@ def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool =
   if not os.path.isdir(path):
     raise config_lib.ConfigError(f"config.backbone.path: {path!r} is not a folder")
   from didr_jax.pipelines import registry
-  extra = ({"unet_param_dtype": unet_param_dtype(c, master_weights=master_weights)}
-           if kind in ("sd", "sdxl", "toy_unet") else {"scan_layers": c.backbone.scan_layers})
-  pipe = registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
-                                remat=c.backbone.remat,
-                                resolution=c.backbone.resolution or None, **extra)
-  found = pipe.kind
+  found = registry.pipeline_kind(path, registry.read_index(path))
   expected = {"toy_unet": "sd", "toy_dit": "zimage"}.get(kind, kind)
   if found != expected:
     raise config_lib.ConfigError(f"config.backbone.kind: {kind!r}, but {path} holds a "
                                  f"{found!r} pipeline")
-  return pipe
+  extra = ({"unet_param_dtype": unet_param_dtype(c, master_weights=master_weights)}
+           if kind in ("sd", "sdxl", "toy_unet") else {"scan_layers": c.backbone.scan_layers})
+  return registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
+                                remat=c.backbone.remat,
+                                resolution=c.backbone.resolution or None, **extra)
 
 
 EXIT_NONFINITE = 3   # too many consecutive non-finite steps
