@@ -474,30 +474,21 @@ def _rebuild(model: ZImageTransformer, scan_layers: bool) -> ZImageTransformer:
   return nnx.merge(graphdef, nnx.from_flat_state(new), rest)
 
 
-def restack_layers(model: ZImageTransformer, scan_layers: bool,
-                   sharding_fn: Callable[[nnx.Variable], Any] | None = None) -> ZImageTransformer:
-  """``model`` in the given layer form (stacked or unrolled; the same parameter values), each
-  parameter placed by ``sharding_fn(var)`` when given (the stacked axis is a new dimension, so
-  the converted arrays need placing)."""
-  if model.scan_layers == scan_layers:
-    return model
-  out = _rebuild(model, scan_layers)
-  if sharding_fn is None:
-    return out
-  graphdef, params, rest = nnx.split(out, nnx.Param, ...)
-  params = jax.tree.map(lambda v: v.replace(jax.device_put(v.get_value(), sharding_fn(v))),
-                        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.merge(graphdef, params, rest)
+def restack_layers(model: ZImageTransformer, scan_layers: bool) -> ZImageTransformer:
+  """``model`` in the given layer form, stacked (scanned) or unrolled (diffusers-named): a new
+  module with the same parameter values, or ``model`` itself when it has that form. Converted
+  arrays are not placed on any mesh (``parallel.mesh.shard_module`` does that)."""
+  return model if model.scan_layers == scan_layers else _rebuild(model, scan_layers)
 
 
 def stack_layers(model: ZImageTransformer) -> ZImageTransformer:
   """The scanned form of an unrolled model (a new module; the same parameter values)."""
-  return model if model.scan_layers else _rebuild(model, True)
+  return restack_layers(model, True)
 
 
 def unstack_layers(model: ZImageTransformer) -> ZImageTransformer:
   """The unrolled (diffusers-named) form of a scanned model."""
-  return _rebuild(model, False) if model.scan_layers else model
+  return restack_layers(model, False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,9 +260,9 @@ class ZImagePipeline(PipelineBase):
     modules = load_components(path, names, loaders=loaders, abstract=abstract, mesh=mesh,
                               rules=rules)
     if stored is not None and stored != scan_layers:
-      modules["transformer"] = zimage_dit.restack_layers(
-          modules["transformer"], scan_layers,
-          None if mesh is None else lambda v: mesh_lib.param_sharding(v, mesh, rules))
+      transformer = zimage_dit.restack_layers(modules["transformer"], scan_layers)
+      modules["transformer"] = (transformer if mesh is None else
+                                mesh_lib.shard_module(transformer, mesh, rules))
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
     sched = flow.FlowMatchConfig.from_diffusers(

@@ -79,8 +79,8 @@ def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool =
   if found != expected:
     raise config_lib.ConfigError(f"config.backbone.kind: {kind!r}, but {path} holds a "
                                  f"{found!r} pipeline")
-  extra = ({"unet_param_dtype": unet_param_dtype(c, master_weights=master_weights)}
-           if kind in ("sd", "sdxl", "toy_unet") else {"scan_layers": c.backbone.scan_layers})
+  extra = ({"scan_layers": c.backbone.scan_layers} if found == "zimage" else
+           {"unet_param_dtype": unet_param_dtype(c, master_weights=master_weights)})
   return registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
                                 remat=c.backbone.remat,
                                 resolution=c.backbone.resolution or None, **extra)
