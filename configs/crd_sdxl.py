@@ -1,4 +1,4 @@
-"""CRD (centered reward distillation, METHODS.md section 2) on SDXL from a local diffusers
+"""CRD (centered reward distillation, docs/methods.md §2) on SDXL from a local diffusers
 folder (set --config.backbone.path=/models/sdxl).
 
 The authors' recipe is for flow models (SD3.5-M); on SDXL (eps prediction, VP) the same loss

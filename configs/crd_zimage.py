@@ -1,4 +1,4 @@
-"""CRD (centered reward distillation, METHODS.md section 2) on Z-Image from a local diffusers
+"""CRD (centered reward distillation, docs/methods.md §2) on Z-Image from a local diffusers
 folder (set --config.backbone.path=/models/Z-Image, or the Orbax cache ``python -m
 didr_jax.convert`` writes).
 
@@ -12,7 +12,7 @@ per sample (num_train_timesteps), flow sigmas shifted by 3 (time_shift) up to 0.
 "0-0.25-0.005-0.999", sampler "75-0.0-0.0075-0.999"; AdamW wd 1e-4, grad clip 1, bf16.
 What does not carry over: the learning rate is 1e-5, since this trainer updates every
 transformer weight (the authors' 3e-4 is for a rank-32 LoRA), and the KL strength follows the
-raw reward in [0, 1] (crd.kl_weight "reward"; their port: "advantage"), see METHODS section 2.
+raw reward in [0, 1] (crd.kl_weight "reward"; their port: "advantage"), see docs/methods.md §2.5.
 
 Rewards must lie in [0, 1] for the reward-weighted KL (e.g. --config.rewards='{"toy_detector":
 1.0}', or a GenEval / OCR scorer); prompts: a text file, one per line

@@ -18,7 +18,7 @@ Folders the user supplies (nothing is downloaded):
     ``$DIDR_PICKSCORE``, with its tokenizer folder in ``$DIDR_PICKSCORE_TOKENIZER``
     (CLIP-ViT-H-14-laion2B) when the model folder has none.
 
-Defaults (METHODS section 3, [reconstruction] where the paper is not public): reference CFG 8,
+Defaults (docs/methods.md §3, [reconstruction] where the paper is not public): reference CFG 8,
 t ~ U[0.02, 0.98] T, Adam beta1 0 for the generator (and the fake score), lr 5e-7 (full UNet),
 5 fake-score updates per generator update (DMD2's SDXL ratio), 1/beta = 1 (sweep {1, 10, 100} /
 reward std). The DRP is K = 2 ancestral steps (drp_eta 1; see didr_config.py for why not the

@@ -8,11 +8,11 @@ Folders the user supplies (nothing is downloaded):
   - ``backbone.path``: the Z-Image reference, a local diffusers ZImagePipeline folder (or our
     Orbax cache); frozen, and the fake score starts from it;
   - ``didr.generator_path``: the generator's initialisation, a diffusers folder with the same
-    transformer architecture (METHODS: Z-Image-Turbo; a pipeline folder or its ``transformer``
+    transformer architecture (the paper's: Z-Image-Turbo; a pipeline folder or its ``transformer``
     component folder). Empty: start from the reference;
   - the reward: PickScore (``$DIDR_PICKSCORE``, ``$DIDR_PICKSCORE_TOKENIZER``).
 
-Defaults (METHODS section 3, [reconstruction]): reference CFG 4.5 (standard CFG w; diffusers'
+Defaults (docs/methods.md §3, [reconstruction]): reference CFG 4.5 (standard CFG w; diffusers'
 guidance_scale 3.5), flow sigmas u ~ U[0.02, 0.98] through the scheduler's static shift, Adam
 beta1 0, lr 5e-7 (full transformer), 5 fake updates per generator update, K = 2 ancestral DRP.
 """

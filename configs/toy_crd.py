@@ -1,4 +1,4 @@
-"""CRD (centered reward distillation, METHODS.md section 2) on the toy shapes world with the
+"""CRD (centered reward distillation, docs/methods.md §2) on the toy shapes world with the
 shipped pixel-space UNet base, rewarded by the toy detector (GenEval-like, non-differentiable).
 Runs on a laptop CPU.
 

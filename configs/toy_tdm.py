@@ -8,7 +8,7 @@ evaluation adds the held-out detector score, shape accuracy and toy fidelity.
 
 ``python -m didr_jax.toy.pretrain --stages=tdm`` runs this distillation and writes the student as
 a pipeline folder (``toy_tdm``) that ``configs/toy_tdmr1.py`` starts from. Learning rates and the
-EMA are toy choices; the rest is METHODS section 4's TDM.
+EMA are toy choices; the rest is docs/methods.md §4's TDM.
 """
 
 from didr_jax.train import config as config_lib

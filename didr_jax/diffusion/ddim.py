@@ -1,4 +1,4 @@
-"""DDIM steps with log-probabilities (DDPO's MDP view of VP sampling, METHODS section 1).
+"""DDIM steps with log-probabilities (DDPO's MDP view of VP sampling, docs/methods.md §1).
 
 One step from grid time t to t_prev (t_prev < 0 means "to the end": abar_prev =
 final_alpha_cumprod), with eps_hat / x0_hat from the model output (``param.to_x0_eps``):

@@ -1,7 +1,7 @@
 """Flow-matching schedules, Euler and SDE steps with log-probabilities (Flow-GRPO), and the
 scanned flow sampler.
 
-Conventions (METHODS section 0): x_sig = (1 - sig) x0 + sig eps, sig in [0, 1] (1 = pure noise),
+Conventions (docs/methods.md §0): x_sig = (1 - sig) x0 + sig eps, sig in [0, 1] (1 = pure noise),
 velocity v = eps - x0 = dx/dsig. Samplers pass ``denoise_fn(x, sig)`` the flow sigma as a float32
 (B,) vector and expect v back. Backbones map sigma to their own time input:
 

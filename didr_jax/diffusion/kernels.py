@@ -6,7 +6,7 @@ training times, for both families (written once against (alpha, sigma), see ``pa
 
 Conditional kernel (tau noisier than s): with x_s = alpha_s x0 + sigma_s eps_1,
 x_tau = a x_s + b eps_2, a = alpha_tau / alpha_s, b = sqrt(sigma_tau^2 - (a sigma_s)^2), has the
-marginal q(x_tau | x0) = N(alpha_tau x0, sigma_tau^2). For flow this is METHODS section 4's
+marginal q(x_tau | x0) = N(alpha_tau x0, sigma_tau^2). For flow this is docs/methods.md §0's
 a = (1 - sig_tau) / (1 - sig_s), b = sqrt(sig_tau^2 - (sig_s a)^2); for VP it is
 a = sqrt(abar_tau / abar_s), b = sqrt(1 - abar_tau / abar_s).
 """

@@ -45,7 +45,7 @@ def to_x0_eps(output: jax.Array, x_t: jax.Array, alpha, sigma,
   - v_prediction: x0 = alpha x_t - sigma v, eps = alpha v + sigma x_t
   - sample:       x0 = out,                 eps = (x_t - alpha x0) / sigma
   - flow:         x0 = x_t - sigma v,       eps = x_t + alpha v
-  (the v_prediction forms are diffusers' and the flow ones the METHODS table; they use the
+  (the v_prediction forms are diffusers' and the flow ones docs/methods.md §0; they use the
   family's constraint, so do not mix types across families.)
   """
   _check(prediction_type)

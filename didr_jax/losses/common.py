@@ -1,4 +1,4 @@
-"""Pieces every method's loss shares (METHODS.md section 5), as pure jit-able functions.
+"""Pieces every method's loss shares (docs/methods.md §5), as pure jit-able functions.
 
 - Per-prompt (group) statistics with segment sums over prompt ids.
 - EMA snapshot decay schedules and updates (``SnapshotSchedule`` keeps one schedule's numbers).

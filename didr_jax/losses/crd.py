@@ -1,4 +1,4 @@
-"""CRD: Centered Reward Distillation on the forward process (METHODS.md section 2), pure losses.
+"""CRD: Centered Reward Distillation on the forward process (docs/methods.md §2), pure losses.
 
 KL-regularised RL, max E[R] - beta KL(p_theta || p_ref), has the optimum
 p* = p_ref e^{R/beta} / Z(c), so the implicit reward r_theta = beta log(p_theta / p_ref) equals
@@ -33,7 +33,7 @@ Pieces (all pure and jit-able; per-sample arithmetic in float32, float64 kept):
 - ``OLD_SNAPSHOT`` / ``SAMPLER_SNAPSHOT``: the authors' EMA decay schedules
   (``losses.common.SnapshotSchedule``).
 
-Deliberate differences from the authors' trainer (METHODS section 2): centering uses exact
+Deliberate differences from the authors' trainer (docs/methods.md §2): centering uses exact
 per-prompt means, not the mean over the whole (multi-prompt) minibatch; the KL strength follows the
 raw reward in [0, 1] by default (their port weighs by the mapped advantage, kept as an option).
 """
@@ -162,7 +162,7 @@ def kl_weights(rewards: jax.Array, unit_advantages: jax.Array, *, mode: str = "r
     weight stays in [m, 1]). Weak KL while rewards are low, strong once they are high: the
     abstract's "accelerate early learning ... reduce late-stage exploitation".
   - "advantage": u = Rt, the mapped advantage (the authors' port; its mean stays near 1/2 for the
-    whole run). **[reconstruction]** see METHODS section 2.
+    whole run). **[reconstruction]** see docs/methods.md §2.5.
   """
   if mode not in KL_WEIGHTS:
     raise ValueError(f"kl weight mode must be one of {KL_WEIGHTS}, got {mode!r}")

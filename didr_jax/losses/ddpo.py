@@ -1,4 +1,4 @@
-"""DDPO: denoising as a multi-step MDP, policy gradient with a PPO clip (METHODS.md section 1).
+"""DDPO: denoising as a multi-step MDP, policy gradient with a PPO clip (docs/methods.md §1).
 
 All functions are pure and shape-agnostic over leading axes; log-probabilities are the
 per-sample *means* over latent dims (as every public DDPO implementation does), in float32.

@@ -1,5 +1,5 @@
 """TDM (Trajectory Distribution Matching): a K-step deterministic student distilled by
-distribution matching on its re-noised boundary states (METHODS.md section 4, step 1 and the
+distribution matching on its re-noised boundary states (docs/methods.md §4, step 1 and the
 t_KL term of step 3). Pure jit-able functions, written once against (alpha, sigma) and the
 prediction type of ``diffusion.param``, so they serve both families:
 

@@ -1,4 +1,4 @@
-"""TDM-R1: few-step RL with non-differentiable rewards (METHODS.md section 4, steps 2 and 3).
+"""TDM-R1: few-step RL with non-differentiable rewards (docs/methods.md §4, steps 2 and 3).
 Pure jit-able functions over precomputed per-sample losses / model outputs, so a trainer
 differentiates them with respect to whichever network produced the live inputs.
 
@@ -41,7 +41,7 @@ x_{j+1}), three stop-gradient targets (``generator_loss``):
 each L = ``tdm.normalised_target_loss`` (gradient -(t - x0_hat) / (w B)). x0_ref,rew, the
 reference the surrogate's guided prediction is compared with, is an input: **[reconstruction]**
 the reference guided with the surrogate's own CFG scale, so that t_rew = x0_hat at phi = ref
-(pass x0_ref,cond for the literal reading of METHODS).
+(pass x0_ref,cond for the literal reading, docs/methods.md §4.7).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ conventions of diffusers' ``ZImagePipeline`` that this file reproduces:
   image_seq_len = (h_lat / 2)(w_lat / 2)).
 - The transformer sees t = (1000 - 1000 sig) / 1000 and predicts x0 - eps; the velocity the flow
   samplers consume is its negation, v = eps - x0 = dx/dsig (``dit_velocity``).
-- **Guidance scales are standard CFG w everywhere in didr_jax** (METHODS section 0; 1 = off):
+- **Guidance scales are standard CFG w everywhere in didr_jax** (docs/methods.md §0; 1 = off):
   v = v_uncond + w (v_cond - v_uncond). diffusers' ZImagePipeline writes
   pred = cond + g (cond - uncond), i.e. its ``guidance_scale`` g is our w - 1 (g = 0 <-> w = 1).
   ``cfg_normalization`` / ``cfg_truncation`` (``sample`` only) are diffusers' options

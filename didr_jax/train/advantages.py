@@ -1,6 +1,6 @@
 """Reward -> advantage normalisation on the host, with the statistics gathered across hosts.
 
-Two modes (METHODS.md section 1):
+Two modes (docs/methods.md §5.1):
 - ``per_prompt``: DDPO's per-prompt ring buffer (size ``buffer_size``) kept across epochs; a
   prompt with fewer than ``min_count`` stored rewards is normalised by the batch mean / std.
 - ``group``: Flow-GRPO's groups of K images per prompt, cleared every epoch, normalised by the

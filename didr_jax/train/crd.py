@@ -1,4 +1,4 @@
-"""The CRD trainer (METHODS.md section 2): rollouts from the sampling snapshot, rewards, then
+"""The CRD trainer (docs/methods.md §2): rollouts from the sampling snapshot, rewards, then
 centered reward matching on the forward process, for both backbone families.
 
 The maths lives in ``didr_jax.losses.crd``; this file only moves data. Per epoch:

@@ -1,6 +1,6 @@
 """The ``crd`` config section (proposed; the CRD trainer and configs/ will read it) and its checks.
 
-Defaults are the authors' (METHODS.md section 2, their public SD3.5-M OCR / GenEval recipe), named
+Defaults are the authors' (docs/methods.md §2, their public SD3.5-M OCR / GenEval recipe), named
 in the comments. The rest of their recipe lives in the shared sections of ``base_config()``:
 rollouts with a deterministic few-step sampler (sample.num_steps 10, sample.eta 0,
 sample.guidance_scale 1), K = 24 images per prompt (sample.group_size), 48 prompts per epoch,

@@ -10,7 +10,7 @@ conditioning time, on pure noise.
   ``init_noise_sigma``, is the same map up to LCM's c_skip ~ 1e-8 at t = 399). Any t_g in
   [0, T) and the v-prediction type work the same way (``param.to_x0``).
 - Flow / velocity (Z-Image, toy DiT): t_g = sigma 1, where x_1 = z exactly, so
-  x0 = z - v_hat(z, 1) (the clean estimate of the flow table, METHODS section 0).
+  x0 = z - v_hat(z, 1) (the clean estimate of the flow table, docs/methods.md §0).
 
 A VP scheduler with ``clip_sample`` (the pixel-space toy's) clips x0 to its range, as its DDIM
 sampler clips each x0-hat: without it DI distillation of the toy one-step generator drifted to
