@@ -215,7 +215,8 @@ def test_url_and_options_from_the_environment(monkeypatch):
   assert opts == {**remote_lib.DEFAULTS, "timeout": 9.0, "encoding": "npy", "batch_size": 4}
   for bad, why in [("http://h:1/#retry=2", "unknown option 'retry'"),
                    ("http://h:1/#encoding=jpeg", "encoding 'jpeg'"),
-                   ("http://h:1/#timeout=0", "timeout > 0"), ("h:1", "not an http"),
+                   ("http://h:1/#timeout=0", "timeout > 0"),
+                   ("http://h:1/#timeout=inf", "finite timeout"), ("h:1", "not an http"),
                    ("http://h:port/", "bad port"), ("http://h:1/#retries=two", "bad option")]:
     with pytest.raises(RewardError, match=why):
       rewards.make("remote", url=bad)
@@ -294,15 +295,160 @@ def test_a_training_epoch_waits_for_every_remote_reward_before_its_update():
   assert len(seen) == 2 and trainer.trained == []
 
 
-def test_main_prints_a_reward_error_as_one_line(tmp_path):
-  """``didr_jax.main`` with ``rewards={"remote": 1}`` and no server URL: one line, exit 1."""
+def test_main_refuses_a_bad_remote_url_before_the_model_loads(tmp_path):
+  """``didr_jax.main`` with ``rewards={"remote": 1}`` and no server URL: one line at config
+  validation, exit code 2, and no workdir left behind."""
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
   env.pop(remote_lib.ENV_URL, None)
+  workdir = tmp_path / "run"
   r = subprocess.run([sys.executable, "-m", "didr_jax.main", "--config=configs/toy_ddpo.py",
                       '--config.rewards={"remote": 1.0}', "--config.eval.num_samples=0",
-                      f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+                      f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
-  assert r.returncode == 1, r.stderr[-2000:]
-  last = r.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: remote reward: no server URL; set DIDR_REWARD_URL=")
-  assert "Traceback" not in r.stderr
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "error: config.rewards.remote: remote reward: no server URL; set DIDR_REWARD_URL="), lines
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("url,why", [
+    (None, "no server URL"), ("ftp://h/x", "not an http:// or https:// URL"),
+    ("http://h:1/#timeout=-1", "need a finite timeout > 0"),
+    ("http://h:1/#batch_timeout=nan", "finite backoff and batch_timeout >= 0"),
+])
+def test_validate_refuses_a_bad_remote_url(monkeypatch, url, why):
+  from didr_jax.testing.configs import load_config
+  from didr_jax.train import config as config_lib
+  if url is None:
+    monkeypatch.delenv(remote_lib.ENV_URL, raising=False)
+  else:
+    monkeypatch.setenv(remote_lib.ENV_URL, url)
+  c = load_config("toy_ddpo")
+  with c.rewards.unlocked():
+    c.rewards["remote"] = 1.0
+  with pytest.raises(config_lib.ConfigError, match=why) as e:
+    config_lib.validate(c, num_devices=1)
+  assert str(e.value).startswith("config.rewards.remote: ") and "\n" not in str(e.value)
+  c.rewards["remote"] = 0.0  # switched off: its URL is not needed
+  config_lib.validate(c, num_devices=1)
+
+
+# ------------------------------------------------------------------------- deadlines
+
+@contextlib.contextmanager
+def trickle_server(interval=0.1, per_connection_s=5.0, max_connections=8):
+  """A loopback server that reads each request, then answers one byte of a never-ending
+  status line and header every ``interval`` seconds (far inside any per-read timeout).
+  Bounded: each connection ends after ``per_connection_s`` or when the client hangs up, and
+  at most ``max_connections`` are served; everything stops when the block ends. Yields (url,
+  list of the connections' durations in seconds)."""
+  listener = socket.socket()
+  listener.bind(("127.0.0.1", 0))
+  listener.listen(max_connections)
+  listener.settimeout(0.1)
+  stop, durations, threads = threading.Event(), [], []
+
+  def trickle(conn):
+    t0 = time.monotonic()
+    with conn:
+      conn.settimeout(1.0)
+      with contextlib.suppress(OSError):
+        conn.recv(1 << 16)  # (the start of) the request
+        for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+          if stop.is_set() or time.monotonic() - t0 > per_connection_s:
+            break
+          conn.sendall(bytes([b]))
+          time.sleep(interval)
+    durations.append(time.monotonic() - t0)
+
+  def accept():
+    while not stop.is_set() and len(threads) < max_connections:
+      try:
+        conn, _ = listener.accept()
+      except TimeoutError:
+        continue
+      threads.append(threading.Thread(target=trickle, args=(conn,), daemon=True))
+      threads[-1].start()
+
+  acceptor = threading.Thread(target=accept, daemon=True)
+  acceptor.start()
+  try:
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/", durations
+  finally:
+    stop.set()
+    acceptor.join(timeout=5)
+    for t in threads:
+      t.join(timeout=5)
+    listener.close()
+
+
+def test_a_trickling_server_is_cut_at_the_request_deadline():
+  """One byte every 0.1 s never trips a per-read timeout of 0.5 s (the client used to wait
+  as long as the server kept trickling); each attempt now ends at its 0.5 s deadline."""
+  with trickle_server() as (url, durations):
+    r = rewards.make("remote", url=url, timeout=0.5, retries=1, backoff=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(RewardError) as e:
+      r(_images(1), ["a"])
+    elapsed = time.monotonic() - t0
+    time.sleep(0.3)  # the server notices the hang-ups
+  msg = str(e.value)
+  assert "\n" not in msg and url in msg and "2 attempts" in msg, msg
+  assert "no answer within the 0.5 s timeout" in msg, msg
+  assert 1.0 <= elapsed < 1.05 + 0.5, elapsed  # 2 x 0.5 s + 0.05 s back-off, small slack
+  assert len(durations) == 2 and max(durations) < 1.5, durations  # both connections dropped
+
+
+def test_batch_timeout_bounds_the_whole_batch():
+  """Ten 0.4 s attempts per request, two requests: the 1 s batch_timeout ends it all."""
+  with trickle_server() as (url, durations):
+    r = rewards.make("remote", url=url, timeout=0.4, retries=9, backoff=0.05, batch_size=1,
+                     batch_timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(RewardError) as e:
+      r(_images(2), ["a", "b"])
+    elapsed = time.monotonic() - t0
+  msg = str(e.value)
+  assert "within its batch_timeout of 1 s" in msg and "\n" not in msg, msg
+  assert 0.9 <= elapsed < 1.0 + 0.5, elapsed
+  assert 2 <= len(durations) <= 3, durations  # the first request's attempts only
+
+
+def _raw_exchange(port, data: bytes, timeout=5.0) -> tuple[bytes, float]:
+  """Sends ``data`` on a fresh connection; (everything answered until the server closes,
+  seconds it took)."""
+  t0, out = time.monotonic(), b""
+  with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    if data:
+      s.sendall(data)
+    with contextlib.suppress(ConnectionResetError):
+      while chunk := s.recv(1 << 16):
+        out += chunk
+  return out, time.monotonic() - t0
+
+
+def test_reference_server_caps_the_body_and_drops_idle_clients():
+  probe = Reward("probe", lambda x, p: x.mean(axis=(1, 2, 3)))
+  server = make_server(probe, "127.0.0.1", 0, max_body=4000, idle_timeout=0.3,
+                       request_timeout=0.6)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  port = server.server_address[1]
+  try:
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+    out, _ = _raw_exchange(port, head % 5000)  # over the cap: answered without reading it
+    assert out.startswith(b"HTTP/1.0 413") and b"limit of 4000 bytes" in out, out
+    out, _ = _raw_exchange(port, b"POST / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.0 411"), out
+    out, took = _raw_exchange(port, b"")  # connects and says nothing
+    assert out == b"" and 0.25 <= took < 1.5, (out, took)
+    out, took = _raw_exchange(port, head % 100 + b"{")  # a body that stops coming
+    assert out.startswith(b"HTTP/1.0 408") and took < 1.5, (out, took)
+    x = _images(1, 8)  # a request within the cap is still scored
+    got = rewards.make("remote", url=f"http://127.0.0.1:{port}/", encoding="npy", retries=0)(
+        x, ["a"])
+    np.testing.assert_allclose(got, x.mean(axis=(1, 2, 3)), rtol=1e-6)
+  finally:
+    server.shutdown()
+    server.server_close()

@@ -11,12 +11,18 @@ never sends to the server), so one string configures everything::
     python -m didr_jax.main --config=configs/toy_ddpo.py --config.rewards='{"remote": 1.0}'
 
 Options (keyword argument > URL fragment > default):
-  timeout     seconds per socket operation (connect, send, each read) of one attempt  (30)
-  retries     further attempts after a failed one                                      (3)
-  backoff     seconds before the first retry; doubles each retry: backoff * 2**k     (0.5)
-  encoding    "png" (8-bit RGB, round(clip(x, 0, 1) * 255)) or "npy" (float32 as given) (png)
-  batch_size  images per request; 0 = the whole batch in one request                    (0)
-  metadata    a JSON-able dict sent with every request (keyword argument only)         ({})
+  timeout       seconds one attempt may take in all: connect, send, the whole answer     (30)
+  retries       further attempts after a failed one                                      (3)
+  backoff       seconds before the first retry; doubles each retry: backoff * 2**k     (0.5)
+  encoding      "png" (8-bit RGB, round(clip(x, 0, 1) * 255)) or "npy" (float32 as given) (png)
+  batch_size    images per request; 0 = the whole batch in one request                    (0)
+  batch_timeout seconds one call (a batch: every request, retry and back-off) may take;
+                0 = no bound beyond requests x (1 + retries) x timeout + back-off          (0)
+  metadata      a JSON-able dict sent with every request (keyword argument only)         ({})
+
+Both deadlines hold whatever the server does (one byte every second keeps no attempt alive
+past its timeout): each attempt runs on a helper thread that is abandoned, its socket shut
+down, at the deadline. An answer larger than ``MAX_ANSWER_BYTES`` is refused.
 
 Request: ``POST <url>`` with ``Content-Type: application/json`` and the body::
 
@@ -27,8 +33,8 @@ Answer: HTTP 200 with a JSON list of exactly B finite numbers, or ``{"rewards": 
 same. ``didr_jax.rewards.server`` is a reference server that serves any registered reward.
 
 Failure policy: connection errors, timeouts and HTTP 5xx (and 408/429) are retried up to
-``retries`` times with exponential back-off; another HTTP status, or a 200 whose body is not
-exactly B finite numbers, is not retried. Either way the call raises ``RewardError`` with one
+``retries`` times with exponential back-off, as long as the batch deadline allows; another
+HTTP status, or a 200 whose body is not exactly B finite numbers, is not retried. Either way the call raises ``RewardError`` with one
 line naming the server and the problem (server down, "answered 3 rewards for 4 images", "reward
 at index 2 is not a number", "reward at index 1 is NaN"). A batch split into several requests is
 all scored or raises: no partial batch is ever returned, so the trainer (which waits for every
@@ -38,11 +44,14 @@ reward of an epoch before its first update) takes no step on it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
 import math
 import os
+import socket
+import threading
 import time
 import urllib.parse
 from typing import Any, Mapping, Sequence
@@ -53,9 +62,12 @@ from didr_jax.rewards.base import Reward, RewardError, register, to_uint8
 
 ENV_URL = "DIDR_REWARD_URL"
 ENCODINGS = ("png", "npy")
-DEFAULTS = {"timeout": 30.0, "retries": 3, "backoff": 0.5, "encoding": "png", "batch_size": 0}
+DEFAULTS = {"timeout": 30.0, "retries": 3, "backoff": 0.5, "encoding": "png", "batch_size": 0,
+            "batch_timeout": 0.0}
+MAX_ANSWER_BYTES = 16 << 20  # B numbers as JSON: far below this for any batch
 _F32_MAX = float(np.finfo(np.float32).max)
-_TYPES = {"timeout": float, "retries": int, "backoff": float, "encoding": str, "batch_size": int}
+_TYPES = {"timeout": float, "retries": int, "backoff": float, "encoding": str, "batch_size": int,
+          "batch_timeout": float}
 
 
 def one_line(text: Any, limit: int = 200) -> str:
@@ -172,10 +184,11 @@ def resolve_options(url: str | None, **kwargs) -> tuple[str, dict]:
     raise RewardError(f"remote reward: bad option value ({e})") from None
   if opts["encoding"] not in ENCODINGS:
     raise RewardError(f"remote reward: encoding {opts['encoding']!r} is not one of {ENCODINGS}")
-  if not (opts["timeout"] > 0 and opts["retries"] >= 0 and opts["backoff"] >= 0
+  if not (0 < opts["timeout"] < math.inf and 0 <= opts["backoff"] < math.inf
+          and 0 <= opts["batch_timeout"] < math.inf and opts["retries"] >= 0
           and opts["batch_size"] >= 0):
-    raise RewardError(f"remote reward: need timeout > 0 and retries, backoff, batch_size >= 0; "
-                      f"got {opts}")
+    raise RewardError(f"remote reward: need a finite timeout > 0, finite backoff and "
+                      f"batch_timeout >= 0, and retries, batch_size >= 0; got {opts}")
   return urllib.parse.urlunsplit(parts._replace(fragment="")), opts
 
 
@@ -187,6 +200,7 @@ class RemoteClient:
     self.url, opts = resolve_options(url, **options)
     self.timeout, self.retries, self.backoff = opts["timeout"], opts["retries"], opts["backoff"]
     self.encoding, self.batch_size = opts["encoding"], opts["batch_size"]
+    self.batch_timeout = opts["batch_timeout"]
     self.metadata = dict(metadata or {})
     json.dumps(self.metadata)  # refuse non-JSON-able metadata now, not at the first batch
     p = urllib.parse.urlsplit(self.url)
@@ -198,32 +212,65 @@ class RemoteClient:
   def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
     n = len(images)
     size = self.batch_size or n
-    out = [self._score(images[s: s + size], prompts[s: s + size], s) for s in range(0, n, size)]
+    deadline = time.monotonic() + self.batch_timeout if self.batch_timeout else math.inf
+    out = [self._score(images[s: s + size], prompts[s: s + size], s, deadline)
+           for s in range(0, n, size)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-  def _score(self, images, prompts, offset: int) -> np.ndarray:
+  def _score(self, images, prompts, offset: int, deadline: float) -> np.ndarray:
     body = encode_request(images, prompts, self.encoding, self.metadata)
-    return parse_rewards(self._post(body), len(images), f"remote reward at {self.url}", offset)
+    return parse_rewards(self._post(body, deadline), len(images),
+                         f"remote reward at {self.url}", offset)
 
-  def _attempt(self, body: bytes) -> tuple[int, bytes]:
-    conn = self._conn(self._host, self._port, timeout=self.timeout)
-    try:
-      conn.request("POST", self._path, body, {"Content-Type": "application/json"})
-      resp = conn.getresponse()
-      return resp.status, resp.read()
-    finally:
+  def _attempt(self, body: bytes, deadline: float) -> tuple[int, bytes]:
+    """One POST on a helper thread, abandoned (its socket shut down) at ``deadline``:
+    ``TimeoutError`` then, whatever the server does meanwhile."""
+    conn = self._conn(self._host, self._port, timeout=max(deadline - time.monotonic(), 1e-3))
+    box: dict[str, Any] = {}
+
+    def exchange():
+      try:
+        conn.request("POST", self._path, body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        box["answer"] = resp.status, resp.read(MAX_ANSWER_BYTES + 1)
+      except BaseException as e:  # noqa: BLE001  (handed to the caller's thread)
+        box["error"] = e
+
+    worker = threading.Thread(target=exchange, name="remote-reward-request", daemon=True)
+    worker.start()
+    worker.join(max(deadline - time.monotonic(), 0.0))
+    if worker.is_alive():
+      sock = conn.sock
+      if sock is not None:  # wakes the worker's blocked read; it ends on its own
+        with contextlib.suppress(OSError):
+          sock.shutdown(socket.SHUT_RDWR)
       conn.close()
+      raise TimeoutError
+    conn.close()
+    if "error" in box:
+      raise box["error"]
+    return box["answer"]
 
-  def _post(self, body: bytes) -> bytes:
-    """The body of the first HTTP 200 within 1 + ``retries`` attempts, else ``RewardError``."""
-    t0, last = time.monotonic(), ""
+  def _post(self, body: bytes, deadline: float = math.inf) -> bytes:
+    """The body of the first HTTP 200 within 1 + ``retries`` attempts, each within ``timeout``
+    and all before ``deadline`` (the batch's), else ``RewardError``."""
+    t0, last, attempts = time.monotonic(), "", 0
     for attempt in range(self.retries + 1):
       if attempt:
-        time.sleep(self.backoff * 2 ** (attempt - 1))
+        pause = self.backoff * 2 ** (attempt - 1)
+        if time.monotonic() + pause >= deadline:
+          break
+        time.sleep(pause)
+      start = time.monotonic()
+      if start >= deadline:
+        break
+      attempts += 1
+      cut = start + self.timeout > deadline
       try:
-        status, data = self._attempt(body)
+        status, data = self._attempt(body, min(start + self.timeout, deadline))
       except TimeoutError:
-        last = f"no answer within the {self.timeout:g} s timeout"
+        last = ("no answer before the batch_timeout" if cut else
+                f"no answer within the {self.timeout:g} s timeout")
         continue
       except ConnectionRefusedError:
         last = "connection refused"
@@ -231,13 +278,19 @@ class RemoteClient:
       except (OSError, http.client.HTTPException) as e:
         last = one_line(f"{type(e).__name__}: {e}", 120)
         continue
+      if len(data) > MAX_ANSWER_BYTES:
+        raise RewardError(f"remote reward at {self.url} answered more than "
+                          f"{MAX_ANSWER_BYTES} bytes")
       if status == 200:
         return data
       last = f"HTTP {status}: {_error_text(data)}"
       if status < 500 and status not in (408, 429):
         raise RewardError(f"remote reward at {self.url} refused the request ({last})")
-    raise RewardError(f"remote reward: the server at {self.url} is down or failing: "
-                      f"{self.retries + 1} attempts in {time.monotonic() - t0:.1f} s, last: {last}")
+    spent = f"{attempts} attempts in {time.monotonic() - t0:.1f} s, last: {last or 'none'}"
+    if attempts < self.retries + 1 or time.monotonic() >= deadline:
+      raise RewardError(f"remote reward: the server at {self.url} did not score the batch "
+                        f"within its batch_timeout of {self.batch_timeout:g} s: {spent}")
+    raise RewardError(f"remote reward: the server at {self.url} is down or failing: {spent}")
 
 
 def _error_text(data: bytes) -> str:
@@ -254,8 +307,10 @@ def _error_text(data: bytes) -> str:
 @register("remote")
 def remote(url: str | None = None, timeout: float | None = None, retries: int | None = None,
            backoff: float | None = None, encoding: str | None = None,
-           batch_size: int | None = None, metadata: Mapping[str, Any] | None = None) -> Reward:
+           batch_size: int | None = None, batch_timeout: float | None = None,
+           metadata: Mapping[str, Any] | None = None) -> Reward:
   """Rewards from an HTTP reward server (see the module docstring for URL, options, format)."""
   client = RemoteClient(url, timeout=timeout, retries=retries, backoff=backoff,
-                        encoding=encoding, batch_size=batch_size, metadata=metadata)
+                        encoding=encoding, batch_size=batch_size, batch_timeout=batch_timeout,
+                        metadata=metadata)
   return Reward("remote", client)

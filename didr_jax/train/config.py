@@ -335,6 +335,12 @@ def _check_rewards(c: ml_collections.ConfigDict) -> None:
              f"the weight must be a number, got {w!r}")
     _require(math.isfinite(w), f"rewards.{name}", f"the weight must be finite, got {w}")
   _require(any(w != 0 for w in c.rewards.values()), "rewards", "every weight is 0")
+  if c.rewards.get("remote", 0):  # its URL and options (DIDR_REWARD_URL), before any model loads
+    from didr_jax.rewards import remote
+    try:
+      remote.resolve_options(None)
+    except rewards_lib.RewardError as e:
+      raise ConfigError(f"config.rewards.remote: {e}") from None
 
 
 TOY_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "assets")
