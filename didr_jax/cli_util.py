@@ -37,13 +37,38 @@ def compile_cache(path: str | None = DEFAULT_COMPILE_CACHE) -> str | None:
   the directory in use, or None."""
   env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
   if env:
+    _check_folder_path(env, "JAX_COMPILATION_CACHE_DIR")
     return env
   if not path:
     return None
+  _check_folder_path(str(path), "config.compile_cache_dir", ' ("" turns the cache off)')
   import jax
   path = os.path.expanduser(str(path))
   jax.config.update("jax_compilation_cache_dir", path)
   return path
+
+
+def folder_problem(path: str, writable: bool = False) -> str | None:
+  """Why ``path`` cannot be used as (or made into) a folder: it is a file, it lies under a
+  file, or (``writable``) its nearest existing folder cannot be written; None when it can.
+  Nothing is created."""
+  p = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(p) and not os.path.isdir(p):
+    return f"{path!r} is a file, not a folder"
+  parent = p
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f"{path!r} lies under {parent!r}, which is a file"
+  if writable and not os.access(parent, os.W_OK | os.X_OK):
+    return f"{path!r} cannot be written ({parent!r} is not writable)"
+  return None
+
+
+def _check_folder_path(path: str, key: str, hint: str = "", writable: bool = False):
+  problem = folder_problem(path, writable)
+  if problem:
+    fail(f"{key}: {problem}{hint}")
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
@@ -113,6 +138,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.argv[:] = _split_reward_overrides(sys.argv, names)[0]
   try:
     rest = flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits 1 after printing the help that was asked for
+    if e.code == 1 and _asks_for_help(argv):
+      raise SystemExit(0) from None
+    raise
   except flags.Error as e:
     fail(f"{e} (pass --helpfull for every flag)")
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.a.b key
@@ -131,6 +160,14 @@ def parse_flags(argv: list[str]) -> list[str]:
            f"{_last_line(cause)}")
   apply_reward_overrides(reward_overrides)
   return rest
+
+
+_HELP = re.compile(r"^--?(help|helpshort|helpfull|helpxml|\?)(=(true|1))?$", re.IGNORECASE)
+
+
+def _asks_for_help(argv: list[str]) -> bool:
+  args = argv[1:]
+  return any(_HELP.match(a) for a in args[: args.index("--") if "--" in args else None])
 
 
 def _last_line(e: BaseException) -> str:

@@ -65,8 +65,22 @@ def inputs(tmp_path_factory):
   run_dir = d / "run"
   run_dir.mkdir()
   (run_dir / "config.json").write_text('{"method": "ddpo", ')  # cut off mid-write
+  escape = str(d / "escape")  # its UNet's shard index points at the model folder's weights
+  shutil.copytree(model, escape)
+  os.remove(os.path.join(escape, "unet", "diffusion_pytorch_model.safetensors"))
+  with open(os.path.join(escape, "unet", "diffusion_pytorch_model.safetensors.index.json"),
+            "w") as f:
+    json.dump({"weight_map": {"conv_in.weight": "../../model/unet/"
+                                                 "diffusion_pytorch_model.safetensors"}}, f)
+  xl_claim = str(d / "xl_claim")  # SD components under an SDXL class name
+  shutil.copytree(model, xl_claim)
+  index_path = os.path.join(xl_claim, "model_index.json")
+  index = json.load(open(index_path))
+  with open(index_path, "w") as f:
+    json.dump(dict(index, _class_name="StableDiffusionXLPipeline"), f)
   return {"dir": str(d), "model": model, "trunc": trunc, "cache": cache,
-          "empty": str(d / "empty"), "run": str(run_dir)}
+          "empty": str(d / "empty"), "run": str(run_dir), "escape": escape,
+          "xl_claim": xl_claim}
 
 
 MAIN = ("didr_jax.main", "--config=configs/toy_ddpo.py", "--workdir={dir}/w",
@@ -103,6 +117,20 @@ CASES = [
      ["could not restore the Orbax checkpoint", "convert the source folder again"]),
     ("convert_empty_model_folder", ("didr_jax.convert", "--src={empty}", "--dst={dir}/o"),
      ["is empty"]),
+    ("convert_dst_is_a_file", ("didr_jax.convert", "--src={model}", "--dst={dir}/empty.txt"),
+     ["--dst", "empty.txt' is a file"]),
+    ("convert_dst_under_a_file", ("didr_jax.convert", "--src={model}", "--export",
+                                  "--dst={dir}/empty.txt/out"),
+     ["--dst", "lies under", "empty.txt', which is a file"]),
+    ("convert_index_names_shards_outside", ("didr_jax.convert", "--src={escape}",
+                                            "--dst={dir}/o"),
+     ["names shards outside its folder", "../../model/unet/"]),
+    ("convert_sdxl_class_over_sd_components", ("didr_jax.convert", "--src={xl_claim}",
+                                               "--dst={dir}/o"),
+     ["StableDiffusionXLPipeline", "lists no text_encoder_2"]),
+    ("main_sdxl_class_over_sd_components", MAIN + ("--config.backbone.kind=sdxl",
+                                                   "--config.backbone.path={xl_claim}"),
+     ["config.backbone.path", "lists no text_encoder_2"]),
     ("latents_wrong_shape", SAMPLE + ("--latents={dir}/nhwc.npy",),
      ["(1, 16, 16, 3)", "expects NCHW (1, 3, 16, 16)"]),
     ("latents_text_file", SAMPLE + ("--latents={dir}/text.npy",), ["is not a .npy file"]),
@@ -125,6 +153,34 @@ def test_cli_refuses(inputs, name, argv, expected):
   for s in expected:
     assert s in lines[0], (s, lines[0])
   assert not os.path.exists(os.path.join(inputs["dir"], "s")), "an image was written"
+  assert not os.path.exists(os.path.join(inputs["dir"], "o")), "a conversion was written"
+
+
+@pytest.mark.parametrize("module", ["didr_jax.main", "didr_jax.sample", "didr_jax.evaluate",
+                                    "didr_jax.convert"])
+def test_help_exits_0(module):
+  for flag in ("--help", "--helpfull"):
+    r = run(module, flag, timeout=120)
+    assert r.returncode == 0, (flag, r.stdout[-500:], r.stderr[-2000:])
+    assert "flags:" in r.stdout and "Traceback" not in r.stderr, r.stdout[-500:]
+
+
+def test_compile_cache_under_a_file_is_refused_before_anything_loads(inputs, tmp_path):
+  """``config.compile_cache_dir`` (and JAX_COMPILATION_CACHE_DIR, which wins over it) under a
+  file: one line, exit 2, no workdir made."""
+  blocker = os.path.join(inputs["dir"], "empty.txt")
+  env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  for extra_env, flag, expected in [
+      ({}, f"--config.compile_cache_dir={blocker}/xla", "config.compile_cache_dir: "),
+      ({"JAX_COMPILATION_CACHE_DIR": blocker}, "--config.compile_cache_dir=",
+       "JAX_COMPILATION_CACHE_DIR: ")]:
+    r = subprocess.run([sys.executable, "-m", "didr_jax.main", "--config=configs/toy_ddpo.py",
+                        f"--workdir={tmp_path}/w", flag], cwd=ROOT, env={**env, **extra_env},
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: " + expected) and "empty.txt" in lines[0], lines
+    assert not os.path.exists(tmp_path / "w")
 
 
 def test_sample_warns_once_about_long_prompts(inputs):
@@ -202,9 +258,10 @@ def test_validate_refuses(settings, key):
   assert "\n" not in str(e.value)
 
 
-def test_validate_accepts_the_shipped_configs_and_any_registered_reward():
+def test_validate_accepts_the_shipped_configs_and_any_registered_reward(monkeypatch):
   from didr_jax import rewards
   from didr_jax.train import config as config_lib
+  monkeypatch.setenv("DIDR_REWARD_URL", "http://127.0.0.1:8765/")  # the remote reward's server
   c = _toy()
   with c.rewards.unlocked():
     for name in rewards.names():
@@ -225,6 +282,50 @@ def test_zero_weight_rewards_are_left_out():
   from didr_jax import rewards
   r = rewards.from_config({"toy_detector": 0.0, "jpeg_compressibility": 1.0})
   assert r.name == "jpeg_compressibility"
+
+
+def test_shard_index_may_only_name_files_beside_it(inputs, tmp_path):
+  from didr_jax.convert import core
+  unet = tmp_path / "unet"
+  shutil.copytree(os.path.join(inputs["model"], "unet"), unet)
+  index = unet / "diffusion_pytorch_model.safetensors.index.json"
+  source = os.path.join(inputs["model"], "unet", "diffusion_pytorch_model.safetensors")
+  for shard in (source, "../unet/diffusion_pytorch_model.safetensors", "sub/x.safetensors",
+                ".."):
+    index.write_text(json.dumps({"weight_map": {"conv_in.weight": shard}}))
+    with pytest.raises(core.ConversionError, match="names shards outside its folder"):
+      core.open_weights(str(unet))
+  index.write_text(json.dumps({"weight_map": ["x.safetensors"]}))
+  with pytest.raises(core.ConversionError, match="no \"weight_map\""):
+    core.open_weights(str(unet))
+  ref = core.open_weights(os.path.dirname(source))  # a plain file name beside it is read
+  os.replace(unet / "diffusion_pytorch_model.safetensors", unet / "shard.safetensors")
+  index.write_text(json.dumps({"weight_map": {k: "shard.safetensors" for k in ref}}))
+  store = core.open_weights(str(unet))
+  assert sorted(store) == sorted(ref)
+  np.testing.assert_array_equal(store["conv_in.weight"], ref["conv_in.weight"])
+
+
+def test_sd_class_and_components_must_agree(inputs, tmp_path):
+  """The class name, the text encoders it lists and the UNet's config agree: an SD class
+  listing a second text encoder, or an SDXL pipeline whose UNet is SD's, is refused."""
+  from didr_jax.convert.core import ConversionError
+  from didr_jax.pipelines import registry
+  index = json.load(open(os.path.join(inputs["model"], "model_index.json")))
+  assert registry.pipeline_kind("m", index) == "sd"
+  te2 = dict(index, text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
+  with pytest.raises(ConversionError, match="StableDiffusionPipeline but lists a text_encoder_2"):
+    registry.pipeline_kind("m", te2)
+  xl = str(tmp_path / "xl")  # SDXL's listing and folders, SD's UNet
+  shutil.copytree(inputs["model"], xl)
+  for a, b in (("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")):
+    shutil.copytree(os.path.join(xl, a), os.path.join(xl, b))
+  with open(os.path.join(xl, "model_index.json"), "w") as f:
+    json.dump(dict(te2, _class_name="StableDiffusionXLPipeline",
+                   tokenizer_2=["transformers", "CLIPTokenizer"]), f)
+  with pytest.raises(ConversionError, match="describes an SDXL pipeline but unet/config.json is "
+                     "not an SDXL UNet"):
+    registry.check_folder(xl)
 
 
 def test_orbax_cache_without_metadata_is_refused_before_loading(inputs, tmp_path):

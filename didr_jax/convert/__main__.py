@@ -10,8 +10,7 @@
 
 from absl import app, flags
 
-from didr_jax.cli_util import quiet_logs, run
-from didr_jax.pipelines import registry
+from didr_jax.cli_util import folder_problem, quiet_logs, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "local diffusers pipeline folder or one with an Orbax cache")
@@ -24,6 +23,10 @@ def main(argv):
   quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  problem = folder_problem(FLAGS.dst, writable=True)
+  if problem:
+    raise app.UsageError(f"--dst: {problem}; name a new or existing folder")
+  from didr_jax.pipelines import registry  # (JAX loads here: --help and bad flags stay quick)
   registry.check_folder(FLAGS.src)  # headers only: a bad folder fails before loading
   pipe = registry.load_pipeline(FLAGS.src)
   if FLAGS.export:

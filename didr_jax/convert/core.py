@@ -140,9 +140,7 @@ def open_weights(folder: str, prefer: Sequence[str] = ()) -> TensorStore:
   for stem in stems:
     index = os.path.join(folder, f"{stem}.safetensors.index.json")
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      shards = sorted(set(weight_map.values()))
+      shards = _index_shards(index)
       missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
       if missing:
         raise ConversionError(f"{folder}: index names shards that are missing: {missing}")
@@ -158,6 +156,22 @@ def open_weights(folder: str, prefer: Sequence[str] = ()) -> TensorStore:
     raise ConversionError(f"{folder}: only pickled weights {pickled} found; didr_jax reads "
                           "safetensors only (convert them with safetensors' own tools first)")
   raise ConversionError(f"{folder}: no safetensors weights found (files: {names})")
+
+
+def _index_shards(index: str) -> list[str]:
+  """The shard file names of a ``*.safetensors.index.json``: each a plain file name in the
+  index's own folder (a path elsewhere, ``../x`` or ``/abs/x``, is refused: never read)."""
+  obj = read_json(index)
+  weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise ConversionError(f"{index}: no \"weight_map\" of tensor names to shard files")
+  shards = sorted(set(weight_map.values()))
+  outside = [s for s in shards if s in ("", ".", "..") or os.path.basename(s) != s
+             or os.path.isabs(s) or (os.altsep and os.altsep in s)]
+  if outside:
+    raise ConversionError(f"{index} names shards outside its folder: {outside[:3]}; an index may "
+                          "only name files beside it")
+  return shards
 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str,

@@ -25,7 +25,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 from didr_jax.diffusion import param
 from didr_jax.exact.mixture import GaussianMixture, component_log_weights, posterior_mean, sample
@@ -91,6 +90,7 @@ def box_reward(lo, hi):
 def _box_probability(mean, cov, lo, hi) -> float:
   """P(lo <= X <= hi) for X ~ N(mean, cov): SciPy's multivariate normal CDF with a lower limit
   (Genz's quasi-Monte Carlo integration, absolute error ~1e-5 by default; meant for small D)."""
+  import scipy.stats
   return float(scipy.stats.multivariate_normal(mean, cov).cdf(hi, lower_limit=lo))
 
 

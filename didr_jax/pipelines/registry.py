@@ -17,7 +17,13 @@ def pipeline_kind(path: str, index: Mapping[str, Any]) -> str:
   """"sd", "sdxl" or "zimage" from a folder's ``model_index.json``."""
   cls = index.get("_class_name", "")
   if cls in _SD_CLASSES:
-    return "sdxl" if (index.get("text_encoder_2") or [None])[0] else "sd"
+    xl = cls == "StableDiffusionXLPipeline"
+    if xl != bool((index.get("text_encoder_2") or [None])[0]):
+      raise core.ConversionError(
+          f"{path}: model_index.json names a {cls} but "
+          f"{'lists no' if xl else 'lists a'} text_encoder_2 (SDXL has two text encoders, SD "
+          "one); the class and the components must agree")
+    return "sdxl" if xl else "sd"
   if cls == "ZImagePipeline":
     return "zimage"
   raise core.ConversionError(f"{path}: unsupported pipeline class {cls!r}; supported: "
@@ -59,8 +65,13 @@ def check_folder(path: str) -> str:
     sub = os.path.join(path, name)
     if not os.path.isdir(sub):
       raise core.ConversionError(f"{path!r}: component folder {name}/ is missing")
-  for name in weights:
-    core.read_json(os.path.join(path, name, "config.json"))
+  configs = {name: core.read_json(os.path.join(path, name, "config.json")) for name in weights}
+  if kind in ("sd", "sdxl"):  # only SDXL's UNet takes the pooled text and size embedding
+    add = configs["unet"].get("addition_embed_type")
+    if (add == "text_time") != (kind == "sdxl"):
+      raise core.ConversionError(
+          f"{path}: model_index.json describes an {kind.upper()} pipeline but unet/config.json "
+          f"is {'not ' if kind == 'sdxl' else ''}an SDXL UNet (addition_embed_type={add!r})")
   cache = os.path.join(path, PARAMS_DIR)
   if os.path.isdir(cache):
     orbax_io.check_cache(cache)

@@ -31,10 +31,11 @@ import re
 import jax
 import ml_collections
 
+from didr_jax.exact import kinds as exact_kinds
 from didr_jax.parallel import mesh as mesh_lib
 
 METHODS = ("ddpo", "crd", "didr", "tdm", "tdmr1")
-BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit")
+BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit") + exact_kinds.KINDS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -192,7 +193,7 @@ def _require(cond: bool, key: str, why: str):
     raise ConfigError(f"config.{key}: {why}")
 
 
-FLOW_KINDS = ("zimage", "toy_dit")
+FLOW_KINDS = ("zimage", "toy_dit") + exact_kinds.FLOW_KINDS
 
 
 def mdp_steps(s: ml_collections.ConfigDict) -> int:

@@ -65,6 +65,9 @@ def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool =
   dtype = jnp.bfloat16 if c.backbone.dtype == "bfloat16" else jnp.float32
   rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
   kind = c.backbone.kind
+  if kind.startswith("exact_"):  # the exact benchmark's point backbone (no folder)
+    from didr_jax.exact import backbone as exact_backbone
+    return exact_backbone.build(kind, seed=c.seed)
   path = c.backbone.path
   if kind in ("toy_unet", "toy_dit") and not path:
     path = os.path.join(TOY_ASSETS, kind)
