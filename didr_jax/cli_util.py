@@ -34,7 +34,8 @@ def compile_cache(path: str | None = DEFAULT_COMPILE_CACHE) -> str | None:
   instead of compiling them again; ``""`` leaves it off. An explicitly set
   ``JAX_COMPILATION_CACHE_DIR`` environment variable wins (JAX reads it itself). Call it before
   the first compilation: JAX decides on its first compile whether the cache is used. Returns
-  the directory in use, or None."""
+  the directory in use, or None; a directory that is a file or lies under one ends the command
+  with one line (exit 2)."""
   env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
   if env:
     _check_folder_path(env, "JAX_COMPILATION_CACHE_DIR")
@@ -53,7 +54,7 @@ def folder_problem(path: str, writable: bool = False) -> str | None:
   file, or (``writable``) its nearest existing folder cannot be written; None when it can.
   Nothing is created."""
   p = os.path.abspath(os.path.expanduser(path))
-  if os.path.exists(p) and not os.path.isdir(p):
+  if os.path.lexists(p) and not os.path.isdir(p):
     return f"{path!r} is a file, not a folder"
   parent = p
   while not os.path.lexists(parent):
@@ -65,8 +66,8 @@ def folder_problem(path: str, writable: bool = False) -> str | None:
   return None
 
 
-def _check_folder_path(path: str, key: str, hint: str = "", writable: bool = False):
-  problem = folder_problem(path, writable)
+def _check_folder_path(path: str, key: str, hint: str = ""):
+  problem = folder_problem(path)
   if problem:
     fail(f"{key}: {problem}{hint}")
 

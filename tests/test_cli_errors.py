@@ -156,13 +156,14 @@ def test_cli_refuses(inputs, name, argv, expected):
   assert not os.path.exists(os.path.join(inputs["dir"], "o")), "a conversion was written"
 
 
-@pytest.mark.parametrize("module", ["didr_jax.main", "didr_jax.sample", "didr_jax.evaluate",
-                                    "didr_jax.convert"])
-def test_help_exits_0(module):
-  for flag in ("--help", "--helpfull"):
-    r = run(module, flag, timeout=120)
-    assert r.returncode == 0, (flag, r.stdout[-500:], r.stderr[-2000:])
-    assert "flags:" in r.stdout and "Traceback" not in r.stderr, r.stdout[-500:]
+@pytest.mark.parametrize("module,flag", [
+    ("didr_jax.main", "--help"), ("didr_jax.main", "--helpfull"), ("didr_jax.sample", "--help"),
+    ("didr_jax.evaluate", "--help"), ("didr_jax.convert", "-?"),
+    ("didr_jax.convert.lora_export", "--help")])  # (rewards.server: argparse's help, exit 0)
+def test_help_exits_0(module, flag):
+  r = run(module, flag, timeout=120)
+  assert r.returncode == 0, (r.stdout[-500:], r.stderr[-2000:])
+  assert "flags:" in r.stdout and "Traceback" not in r.stderr, r.stdout[-500:]
 
 
 def test_compile_cache_under_a_file_is_refused_before_anything_loads(inputs, tmp_path):
