@@ -5,6 +5,10 @@
 Reads the run's ``config.json``, restores the latest checkpoint (or the base model with
 ``--base``), samples deterministically on the held-out prompts and reports every configured
 reward, the toy detector score and the toy fidelity where they apply.
+
+It only reads the workdir, also while the run trains (it takes no lock): a corrupt newest step
+(one that fails to restore or to match its checksums) is named and the next older one
+evaluated; nothing in the workdir is moved or changed.
 """
 
 import json
@@ -49,11 +53,14 @@ def main(argv):
   state = trainer.init_state()
   step = 0
   if not FLAGS.base:
-    ckpt = checkpoint.Checkpointer(os.path.join(FLAGS.workdir, "checkpoints"), async_save=False)
+    folder = os.path.join(FLAGS.workdir, "checkpoints")
+    if not os.path.isdir(folder):
+      raise app.UsageError(f"no checkpoint in {folder} (use --base for the base model)")
+    # a reader: no lock, nothing in the run's folder created, moved or changed
+    ckpt = checkpoint.Checkpointer(folder, read_only=True)
     if ckpt.latest_step() is None:
-      raise app.UsageError(f"no checkpoint in {FLAGS.workdir}/checkpoints (use --base for the "
-                           "base model)")
-    try:  # the newest step that restores (a corrupt newer one is named and set aside)
+      raise app.UsageError(f"no checkpoint in {folder} (use --base for the base model)")
+    try:  # the newest step that restores and matches its checksums (a corrupt one is named)
       state, _, step = ckpt.restore_latest(checkpoint.abstract_like(state))
     except checkpoint.RestoreError as e:
       raise app.UsageError(f"no checkpoint in {FLAGS.workdir}/checkpoints restores ({e})"

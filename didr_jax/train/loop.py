@@ -44,6 +44,7 @@ import numpy as np
 from didr_jax import rewards as rewards_lib
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import checkpoint, common, config as config_lib, evaluation, prompts
+from didr_jax.train import workdir_lock
 from didr_jax.train.logging import CompileClock, RunLogger
 
 TOY_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "assets")
@@ -284,7 +285,7 @@ def _final_metrics(history: list, step: int) -> dict:
 
 def _workdir_listing(workdir: str) -> str:
   rows = []
-  for name in sorted(os.listdir(workdir)):
+  for name in sorted(set(os.listdir(workdir)) - {workdir_lock.LOCK_NAME}):
     p = os.path.join(workdir, name)
     if os.path.isdir(p):
       rows.append(f"  {name}/ ({len(os.listdir(p))} entries)")
@@ -300,8 +301,19 @@ def _eval_due(c, step: int) -> bool:
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) ``c`` in ``workdir``; returns the last epoch's metrics. Raises
-  ``ConfigError`` for bad or incompatible settings and ``Stopped`` for an early stop."""
+  ``ConfigError`` for bad or incompatible settings, ``WorkdirError`` for a workdir that another
+  run holds (its lock, held for the run: ``workdir_lock``) or that is not a writable folder,
+  ``Stopped`` for an early stop and ``checkpoint.SaveError`` when the disk refuses a save."""
   info = config_lib.validate(c)
+  lock = workdir_lock.lock_for_run(workdir)
+  try:
+    return _train(c, workdir, info)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(c: ml_collections.ConfigDict, workdir: str, info: dict) -> dict:
   os.makedirs(workdir, exist_ok=True)
   text = _config_text(c)
   saved_path = os.path.join(workdir, "config.json")
@@ -360,9 +372,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     with StopRequest() as stop:
       return _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, stop)
   finally:
-    ckpt.close()
-    rewarder.close()
-    logger.close()
+    try:
+      ckpt.close()  # may raise checkpoint.SaveError (a failed last save)
+    finally:
+      rewarder.close()
+      logger.close()
 
 
 def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, stop) -> dict:
