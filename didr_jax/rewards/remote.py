@@ -34,9 +34,10 @@ same. ``didr_jax.rewards.server`` is a reference server that serves any register
 
 Failure policy: connection errors, timeouts and HTTP 5xx (and 408/429) are retried up to
 ``retries`` times with exponential back-off, as long as the batch deadline allows; another
-HTTP status, or a 200 whose body is not exactly B finite numbers, is not retried. Either way the call raises ``RewardError`` with one
-line naming the server and the problem (server down, "answered 3 rewards for 4 images", "reward
-at index 2 is not a number", "reward at index 1 is NaN"). A batch split into several requests is
+HTTP status, or a 200 whose body is not exactly B finite numbers, is not retried. Either way
+the call raises ``RewardError`` with one line naming the server and the problem (server down,
+"answered 3 rewards for 4 images", "reward at index 2 is not a number", "reward at index 1 is
+NaN", "did not score the batch within its batch_timeout"). A batch split into several requests is
 all scored or raises: no partial batch is ever returned, so the trainer (which waits for every
 reward of an epoch before its first update) takes no step on it.
 """
