@@ -1,10 +1,19 @@
-"""Text-to-image sampling from a local model folder (diffusers format or our Orbax cache).
+"""Text-to-image sampling from a local model folder (diffusers format or our Orbax cache) or
+straight from a training run.
 
   python -m didr_jax.sample --model=/models/sdxl --prompt="a red circle" --out=samples/
   python -m didr_jax.sample --model=... --prompt=... --latents=init.npy   # NCHW, as diffusers
+  python -m didr_jax.sample --workdir=workdirs/toy_ddpo [--epoch=N] --prompt=... --out=...
 
 ``--latents`` lets a user reproduce a diffusers image: save the initial latents that diffusers
 used (``latents=`` argument, NCHW) with ``np.save`` and pass the file here.
+
+``--workdir`` samples with what the run evaluates (``trainer.policy_params``: DDPO's / CRD's
+policy, DIDR's / TDM's generator EMA) at its latest or ``--epoch`` checkpoint, with the run's
+own sampler (its evaluation's steps, eta and CFG unless ``--steps`` / ``--eta`` /
+``--guidance`` say otherwise; one- and few-step generators take none of them): the images of
+its evaluation for the same prompts and ``--seed``'s noise. The workdir is only read (no lock,
+nothing moved or written), so a live run can be sampled.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from didr_jax.cli_util import compile_cache, fail, quiet_logs, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "local model folder")
+flags.DEFINE_string("workdir", None, "a training run's directory (instead of --model)")
+flags.DEFINE_integer("epoch", None, "with --workdir: the checkpoint epoch (default: the latest)")
 flags.DEFINE_multi_string("prompt", None, "prompt(s); repeat the flag for a batch")
 flags.DEFINE_string("prompt_file", None, "file with one prompt per line")
 flags.DEFINE_string("out", "samples", "output folder for PNGs")
@@ -31,7 +42,46 @@ flags.DEFINE_integer("width", None, "image width in pixels")
 flags.DEFINE_string("latents", None, ".npy initial latents in diffusers' NCHW layout")
 flags.DEFINE_integer("cpu_devices", 0, "on a CPU: JAX devices to split the cores into, the "
                      "prompts sharded over them; 0 = one per core as the prompt count allows")
-flags.mark_flag_as_required("model")
+
+
+def check_flags() -> None:
+  """The flags' values, checked before anything loads (one ``error:`` line each)."""
+  f = FLAGS
+  if (f.model is None) == (f.workdir is None):
+    raise app.UsageError("give one of --model=FOLDER (a pipeline folder) or --workdir=RUN (a "
+                         "training run)" + ("" if f.model is None else ", not both"))
+  if f.epoch is not None and f.workdir is None:
+    raise app.UsageError("--epoch applies to --workdir (a training run's checkpoint)")
+  if f.epoch is not None and f.epoch < 0:
+    raise app.UsageError(f"--epoch={f.epoch}: must be >= 0")
+  if f.steps < 1:
+    raise app.UsageError(f"--steps={f.steps}: must be >= 1")
+  for name in ("height", "width"):
+    v = f[name].value
+    if v is not None and (v <= 0 or v % 8):
+      raise app.UsageError(f"--{name}={v}: must be a positive multiple of 8 pixels")
+  if not np.isfinite(f.eta) or f.eta < 0:
+    raise app.UsageError(f"--eta={f.eta}: must be >= 0 (DDIM eta / flow SDE noise level; "
+                         "0 = deterministic)")
+  if not np.isfinite(f.guidance) or f.guidance < 0:
+    raise app.UsageError(f"--guidance={f.guidance}: must be a finite number >= 0 (1 = no "
+                         "classifier-free guidance)")
+  if f.cpu_devices < 0:
+    raise app.UsageError(f"--cpu_devices={f.cpu_devices}: must be >= 0")
+  out = os.path.abspath(f.out)
+  parent = out
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if parent == out and not os.path.isdir(out):
+    raise app.UsageError(f"--out={f.out} is a file; give a folder for the PNGs")
+  if parent != out and not os.path.isdir(parent):
+    raise app.UsageError(f"--out={f.out} lies under {parent}, which is a file")
+  if f.workdir is not None:
+    given = [n for n in ("latents", "height", "width") if f[n].present]
+    if given:
+      raise app.UsageError(
+          f"--{given[0]} applies to --model; a run samples at its own size and noise (--seed): "
+          "export it (python -m didr_jax.export) and sample the folder with --model")
 
 
 def read_prompts() -> list[str]:
@@ -82,13 +132,31 @@ def read_latents(path: str, batch: int) -> np.ndarray:
 
 def main(argv):
   quiet_logs()
-  compile_cache()  # the default cache directory (JAX_COMPILATION_CACHE_DIR overrides it)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  check_flags()
   prompts = read_prompts()
+  if FLAGS.workdir is not None:
+    images = sample_run(prompts)
+  else:
+    compile_cache()  # the default cache directory (JAX_COMPILATION_CACHE_DIR overrides it)
+    images = sample_model(prompts)
+  images = np.asarray(images)
+  if not np.all(np.isfinite(images)):
+    fail("the model produced NaN or infinite pixels; no image written", code=1)
+  os.makedirs(FLAGS.out, exist_ok=True)
+  for i, img in enumerate(images):
+    path = os.path.join(FLAGS.out, f"{i:04d}.png")
+    Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
+    print(path, prompts[i])
+  import jax
+  print(f"sampled {len(images)} images on {jax.device_count()} {jax.default_backend()} "
+        f"device(s)")
+
+
+def sample_model(prompts: list[str]) -> np.ndarray:
+  """``--model``: the folder's pipeline with the DDIM / flow sampler of the flags."""
   latents = None if not FLAGS.latents else read_latents(FLAGS.latents, len(prompts))
-  if FLAGS.cpu_devices < 0:
-    raise app.UsageError(f"--cpu_devices={FLAGS.cpu_devices}: must be >= 0")
   from didr_jax.parallel import mesh as mesh_lib
   mesh_lib.split_cpu(mesh_lib.cpu_device_count(FLAGS.cpu_devices, [len(prompts)]))
   from didr_jax.pipelines import registry
@@ -106,17 +174,41 @@ def main(argv):
   images, _ = pipe.sample(prompts, num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance,
                           eta=FLAGS.eta, height=FLAGS.height, width=FLAGS.width,
                           latents=latents, seed=FLAGS.seed)
-  images = np.asarray(images)
-  if not np.all(np.isfinite(images)):
-    fail("the model produced NaN or infinite pixels; no image written", code=1)
-  os.makedirs(FLAGS.out, exist_ok=True)
-  for i, img in enumerate(images):
-    path = os.path.join(FLAGS.out, f"{i:04d}.png")
-    Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
-    print(path, prompts[i])
+  return images
+
+
+def sample_run(prompts: list[str]) -> np.ndarray:
+  """``--workdir``: the run's evaluated parameters through its trainer's own sampler, the
+  noise from ``--seed`` (read-only: ``run_export.load_run``)."""
+  from didr_jax.convert import run_export
+  from didr_jax.parallel import mesh as mesh_lib
+  c = run_export.read_run_config(FLAGS.workdir)
+  multi_step = c.method in ("ddpo", "crd")
+  given = [n for n in ("steps", "eta", "guidance") if FLAGS[n].present]
+  if given and not multi_step:
+    raise app.UsageError(f"--{given[0]}: the {c.method} run's generator samples with its own "
+                         "fixed steps and guidance; leave the flag out")
+  compile_cache(c.compile_cache_dir)
+  mesh_lib.split_cpu(mesh_lib.cpu_device_count(FLAGS.cpu_devices, [len(prompts)],
+                                               tuple(tuple(a) for a in c.mesh.axes)))
+  run = run_export.load_run(FLAGS.workdir, epoch=FLAGS.epoch)
+  run.trainer.bb.warn_long_prompts(prompts)
+  ev = c.eval
+  kwargs = {}
+  if multi_step:
+    kwargs = {"num_steps": FLAGS.steps if FLAGS["steps"].present else (
+                  ev.num_steps if ev.num_steps > 0 else c.sample.num_steps),
+              "eta": FLAGS.eta if FLAGS["eta"].present else ev.eta}
+    if FLAGS["guidance"].present:
+      kwargs["guidance"] = FLAGS.guidance
   import jax
-  print(f"sampled {len(images)} images on {jax.device_count()} {jax.default_backend()} "
-        f"device(s)")
+  from didr_jax.train import common
+  print(f"sampling with {run.workdir} at epoch {run.step} ({c.method})", flush=True)
+  # the noise of an evaluation's first batch: --seed=1234 (evaluation.evaluate's) and the
+  # evaluation's first eval.batch_size prompts give its images
+  rng = jax.random.fold_in(jax.random.key(FLAGS.seed), 0)
+  _, images, _, _ = run.trainer.sample(run.params, prompts, rng, **kwargs)
+  return common.all_rows(images)
 
 
 if __name__ == "__main__":

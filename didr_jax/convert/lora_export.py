@@ -14,9 +14,11 @@ model's stacked adapters (leading layer axis) are written per layer, ``layers.{i
 ``export_merged`` writes the ordinary diffusers folder (``python -m didr_jax.convert --export``'s
 format) of the pipeline with W' = W + s A B folded into the base.
 
-  python -m didr_jax.convert.lora_export --workdir=RUN --dst=OUT [--merge]
-      the adapters of a LoRA training run's latest checkpoint (base: the run's backbone.path) as
-      OUT/pytorch_lora_weights.safetensors, or with --merge the merged diffusers folder OUT.
+  python -m didr_jax.convert.lora_export --workdir=RUN --dst=OUT [--merge] [--epoch=N]
+      the evaluated adapters of a LoRA training run (base: the run's backbone.path) as
+      OUT/pytorch_lora_weights.safetensors, or with --merge the merged diffusers folder OUT;
+      a full fine-tune exports its pipeline folder (``python -m didr_jax.export``, which
+      handles every run).
 """
 
 from __future__ import annotations
@@ -120,83 +122,53 @@ def set_adapter_params(model: nnx.Module, params: Any) -> None:
   nnx.update(model, state)
 
 
+def merged_pipeline(pipe: Any, model: nnx.Module | None = None) -> Any:
+  """``pipe`` with its denoiser replaced by ``model`` (default: its own) with every adapter
+  merged into the weights (W' = W + s A B). ``pipe`` and ``model`` are unchanged."""
+  current = pipe.model
+  name = next(f.name for f in dataclasses.fields(pipe) if getattr(pipe, f.name) is current)
+  return dataclasses.replace(pipe, **{name: lora_lib.merge(current if model is None else model)})
+
+
 def export_merged(pipe: Any, dst: str) -> None:
-  """``pipe.export_diffusers(dst)`` with the denoiser's adapters merged into its weights
-  (W' = W + s A B): a plain diffusers folder, no LoRA loading needed. ``pipe`` is unchanged."""
-  model = pipe.model
-  name = next(f.name for f in dataclasses.fields(pipe) if getattr(pipe, f.name) is model)
-  dataclasses.replace(pipe, **{name: lora_lib.merge(model)}).export_diffusers(dst)
+  """``pipe.export_diffusers(dst)`` with the denoiser's adapters merged into its weights:
+  a plain diffusers folder, no LoRA loading needed. ``pipe`` is unchanged."""
+  merged_pipeline(pipe).export_diffusers(dst)
 
 
 # ---------------------------------------------------------------------------------------------
-# command line
+# command line (kept for existing scripts; ``python -m didr_jax.export`` is the general one)
 
 
-def _latest_policy_params(workdir: str) -> tuple[Any, int]:
-  """The evaluated adapters (``_evaluated_params``) of the latest complete training checkpoint
-  of ``workdir``."""
-  import orbax.checkpoint as ocp
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = sorted(int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
-                 if n.isdigit())
-  if not steps:
-    raise core.ConversionError(f"no training checkpoint in {directory}")
-  path = os.path.join(directory, str(steps[-1]), "state")
-  try:
-    state = ocp.StandardCheckpointer().restore(path)
-  except Exception as e:  # orbax raises many types; name the checkpoint and keep the cause
-    raise core.ConversionError(f"could not read the training checkpoint {path}: {e}") from e
-  return _evaluated_params(state), steps[-1]
-
-
-def _evaluated_params(state: Mapping) -> Any:
-  """The adapters a run samples and evaluates with: DDPO's / CRD's policy; DIDR's and TDM's
-  generator EMA (in the generator's dtypes) when the run keeps one, else the generator."""
-  params = state["params"]
-  if "policy" in params:
-    return params["policy"]
-  from didr_jax.train import common
-  ema = state.get("ema", {}).get("generator")
-  return params["generator"] if ema is None else common.ema_as(ema, params["generator"])
-
-
-def export_run(workdir: str, dst: str, *, merge: bool = False) -> str:
-  """Exports a LoRA training run (its config.json names base, rank, alpha and targets)."""
-  import ml_collections
-  c = ml_collections.ConfigDict(core.read_json(os.path.join(workdir, "config.json")))
-  if "lora" not in c or not c.lora.enabled:
-    raise core.ConversionError(f"{workdir}: the run was not trained with LoRA "
-                               "(config lora.enabled is false); export it with didr_jax.convert")
-  from didr_jax.train import loop
-  pipe = loop.build_backbone(c, None, master_weights=merge)
-  lora_lib.from_config(pipe.model, c.lora)
-  params, step = _latest_policy_params(workdir)
-  set_adapter_params(pipe.model, params)
-  if merge:
-    export_merged(pipe, dst)
-    return f"exported the merged diffusers pipeline of {workdir} (step {step}) to {dst}"
-  path = save_lora_weights(pipe.model, dst)
-  return f"wrote the LoRA adapters of {workdir} (step {step}) to {path}"
+def export_run(workdir: str, dst: str, *, merge: bool = False, epoch: int | None = None) -> str:
+  """Exports a training run (``run_export.export_run``): a LoRA run's evaluated adapters as
+  ``dst/pytorch_lora_weights.safetensors``, or with ``merge`` (and always for a full
+  fine-tune) the diffusers pipeline folder."""
+  from didr_jax.convert import run_export
+  lora = bool(run_export.read_run_config(workdir).lora.enabled)
+  return run_export.export_run(workdir, dst, epoch=epoch, adapters_only=lora and not merge)
 
 
 def main(argv):
-  from absl import app, flags
-  from didr_jax.train.config import ConfigError
+  from absl import app
+  from didr_jax.cli_util import quiet_logs
+  from didr_jax.convert import run_export
+  from didr_jax.export import export_main
+  quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  try:
-    print(export_run(f.workdir, f.dst, merge=f.merge))
-  except (core.ConversionError, ConfigError) as e:  # bad input: one line, no traceback
-    raise app.UsageError(str(e)) from None
+  lora = bool(run_export.read_run_config(f.workdir).lora.enabled)
+  export_main(f.workdir, f.dst, f.epoch, lora and not f.merge)
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from didr_jax.cli_util import quiet_logs
-  flags.DEFINE_string("workdir", None, "a LoRA training run's workdir")
+  from absl import flags
+  from didr_jax.cli_util import run
+  flags.DEFINE_string("workdir", None, "a training run's workdir")
   flags.DEFINE_string("dst", None, "output folder")
-  flags.DEFINE_bool("merge", False, "write the merged diffusers pipeline instead of the adapters")
+  flags.DEFINE_integer("epoch", None, "the checkpoint epoch (default: the latest)")
+  flags.DEFINE_bool("merge", False, "a LoRA run: write the merged diffusers pipeline instead of "
+                    "the adapters (a full fine-tune always exports the pipeline)")
   flags.mark_flags_as_required(["workdir", "dst"])
-  quiet_logs()
-  app.run(main)
+  run(main)

@@ -1,0 +1,55 @@
+"""Exports what a training run evaluates as a diffusers pipeline folder.
+
+  python -m didr_jax.export --workdir=workdirs/toy_ddpo --dst=exported/toy_ddpo [--epoch=N]
+  python -m didr_jax.export --workdir=runs/lora_run --dst=out --adapters_only
+
+Every method: DDPO's / CRD's policy, DIDR's / TDM's / TDM-R1's generator EMA (what the trainer's
+``policy_params`` returns), at the latest epoch or ``--epoch``; a LoRA run's adapters are merged
+into the base (``--adapters_only``: diffusers' ``pytorch_lora_weights.safetensors`` instead).
+The folder holds ``model_index.json`` and every component (the base folder's, with the trained
+denoiser), and ``didr_jax_sampling.json``: the sampler settings and the diffusers call
+arguments that reproduce the run's samples (one- and few-step generators: their scheduler, see
+``didr_jax.convert.run_export``). The workdir is only read: no lock is taken and no file in it
+changes, so a live run can be exported.
+"""
+
+from absl import flags
+
+from didr_jax.cli_util import quiet_logs, run
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "run directory written by didr_jax.main")
+flags.DEFINE_string("dst", None, "output folder (new or empty)")
+flags.DEFINE_integer("epoch", None, "the checkpoint epoch to export (default: the latest)")
+flags.DEFINE_bool("adapters_only", False, "a LoRA run: write only its adapters as "
+                  "pytorch_lora_weights.safetensors (pipe.load_lora_weights) instead of the "
+                  "merged pipeline")
+flags.mark_flags_as_required(["workdir", "dst"])
+
+
+def export_main(workdir: str, dst: str, epoch: int | None, adapters_only: bool) -> None:
+  """Shared by ``didr_jax.export`` and ``didr_jax.convert.lora_export``: one CPU device per
+  core as the run's config asks (before JAX starts), then the export."""
+  from absl import app
+  if epoch is not None and epoch < 0:
+    raise app.UsageError(f"--epoch={epoch}: must be >= 0")
+  from didr_jax.convert import run_export
+  from didr_jax.parallel import mesh as mesh_lib
+  from didr_jax.train import config as config_lib
+  if not adapters_only:
+    run_export.check_dst(dst)                 # before anything loads
+  c = run_export.read_run_config(workdir)
+  mesh_lib.split_cpu(config_lib.cpu_devices(c))
+  print(run_export.export_run(workdir, dst, epoch=epoch, adapters_only=adapters_only))
+
+
+def main(argv):
+  from absl import app
+  quiet_logs()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  export_main(FLAGS.workdir, FLAGS.dst, FLAGS.epoch, FLAGS.adapters_only)
+
+
+if __name__ == "__main__":
+  run(main)
