@@ -1,4 +1,5 @@
-"""Two jax.distributed processes on localhost gather the advantage statistics correctly."""
+"""Two jax.distributed processes on localhost gather the advantage statistics correctly and
+share process 0's workdir lock."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 
 import numpy as np
 
-from didr_jax.train import advantages
+from didr_jax.train import advantages, workdir_lock
 
 WORKER = os.path.join(os.path.dirname(__file__), "helpers", "two_process_advantages.py")
 
@@ -19,10 +20,12 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_gather_advantage_statistics():
+def test_two_processes_gather_advantage_statistics(tmp_path):
   port = _free_port()
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(i)], env=env,
+  free, busy = str(tmp_path / "free"), str(tmp_path / "busy")
+  held = workdir_lock.WorkdirLock(busy).acquire()  # a live run (this process) holds it
+  procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), free, busy], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = []
@@ -30,6 +33,13 @@ def test_two_processes_gather_advantage_statistics():
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-2000:]
     outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  held.release()
+  # the lock: process 0 took the free workdir's; process 1 took none and saw process 0's; the
+  # busy workdir was refused on both (process 1 without waiting for a collective that hangs)
+  assert [o["locked_here"] for o in outs] == [True, False]
+  assert outs[0]["lock_holder"] == outs[1]["lock_holder"] == procs[0].pid
+  assert "is locked" in outs[0]["busy"] and f"pid {os.getpid()}" in outs[0]["busy"]
+  assert "process 0 could not lock it" in outs[1]["busy"]
   rng = np.random.default_rng(0)
   prompts = [f"p{i % 3}" for i in range(12)]
   rewards = (rng.normal(size=12) + np.arange(12) % 3).astype(np.float32)

@@ -34,5 +34,20 @@ mesh = Mesh(np.array(jax.devices()), ("data",))
 local = np.arange(lo, hi, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
 images = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
 out["all_rows"] = common.all_rows(images).tolist()
+# the workdir lock of a run: process 0 takes it for all (test_workdir_lock); a workdir that
+# another run holds is refused on every process together
+from didr_jax.train import workdir_lock  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+free, busy = sys.argv[3], sys.argv[4]
+lock = workdir_lock.lock_for_run(free)
+with open(f"{free}/{workdir_lock.LOCK_NAME}") as f:
+  out["lock_holder"], out["locked_here"] = json.load(f)["pid"], lock is not None
+multihost_utils.sync_global_devices("read the lock")
+if lock is not None:
+  lock.release()
+try:
+  workdir_lock.lock_for_run(busy)
+except workdir_lock.WorkdirError as e:
+  out["busy"] = str(e)
 print(json.dumps({"pid": pid, "processes": jax.process_count(), "gathered": glob.tolist(),
                   **out}), flush=True)
