@@ -114,7 +114,7 @@ def test_export_of_a_full_fine_tune_samples_the_evaluation_in_diffusers(toy_run)
   before = _snapshot(workdir)
   dst = str(toy_run["dir"] / "exported")
   msg = run_export.export_run(workdir, dst)
-  assert "epoch 1" in msg and dst in msg
+  assert "checkpoint step 1" in msg and dst in msg
   assert _snapshot(workdir) == before                 # read-only
   assert os.path.isfile(os.path.join(dst, "model_index.json"))
   info = json.load(open(os.path.join(dst, run_export.SAMPLING_FILE)))
@@ -174,3 +174,50 @@ def test_sample_refuses_bad_arguments_in_one_line(tmp_path):
     lines = err.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert want in lines[0], lines[0]
+
+
+def test_one_step_generator_on_sdxl_exports_with_its_sampler(tmp_path):
+  """DIDR on a tiny SDXL folder: the export holds the generator EMA (what the run evaluates,
+  not the raw generator) and the one-step sampler; diffusers' SDXL pipeline with the recorded
+  call (LCMScheduler, timesteps [399], no CFG) samples the run's evaluation images."""
+  base = str(tmp_path / "sdxl")
+  tiny.save_tiny_sd(base, kind="sdxl", seed=3)
+  prompts = tmp_path / "eval.txt"
+  prompts.write_text("\n".join(PROMPTS) + "\n")
+  c = load_config("didr_sdxl", **{
+      "backbone.path": base, "backbone.dtype": "float32", "backbone.remat": False,
+      "didr.mode": "di", "rewards": {"jpeg_compressibility": 1.0}, "sample.batch_size": 8, "train.batch_size": 8,
+      "eval.num_samples": 8, "eval.batch_size": 8, "prompts.eval": str(prompts)})
+  workdir = str(tmp_path / "run")
+
+  def perturb(state, noise):
+    state["params"]["generator"] = noise(state["params"]["generator"], 0.02)
+    state["ema"]["generator"] = noise(state["ema"]["generator"], 0.02)
+    return state
+  _write_run(c, workdir, perturb)
+  before = _snapshot(workdir)
+  run = run_export.load_run(workdir)
+  dst = str(tmp_path / "exported")
+  run_export.export_pipeline(run, dst)
+  assert _snapshot(workdir) == before
+  info = json.load(open(os.path.join(dst, run_export.SAMPLING_FILE)))
+  assert info["sampler"] == "one-step generator" and info["conditioning_time"] == 399
+  assert info["pipeline_kwargs"] == {"num_inference_steps": 1, "timesteps": [399],
+                                     "guidance_scale": 1.0}
+  index = json.load(open(os.path.join(dst, "model_index.json")))
+  assert index["scheduler"] == ["diffusers", "LCMScheduler"]
+
+  _, eval_images = loop.run_eval(run.config, run.trainer, run.state)
+  rng = jax.random.fold_in(jax.random.key(EVAL_SEED), 0)
+  _, raw, _, _ = run.trainer.sample(run.state["params"]["generator"], PROMPTS, rng)
+  assert np.abs(np.asarray(raw) - eval_images).max() > 1e-3   # EMA and raw generator differ
+  z = jax.random.normal(rng, run.trainer.bb.latent_shape(len(PROMPTS)))  # the trainer's noise
+  pipe = diffusers.DiffusionPipeline.from_pretrained(dst)
+  assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+  pipe.set_progress_bar_config(disable=True)
+  with torch.no_grad():
+    got = pipe(PROMPTS, latents=torch.from_numpy(np.array(z).transpose(0, 3, 1, 2)),
+               output_type="np", height=32, width=32, **info["pipeline_kwargs"]).images
+  err = float(np.abs(got - eval_images).max())
+  print(f"SDXL one-step: diffusers vs the run's evaluation, max abs pixel error {err:.2e}")
+  assert err < 1e-3

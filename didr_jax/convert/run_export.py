@@ -205,8 +205,8 @@ def sampling_recipe(run: Run, base_scheduler: dict) -> tuple[dict, dict | None]:
   ev, s = c.eval, c.sample
   steps = int(ev.num_steps) if int(ev.num_steps) > 0 else int(s.num_steps)
   w = float(s.guidance_scale)
-  info.update(sampler="the base's sampler (evaluation settings of the run)", num_steps=steps,
-              eta=float(ev.eta), guidance_scale=w)
+  info.update(sampler="policy (the base's sampler at the run's evaluation settings)",
+              num_steps=steps, eta=float(ev.eta), guidance_scale=w)
   kwargs = {"num_inference_steps": steps, "guidance_scale": w if vp else w - 1.0}
   if vp:
     kwargs["eta"] = float(ev.eta)
@@ -278,8 +278,8 @@ def export_run(workdir: str, dst: str, *, epoch: int | None = None,
   run = load_run(workdir, epoch=epoch, master_weights=not adapters_only, warn=warn)
   if adapters_only:
     path = export_adapters(run, dst)
-    return f"wrote the LoRA adapters of {run.workdir} (epoch {run.step}) to {path}"
+    return f"wrote the LoRA adapters of {run.workdir} (checkpoint step {run.step}) to {path}"
   info = export_pipeline(run, dst)
-  return (f"exported the {info['sampler']} of {run.workdir} (method {run.config.method}, "
-          f"epoch {run.step}) as a diffusers pipeline to {dst}; sampling settings in "
+  return (f"exported what {run.workdir} evaluates ({run.config.method}, {info['sampler']}, "
+          f"checkpoint step {run.step}) as a diffusers pipeline to {dst}; sampling settings in "
           f"{os.path.join(dst, SAMPLING_FILE)}")
