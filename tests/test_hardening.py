@@ -1,7 +1,9 @@
 """The training loop's fault paths: non-finite steps are skipped and stop the run without
 touching the good checkpoints; a changed config is kept and an incompatible one refused; SIGTERM
-saves and the rerun resumes; a corrupt newest checkpoint falls back to the newest intact one;
-what a first run prints and writes.
+saves and the rerun resumes; a second run on a live workdir is refused; a corrupt newest
+checkpoint (truncated, or bit-flipped and caught by its checksums) falls back to the newest
+intact one, and ``evaluate`` reads it without moving anything; what a first run prints and
+writes.
 
 The end-to-end runs are ``python -m didr_jax.main`` subprocesses on a tiny random toy UNet,
 sharing one persistent compilation cache (same program => compiled once)."""
@@ -80,6 +82,55 @@ def _truncate(folder, keep=1 / 3):
       fh.truncate(int(os.path.getsize(f) * keep))
 
 
+def _flip(folder, n=600):
+  """Flips a bit in each of ``n`` bytes in the middle of the largest file under ``folder`` (size
+  unchanged): bit rot, or a stray write."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
+  path = max(files, key=os.path.getsize)
+  at = os.path.getsize(path) // 2 - n // 2
+  with open(path, "r+b") as fh:
+    fh.seek(at)
+    flipped = bytes(b ^ 0x01 for b in fh.read(n))
+    fh.seek(at)
+    fh.write(flipped)
+
+
+def _snapshot(d):
+  return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f), "rb").read()
+          for r, _, fs in os.walk(d) for f in fs}
+
+
+def test_checksums_catch_a_byte_flip_that_orbax_restores_silently(tmp_path):
+  d = str(tmp_path / "checkpoints")
+  rng = np.random.default_rng(0)
+  states = {s: {"params": {"w": jnp.asarray(rng.normal(size=(128, 128)), jnp.float32)},
+                "step": jnp.int32(s)} for s in (1, 2)}
+  ck = checkpoint.Checkpointer(d, async_save=True)  # checksums at the next save / the close
+  for s, state in states.items():
+    ck.save(s, state, {"k": s})
+  ck.close()
+  data = os.path.join("state", "ocdbt.process_0", "d")
+  for s in states:
+    sums = json.load(open(os.path.join(d, str(s), checkpoint.CHECKSUMS)))["files"]
+    assert any(f.startswith(data) for f in sums) and any(f.startswith("host") for f in sums)
+  _flip(os.path.join(d, "2", data))
+  abstract = checkpoint.abstract_like(states[1])
+  # Orbax alone restores the flipped bytes as values, without a word (the issue's probe)
+  state, _ = _restore_raw(str(tmp_path), 2)
+  assert not np.array_equal(state["params"]["w"], states[2]["params"]["w"])
+  # with them, a reader (evaluate, sample) names the step, uses step 1 and changes nothing
+  before = _snapshot(str(tmp_path))
+  warnings = []
+  ro = checkpoint.Checkpointer(d, read_only=True)
+  state, host, step = ro.restore_latest(abstract, warn=warnings.append)
+  ro.close()
+  assert step == 1 and host == {"k": 1}
+  np.testing.assert_array_equal(state["params"]["w"], states[1]["params"]["w"])
+  assert len(warnings) == 1 and "step 2" in warnings[0] and "nothing moved" in warnings[0]
+  assert "does not match its checksums: state/ocdbt.process_0/d/" in warnings[0]
+  assert _snapshot(str(tmp_path)) == before and os.listdir(tmp_path) == ["checkpoints"]
+
+
 def test_checkpointer_refuses_nonfinite_and_skips_a_corrupt_newest_step(tmp_path):
   d = str(tmp_path / "checkpoints")
   ck = checkpoint.Checkpointer(d, max_to_keep=2, async_save=False)
@@ -143,9 +194,13 @@ def _restore_raw(workdir, step):
   return out["state"], out["host"]
 
 
+SECOND_MAIN = {}  # the second main of ``interrupted``: its pid, subprocess.run result
+
+
 @pytest.fixture(scope="module")
 def interrupted(env, tmp_path_factory):
-  """A run SIGTERMed right after epoch 1 of 3 (epoch 1 is not a checkpoint_every=2 step)."""
+  """A run SIGTERMed right after epoch 1 of 3 (epoch 1 is not a checkpoint_every=2 step).
+  While it runs, a second ``main`` on its workdir (which must be refused: ``second``)."""
   folder, e = env
   workdir = str(tmp_path_factory.mktemp("run"))
   p = subprocess.Popen(_args(folder, workdir), cwd=ROOT, env=e, stdout=subprocess.PIPE,
@@ -153,6 +208,8 @@ def interrupted(env, tmp_path_factory):
   lines = []
   for line in p.stdout:
     lines.append(line)
+    if line.startswith("batch:"):  # the first run holds the workdir's lock from now on
+      SECOND_MAIN.update(pid=p.pid, run=_run(_args(folder, workdir), e, timeout=300))
     if line.startswith("epoch 1/3 |"):
       p.send_signal(signal.SIGTERM)
       break
@@ -176,6 +233,20 @@ def test_first_run_prints_what_compiles_and_writes_eval_pngs(interrupted):
   assert Image.open(png).size[0] > 16
   rows = open(png[:-4] + ".txt").read().splitlines()
   assert len(rows) == 4 and rows[0].startswith("0,0: ") and len(rows[0]) > 8
+
+
+def test_a_second_main_on_a_live_run_is_refused_naming_it(interrupted):
+  """Two runs on one workdir resumed from the same step and deleted each other's saves; a
+  rerun without --workdir trained into the default run while it was live (issue 28)."""
+  workdir = interrupted[0]
+  second = SECOND_MAIN["run"]
+  assert second.returncode == 2, second.stderr[-2000:]
+  lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and lines[0].startswith(f"error: --workdir={workdir} is locked: the "
+                                                 f"run of pid {SECOND_MAIN['pid']} on host ")
+  assert "batch:" not in second.stdout  # refused before it built anything
+  assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1  # no second writer
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))  # released by the first run
 
 
 def test_sigterm_saves_the_last_epoch_and_the_rerun_resumes(env, interrupted, tmp_path):
@@ -207,15 +278,30 @@ def test_sigterm_saves_the_last_epoch_and_the_rerun_resumes(env, interrupted, tm
 
 
 def test_corrupt_newest_checkpoint_falls_back(env, interrupted, tmp_path):
+  """600 bit-flipped bytes in a data file (which Orbax restores without a word) are caught by
+  the checksums: training resumes from the step before and sets the corrupt one aside;
+  ``evaluate`` (run at the same time on a copy) evaluates the step before and moves nothing."""
   folder, e = env
   run = str(tmp_path / "run")
   shutil.copytree(interrupted[0], run)
   r = _run(_args(folder, run, num_epochs=2), e)  # checkpoints 1 and 2
   assert r.returncode == 0, r.stderr[-2000:]
-  _truncate(os.path.join(run, "checkpoints", "2", "state", "ocdbt.process_0", "d"))  # the data
+  _flip(os.path.join(run, "checkpoints", "2", "state", "ocdbt.process_0", "d"))  # the data
+  reader = str(tmp_path / "reader")
+  shutil.copytree(run, reader)
+  before = _snapshot(reader)
+  ev = subprocess.Popen([sys.executable, "-m", "didr_jax.evaluate", f"--workdir={reader}"],
+                        cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   r = _run(_args(folder, run, num_epochs=4, checkpoint_every=1), e)
+  ev_out, ev_err = ev.communicate(timeout=600)
+  assert ev.returncode == 0, ev_err[-2000:]
+  warned = [ln for ln in ev_out.splitlines() if ln.startswith("warning:")]
+  assert len(warned) == 1 and "step 2" in warned[0] and "does not match its checksums" in warned[0]
+  assert "nothing moved" in warned[0] and json.loads(ev_out.splitlines()[-1])["epoch"] == 1
+  assert _snapshot(reader) == before  # evaluate read the run and changed nothing in it
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "checkpoint step 2" in r.stdout and "corrupt" in r.stdout
+  warned = [ln for ln in r.stdout.splitlines() if ln.startswith("warning:")]
+  assert len(warned) == 1 and "checkpoint step 2" in warned[0] and "checksums" in warned[0]
   assert "at epoch 1" in r.stdout and "epoch 4/4 |" in r.stdout
   assert os.listdir(os.path.join(run, "checkpoints.corrupt")) == ["2"]
   assert sorted(int(s) for s in os.listdir(os.path.join(run, "checkpoints"))) == [2, 3, 4]
@@ -229,11 +315,6 @@ def type_of(arg):
     except ValueError:
       pass
   return {"True": True, "False": False}.get(v, v)
-
-
-def _snapshot(d):
-  return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f), "rb").read()
-          for r, _, fs in os.walk(d) for f in fs}
 
 
 def test_an_incompatible_config_is_refused_and_changes_nothing(env, tmp_path):
