@@ -17,8 +17,8 @@ def parse_spec(spec: str) -> tuple[str, str, str]:
   if problem not in backbone.PROBLEMS:
     raise ValueError(f"exact problem {problem!r} is not one of {sorted(backbone.PROBLEMS)}")
   if reward not in backbone.PROBLEMS[problem].rewards():
-    raise ValueError(f"reward {reward!r} is not one of {sorted(backbone.PROBLEMS[problem].rewards())}"
-                     f" for {problem}")
+    known = sorted(backbone.PROBLEMS[problem].rewards())
+    raise ValueError(f"reward {reward!r} is not one of {known} for {problem}")
   if family not in ("vp", "flow") or len(parts) > 3:
     raise ValueError(f"{spec!r}: expected problem[:reward[:vp|flow]]")
   return problem, reward, family

@@ -191,8 +191,8 @@ def ring_2d(num_prompts: int = 2) -> GaussianMixture:
   k = 8
   ang = 2 * np.pi * np.arange(k) / k
   means = 3.0 * np.stack([np.cos(ang), np.sin(ang)], axis=1)
-  rot = np.stack([np.stack([np.cos(ang), -np.sin(ang)], 1), np.stack([np.sin(ang), np.cos(ang)], 1)],
-                 axis=1)                                        # (K, 2, 2), rotation by ang
+  cos, sin = np.cos(ang), np.sin(ang)
+  rot = np.stack([np.stack([cos, -sin], 1), np.stack([sin, cos], 1)], axis=1)  # (K, 2, 2)
   scales = np.stack([0.45 + 0.1 * (np.arange(k) % 3), np.full(k, 0.2)], axis=1)
   covs = np.einsum("kij,kj,klj->kil", rot, scales ** 2, rot)
   weights = 1.0 + 0.5 * (np.arange(k) % 3)
