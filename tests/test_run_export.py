@@ -177,16 +177,19 @@ def test_sample_refuses_bad_arguments_in_one_line(tmp_path):
 
 
 def test_one_step_generator_on_sdxl_exports_with_its_sampler(tmp_path):
-  """DIDR on a tiny SDXL folder: the export holds the generator EMA (what the run evaluates,
-  not the raw generator) and the one-step sampler; diffusers' SDXL pipeline with the recorded
-  call (LCMScheduler, timesteps [399], no CFG) samples the run's evaluation images."""
+  """DIDR with LoRA on a tiny SDXL folder: the export holds the generator EMA (what the run
+  evaluates, not the raw generator) merged into the base, and the one-step sampler; diffusers'
+  SDXL pipeline with the recorded call (LCMScheduler, timesteps [399], no CFG) samples the run's
+  evaluation images. (LoRA also keeps the state small: the checkpointer's finite check compiles
+  one program over every leaf of it.)"""
   base = str(tmp_path / "sdxl")
   tiny.save_tiny_sd(base, kind="sdxl", seed=3)
   prompts = tmp_path / "eval.txt"
   prompts.write_text("\n".join(PROMPTS) + "\n")
   c = load_config("didr_sdxl", **{
       "backbone.path": base, "backbone.dtype": "float32", "backbone.remat": False,
-      "didr.mode": "di", "rewards": {"jpeg_compressibility": 1.0}, "sample.batch_size": 8, "train.batch_size": 8,
+      "didr.mode": "di", "rewards": {"jpeg_compressibility": 1.0}, "lora.enabled": True,
+      "lora.rank": 2, "lora.alpha": 4.0, "sample.batch_size": 8, "train.batch_size": 8,
       "eval.num_samples": 8, "eval.batch_size": 8, "prompts.eval": str(prompts)})
   workdir = str(tmp_path / "run")
 
@@ -198,7 +201,7 @@ def test_one_step_generator_on_sdxl_exports_with_its_sampler(tmp_path):
   before = _snapshot(workdir)
   run = run_export.load_run(workdir)
   dst = str(tmp_path / "exported")
-  run_export.export_pipeline(run, dst)
+  run_export.export_pipeline(run, dst)       # float32 base: the run's backbone.dtype
   assert _snapshot(workdir) == before
   info = json.load(open(os.path.join(dst, run_export.SAMPLING_FILE)))
   assert info["sampler"] == "one-step generator" and info["conditioning_time"] == 399

@@ -222,8 +222,9 @@ def merge(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
   kernel's dtype), and plain layers back in place: the base model's structure and parameter
   names. Without ``inplace`` the input keeps its adapters (a shallow copy: untouched arrays are
   shared, not copied)."""
-  if not inplace:
-    model = nnx.merge(*nnx.split(model))
+  if not inplace:  # new Variables (split / merge alone would share them with the input)
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
   for path, lora in adapters(model):
     base = lora.base_module
     kernel = base.kernel
