@@ -18,6 +18,7 @@ On several hosts (TPU pod workers, SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PRO
 JAX_PROCESS_ID) JAX's distributed runtime is initialised first.
 """
 
+import errno
 import os
 import sys
 
@@ -53,7 +54,8 @@ def main(argv):
   except checkpoint.SaveError as e:  # the disk refused a checkpoint
     fail(str(e), code=1)
   except OSError as e:  # the disk refused another write into the workdir (logs, config)
-    if checkpoint.disk_errno(e) is None:
+    inside = os.path.abspath(str(e.filename or "/")).startswith(os.path.abspath(workdir))
+    if not (inside or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
       raise
     fail(f"could not write into {workdir}: {e}; free space or fix the folder and rerun to "
          "resume", code=1)

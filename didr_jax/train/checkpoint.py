@@ -23,8 +23,9 @@ itself is not slowed). ``restore`` checks them first and a mismatch is a corrupt
 other. A step without the file (older runs, or a crash between Orbax's commit and the checksum
 write) restores unchecked.
 
-A ``read_only`` Checkpointer (``evaluate``, ``sample``: readers of a live run) never creates,
-deletes or moves anything: a corrupt step is named and the next older one used.
+A ``read_only`` Checkpointer (``evaluate``, ``sample``, exports: readers of a run that may be
+live, holding no lock) never creates, deletes or moves anything: a corrupt step is named and
+the next older one used.
 
 A save that fails because the disk is full, read-only or out of quota raises ``SaveError`` (one
 line) after removing the unfinished ``<step>.orbax-checkpoint-tmp`` folder; Orbax's tracebacks
@@ -161,8 +162,8 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    """``read_only``: a reader of someone's run (creates, deletes and moves nothing). A writer
-    (the run, holding its workdir's lock) removes unfinished saves of earlier processes."""
+    """``read_only``: a reader of a run that may be live (``evaluate``, ``sample``, exports):
+    it creates, deletes and moves nothing."""
     self.directory = os.path.abspath(directory)
     self.read_only = read_only
     self.async_save = async_save and not read_only
@@ -173,8 +174,7 @@ class Checkpointer:
                                              enable_async_checkpointing=False)
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=async_save,
-                                             cleanup_tmp_directories=True)
+                                             enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "host"))
 
