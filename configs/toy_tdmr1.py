@@ -8,12 +8,11 @@ with TDM's distribution matching to the shipped toy UNet (CFG 3).
 
 Toy choices (not the paper's): 4 prompts x 8 samples per iteration, 2 iterations per epoch,
 teacher CFG 3, surrogate CFG 3, generator lr 5e-5, surrogate lr 3e-5, no weight decay, beta_dpo 1
-(METHODS: GenEval-like rewards). The t_cfg scale is 2 / w_cfg, so that with phi = ref the
-generator's three targets add up to TDM's own (the distribution matching toward the CFG-3 teacher
-the student was distilled with): the gradient (x0_fake - x0_ref,cond - w_cfg s (x0_ref,cond -
-x0_ref,uncond)) / w is (x0_fake - x0_ref^CFG3) / w exactly when w_cfg s = 2. (The scale 2 this
-config had before moved the target to CFG 1.6 and raised the toy FD from 100 to 137 in 20
-epochs without any reward.) The surrogate's lr is 10x below the paper's: on the toy, full
+(METHODS: GenEval-like rewards). The t_cfg scale is derived (``tdm_config.cfg_reward_scale``:
+w_cfg s = ref_cfg - 1 = 2), so that with phi = ref the generator's three targets add up to TDM's
+own, the distribution matching toward the CFG-3 teacher the student was distilled with. (A scale
+of 2 moved the target to CFG 1.6 and raised the toy FD from 100 to 137 in 20 epochs without any
+reward.) The surrogate's lr is 10x below the paper's: on the toy, full
 fine-tuning at 3e-4 moved phi's outputs from the reference's by as much as the reference's own
 denoising error within 15 iterations, and its learned implicit reward correlated less with the
 reward (``benchmarks/tdmr1_surrogate_probe.py``, README).
@@ -42,7 +41,6 @@ def get_config():
   # the shipped 4-step student once it is built; until then the teacher read as the student
   c.tdm.generator_path = student if os.path.isdir(student) else ""
   c.tdm.ref_cfg = 3.0
-  c.tdm.cfg_reward_scale = 2.0 / c.tdm.w_cfg   # w_cfg s = 2: CFG 3 in total (docstring)
   c.tdm.surrogate_cfg = 3.0
   c.tdm.beta_dpo = 1.0
   c.tdm.gen_lr = 5e-5

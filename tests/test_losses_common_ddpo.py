@@ -91,6 +91,21 @@ def test_rwr_weights():
   np.testing.assert_allclose(w, [0, 0, 0, 4.0])
 
 
+def test_rwr_weights_follow_normalised_advantages_not_the_reward_scale():
+  """RWR weights come from per-prompt normalised advantages, so any affine change of the reward
+  leaves them unchanged; softmax of raw [0, 1] rewards spanned at most e (2.7x)."""
+  from didr_jax.losses import common
+  rng = np.random.default_rng(0)
+  rewards = jnp.asarray(rng.uniform(0.0, 1.0, size=16).astype(np.float32))
+  ids = jnp.arange(16) // 4
+  adv = lambda r: common.group_advantages(r, ids, 4, std="global", clip=5.0)
+  w1 = ddpo.rwr_weights(adv(rewards))
+  w2 = ddpo.rwr_weights(adv(21.0 + 3.0 * rewards))           # a PickScore-like scale
+  np.testing.assert_allclose(w1, w2, rtol=2e-3)       # up to the std floor eps = 1e-4
+  assert float(jnp.max(w1) / jnp.min(w1)) > 10.0
+  assert float(jnp.max(ddpo.rwr_weights(rewards)) / jnp.min(ddpo.rwr_weights(rewards))) < np.e
+
+
 def test_dsm_loss_is_zero_at_the_target_and_matches_numpy():
   import numpy as np
   from didr_jax.losses import common

@@ -478,9 +478,10 @@ def test_tdm_config_sections_validate_and_name_the_bad_key():
   d = tdmr1_section()
   assert validate_tdm_section(d) == {"old": SnapshotSchedule(0.25, 0.005, 0.999, 0)}
   assert (d.w_kl, d.w_cfg, d.w_rew, d.cfg_reward_scale, d.fake_ref_weight) == (1.0, 0.3, 0.7,
-                                                                                3.5, 0.02)
+                                                                                -1.0, 0.02)
   for key, value in [("boundaries_per_iter", 5), ("gen_betas", (0.0, 1.0)), ("trust_clip", 0.0),
-                     ("t_min_reward", 1.0), ("ema_decay", 1.0), ("surrogate_lr", 0.0)]:
+                     ("t_min_reward", 1.0), ("ema_decay", 1.0), ("surrogate_lr", 0.0),
+                     ("cfg_reward_scale", 3.5), ("rew_ref_cfg", False)]:
     bad = tdmr1_section()
     bad[key] = value
     with pytest.raises(ConfigError, match=rf"^config\.tdm\.{key}: "):
@@ -505,3 +506,38 @@ def test_student_step_clips_x0_as_ddim_clip_sample(rng):
   np.testing.assert_allclose(np.asarray(x0_hat), x0, rtol=1e-12)
   np.testing.assert_allclose(np.asarray(eps_hat), out, rtol=1e-12)
   np.testing.assert_allclose(np.asarray(x_next), a2 * x0 + s2 * out, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["toy_tdmr1", "tdmr1_sdxl", "tdmr1_zimage"])
+def test_every_shipped_tdmr1_config_distils_toward_its_teacher_cfg(name, rng):
+  """At phi = ref (the surrogate's start) the gradient of TDM-R1's generator loss equals w_kl
+  times TDM's DM gradient toward the teacher at ``tdm.ref_cfg``, for the scale the config gives
+  the trainer (``cfg_reward_scale``). With the literal 3.5 the real configs pulled toward
+  CFG 2.05 (this test fails for them: checked below)."""
+  import importlib.util
+  from didr_jax.train.config import ConfigError
+  from didr_jax.train.tdm_config import cfg_reward_scale
+  spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  d = module.get_config().tdm
+  shape = (3, 4, 4, 2)
+  x0_hat, ref_c, ref_u, fake = (jnp.asarray(rng.normal(size=shape)) for _ in range(4))
+  phi_c, phi_u = ref_c, ref_u                                   # phi = ref
+  w = float(d.ref_cfg)
+
+  def grad_r1(s):
+    cfg = lambda u, c, scale: u + scale * (c - u)
+    return jax.grad(lambda x: tdm_r1.generator_loss(
+        x, x0_ref_cond=ref_c, x0_ref_uncond=ref_u, x0_ref_cfg=cfg(ref_u, ref_c, w),
+        x0_fake=fake, x0_phi_cfg=cfg(phi_u, phi_c, float(d.surrogate_cfg)),
+        x0_ref_rew=cfg(ref_u, ref_c, float(d.surrogate_cfg)), cfg_scale=s, w_kl=float(d.w_kl),
+        w_cfg=float(d.w_cfg), w_rew=float(d.w_rew))[0])(x0_hat)
+
+  ref_cfg = ref_u + w * (ref_c - ref_u)
+  want = float(d.w_kl) * jax.grad(lambda x: tdm.dm_loss(x, ref_cfg, fake)[0])(x0_hat)
+  np.testing.assert_allclose(grad_r1(cfg_reward_scale(d)), want, rtol=1e-5, atol=1e-7)
+  assert float(np.max(np.abs(grad_r1(3.5) - want))) > 1e-3 * float(np.max(np.abs(want)))
+  d.cfg_reward_scale = 3.5
+  with pytest.raises(ConfigError, match=r"^config\.tdm\.cfg_reward_scale: 3\.5 pulls toward CFG"):
+    cfg_reward_scale(d)

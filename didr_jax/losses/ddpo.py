@@ -14,7 +14,10 @@ per-sample *means* over latent dims (as every public DDPO implementation does), 
   not the step std; CPS and DDIM: the step std; see ``flow.step_kl_std`` / ``ddim.ddim_std``).
   Samples whose s is 0 (deterministic steps) get 0, not a floored 1 / (2 * 1e-12).
 - ``rwr_loss``: reward-weighted regression, the paper's baseline: a per-sample denoising loss
-  weighted by softmax(R / temperature) ("exp") or by 1[R >= percentile] ("sparse").
+  weighted by softmax(A / temperature) ("exp") or by 1[A >= percentile] ("sparse"), over the
+  micro-batch, with A the normalised advantages (the DDPO paper weights normalised rewards: on
+  raw rewards in [0, 1] softmax(R) spans at most e = 2.7x, close to plain self-distillation, and
+  any reward's scale would set the temperature).
 """
 
 from __future__ import annotations
@@ -65,10 +68,11 @@ def kl_to_reference(mean: jax.Array, mean_ref: jax.Array, scale: jax.Array) -> j
   return jnp.where(live, sq / (2.0 * jnp.where(live, scale, 1.0) ** 2), 0.0)
 
 
-def rwr_weights(rewards: jax.Array, *, mode: str = "exp", temperature: float = 1.0,
+def rwr_weights(advantages: jax.Array, *, mode: str = "exp", temperature: float = 1.0,
                 percentile: float = 0.9) -> jax.Array:
-  """Normalised per-sample weights (sum to the batch size)."""
-  r = rewards.astype(jnp.float32)
+  """Normalised per-sample weights (sum to the batch size) of normalised advantages: invariant
+  to an affine change of the reward (through the advantages' normalisation)."""
+  r = advantages.astype(jnp.float32)
   if mode == "exp":
     w = jax.nn.softmax(r / temperature)
   elif mode == "sparse":
@@ -79,6 +83,6 @@ def rwr_weights(rewards: jax.Array, *, mode: str = "exp", temperature: float = 1
   return jax.lax.stop_gradient(w * r.shape[0])
 
 
-def rwr_loss(denoise_loss: jax.Array, rewards: jax.Array, **kw) -> jax.Array:
-  """mean_i w_i * denoise_loss_i with ``rwr_weights``."""
-  return jnp.mean(rwr_weights(rewards, **kw) * denoise_loss)
+def rwr_loss(denoise_loss: jax.Array, advantages: jax.Array, **kw) -> jax.Array:
+  """mean_i w_i * denoise_loss_i with ``rwr_weights`` of the normalised advantages."""
+  return jnp.mean(rwr_weights(advantages, **kw) * denoise_loss)

@@ -326,14 +326,15 @@ class DDPOTrainer:
     return loss, {**metrics, **steps, "loss": loss}
 
   def _rwr_loss(self, params, micro, rng):
-    """Reward-weighted denoising loss on the final samples (eps-space MSE per sample)."""
+    """Reward-weighted denoising loss on the final samples (eps-space MSE per sample), weighted
+    by the normalised advantages (``losses.ddpo.rwr_weights``)."""
     d = self.c.ddpo
     model = self.net.bind(params)
     x0 = micro["x0"]
     x_t, t, target = self.bb.training_pair(rng, x0)
     out = self.bb.denoise(model, x_t, t, micro["cond"], None, 1.0)
     per = jnp.mean((out.astype(jnp.float32) - target) ** 2, axis=tuple(range(1, x0.ndim)))
-    loss = ddpo_loss.rwr_loss(per, micro["rewards"], mode=d.rwr_mode,
+    loss = ddpo_loss.rwr_loss(per, micro["adv"], mode=d.rwr_mode,
                               temperature=d.rwr_temperature, percentile=d.rwr_percentile)
     return loss, {"loss": loss}
 

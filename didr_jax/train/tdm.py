@@ -293,8 +293,12 @@ class TDMTrainer(common.GuardedHostState):
     return state, {**m, "fake_loss": loss, "fake_grad_norm": am["grad_norm"],
                    "fake_nonfinite": am["nonfinite"]}
 
-  def _generator_targets(self, state, ref_params, x_tau, tau, cond, uncond, x0_hat, scales):
-    """(loss, metrics) of the generator at x_tau given the live x0_hat: TDM's DM loss."""
+  def _generator_targets(self, state, ref_params, x_tau, tau, cond, uncond, x0_hat, scales,
+                         renoise=None):
+    """(loss, metrics) of the generator at x_tau given the live x0_hat: TDM's DM loss.
+    ``renoise`` = (rng, sg x_{j+1}, sg x0_hat, j) for a method that re-noises again (TDM-R1's
+    reward term); TDM does not."""
+    del renoise
     x0 = lambda out: self._x0(out, x_tau, tau)
     ref_cond = x0(self._out(ref_params, x_tau, tau, cond))
     ref_cfg = ref_cond
@@ -314,9 +318,10 @@ class TDMTrainer(common.GuardedHostState):
 
     def loss_fn(p):
       x_next, x0_hat = self._student_step(p, latents[j], j, cond, uncond)
-      x_tau, _, tau = self._renoise(rng, jax.lax.stop_gradient(x_next),
-                                    jax.lax.stop_gradient(x0_hat), j)
-      return self._generator_targets(state, ref_params, x_tau, tau, cond, uncond, x0_hat, scales)
+      x_next_sg, x0_sg = jax.lax.stop_gradient(x_next), jax.lax.stop_gradient(x0_hat)
+      x_tau, _, tau = self._renoise(rng, x_next_sg, x0_sg, j)
+      return self._generator_targets(state, ref_params, x_tau, tau, cond, uncond, x0_hat, scales,
+                                     renoise=(jax.random.fold_in(rng, 1), x_next_sg, x0_sg, j))
 
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen)
     new_gen, new_opt, am = common.guarded_apply(self.tx["generator"], grads,

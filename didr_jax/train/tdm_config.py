@@ -60,7 +60,11 @@ def tdmr1_section() -> ml_collections.ConfigDict:
   d.t_min_reward = 0.3           # tau' >= max(t_{j'+1}, t_min): flow sigma (VP: 300 / T)
   d.surrogate_cfg = 4.5          # CFG of phi in t_rew (4.5 / 2.5 / 3.5 by task)
   d.rew_ref_cfg = True           # compare phi^CFG with ref^CFG (else ref cond) [reconstruction]
-  d.cfg_reward_scale = 3.5       # t_cfg = x0_hat + 3.5 (x0_ref,cond - x0_ref,uncond)
+  # t_cfg = x0_hat + s (x0_ref,cond - x0_ref,uncond). -1: derived, s = w_kl (ref_cfg - 1) / w_cfg,
+  # so that at phi = ref the three targets add up to TDM's (the teacher at ref_cfg;
+  # ``cfg_reward_scale``). Another value must equal it (METHODS' literal 3.5 with w_cfg 0.3
+  # pulled toward CFG 2.05, not the teacher's 4.5 or 8).
+  d.cfg_reward_scale = -1.0
   d.w_kl = 1.0                   # L_G = w_cfg L_cfg + w_rew L_rew + w_kl L_KL
   d.w_cfg = 0.3
   d.w_rew = 0.7
@@ -107,12 +111,40 @@ def validate_tdm_section(d: ml_collections.ConfigDict) -> dict:
   _require(0.0 <= float(d.t_min_reward) < float(d.tau_max), "t_min_reward",
            f"must be in [0, tau_max={d.tau_max}), got {d.t_min_reward}")
   _require(float(d.surrogate_cfg) >= 1.0, "surrogate_cfg", f"must be >= 1, got {d.surrogate_cfg}")
-  for key in ("anchor_weight", "w_kl", "w_cfg", "w_rew", "cfg_reward_scale"):
+  for key in ("anchor_weight", "w_kl", "w_cfg", "w_rew"):
     _require(float(d[key]) >= 0, key, f"must be >= 0, got {d[key]}")
+  cfg_reward_scale(d)
   try:
     return {"old": SnapshotSchedule.of(d.old)}
   except (ValueError, KeyError, TypeError) as e:
     raise ConfigError(f"config.tdm.old: {e}") from None
+
+
+def cfg_reward_scale(d: ml_collections.ConfigDict) -> float:
+  """The t_cfg scale s of a TDM-R1 section: the one for which, with the surrogate at its start
+  (phi = ref), the generator's targets add up to TDM's target (the teacher at ``ref_cfg``).
+
+  At phi = ref the reward target is t_rew = x0_hat when ``rew_ref_cfg`` (phi^CFG compared with
+  ref^CFG), and L_KL and L_cfg share the normaliser w = mean|x0_hat - x0_ref^CFG|, so the
+  generator's pull is [w_kl (x0_ref,c - x0_fake) + w_cfg s (x0_ref,c - x0_ref,u)] / w; TDM's is
+  w_kl (x0_ref^CFG - x0_fake) / w with x0_ref^CFG = x0_ref,c + (ref_cfg - 1)(x0_ref,c - x0_ref,u)
+  (``diffusion.guidance.cfg``). They are equal for every input iff w_cfg s = w_kl (ref_cfg - 1).
+  ``cfg_reward_scale`` = -1 takes that value; any other value must equal it (ConfigError)."""
+  w_kl, w_cfg, ref_cfg = float(d.w_kl), float(d.w_cfg), float(d.ref_cfg)
+  need = w_kl * (ref_cfg - 1.0)
+  _require(bool(d.rew_ref_cfg) or float(d.surrogate_cfg) == 1.0, "rew_ref_cfg",
+           f"False compares phi^CFG {d.surrogate_cfg} with the teacher's conditional output, a "
+           f"CFG push that is there at phi = ref, so the targets cannot add up to the teacher "
+           f"at ref_cfg {ref_cfg}; set it True")
+  _require(w_cfg > 0 or need == 0, "w_cfg", f"must be > 0 to guide toward ref_cfg {ref_cfg} "
+           f"(w_kl (ref_cfg - 1) = {need:g})")
+  derived = need / w_cfg if w_cfg > 0 else 0.0
+  s = float(d.cfg_reward_scale)
+  _require(s == -1.0 or abs(s - derived) <= 1e-6 * max(1.0, derived), "cfg_reward_scale",
+           f"{s:g} pulls toward CFG {1 + w_cfg * s / w_kl if w_kl else float('inf'):.4g}, not the "
+           f"teacher's ref_cfg {ref_cfg:g}; the scale that keeps the invariant w_cfg s = w_kl "
+           f"(ref_cfg - 1) is {derived:.6g} (or -1 for derived)")
+  return derived
 
 
 def real_config(kind: str, *, ref_cfg: float, surrogate_cfg: float) -> ml_collections.ConfigDict:

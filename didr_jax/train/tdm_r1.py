@@ -41,6 +41,7 @@ from didr_jax.losses import common as loss_common, tdm as tdm_losses, tdm_r1 as 
 from didr_jax.train import common
 from didr_jax.train.config import ConfigError
 from didr_jax.train.tdm import EpochAbandoned, TDMTrainer  # noqa: F401
+from didr_jax.train.tdm_config import cfg_reward_scale
 
 
 class TDMR1Trainer(TDMTrainer):
@@ -61,7 +62,7 @@ class TDMR1Trainer(TDMTrainer):
   def scales(self) -> dict:
     d = self.c.tdm
     return {"ref_cfg": jnp.float32(d.ref_cfg), "surrogate_cfg": jnp.float32(d.surrogate_cfg),
-            "cfg_reward_scale": jnp.float32(d.cfg_reward_scale)}
+            "cfg_reward_scale": jnp.float32(cfg_reward_scale(d))}
 
   # ------------------------------------------------------------------------------ rewards
 
@@ -83,6 +84,20 @@ class TDMR1Trainer(TDMTrainer):
     return self._surrogate_update(state, self.ref_params, ctx["latents"], cond, ctx["adv"],
                                   ctx["ids"], rng)
 
+  def _group_renoise(self, k_t, k_e, x_s, x0_hat, j, ids, groups):
+    """(x_tau', target, tau') of the surrogate's noise level: x_s = x_{j+1} re-noised to
+    tau' >= max(t_{j+1}, t_min_reward) (up to tau_max T) with tau' and eps shared within each
+    group. The surrogate is trained (step 2b) and read (step 2c) at this law of points only."""
+    d = self.c.tdm
+    a_s, s_s = self._alpha_sigma(jnp.asarray(self.grid.times)[j + 1])
+    lo, hi = self.grid.tau_range(jnp.asarray(self.grid.times)[j + 1], float(d.t_min_reward),
+                                 float(d.tau_max))
+    tau = r1_losses.group_shared_uniform(k_t, ids, groups, lo, hi, integer=self.grid.integer)
+    eps = r1_losses.group_shared_normal(k_e, ids, groups, x_s.shape[1:])
+    x_tau, target = tdm_losses.renoised_target(x_s, x0_hat, eps, a_s, s_s,
+                                               *self._alpha_sigma(tau), self.ptype)
+    return x_tau, target, tau
+
   def _surrogate_update_impl(self, state, ref_params, latents, cond, adv, ids, rng):
     """One DGPO step of phi on a stored boundary (module docstring, 2b), then the old EMA."""
     d = self.c.tdm
@@ -96,11 +111,7 @@ class TDMR1Trainer(TDMTrainer):
     # The (x0, eps) pair that reproduces both stored states (with clip_sample it differs from
     # the clipped x0_hat of the step, but keeps x_s = a_s x0 + s_s eps, what the kernel needs).
     x0_hat = tdm_losses.x0_from_states(latents[jp], x_s, *self._alpha_sigma(times[jp]), a_s, s_s)
-    lo, hi = self.grid.tau_range(times[jp + 1], float(d.t_min_reward), float(d.tau_max))
-    tau = r1_losses.group_shared_uniform(k_t, ids, groups, lo, hi, integer=self.grid.integer)
-    eps = r1_losses.group_shared_normal(k_e, ids, groups, x_s.shape[1:])
-    x_tau, target = tdm_losses.renoised_target(x_s, x0_hat, eps, a_s, s_s,
-                                               *self._alpha_sigma(tau), self.ptype)
+    x_tau, target, tau = self._group_renoise(k_t, k_e, x_s, x0_hat, jp, ids, groups)
     out_ref = self._out(ref_params, x_tau, tau, cond)
     out_old = self._out(state["ema"]["old"], x_tau, tau, cond)
     phi = state["params"]["surrogate"]
@@ -127,17 +138,30 @@ class TDMR1Trainer(TDMTrainer):
 
   # ------------------------------------------------------------------------------ generator
 
-  def _generator_targets(self, state, ref_params, x_tau, tau, cond, uncond, x0_hat, scales):
-    """TDM-R1's three stop-gradient targets at x_tau (module docstring, 2c)."""
+  def _generator_targets(self, state, ref_params, x_tau, tau, cond, uncond, x0_hat, scales,
+                         renoise=None):
+    """TDM-R1's three stop-gradient targets (module docstring, 2c): the distribution-matching
+    and CFG targets at TDM's x_tau, the reward target at the surrogate's own re-noised point
+    (``_group_renoise`` from the same x_{j+1}: where phi was trained, never below
+    t_min_reward)."""
     d = self.c.tdm
-    x0 = lambda p, c: jax.lax.stop_gradient(self._x0(self._out(p, x_tau, tau, c), x_tau, tau))
+    x0_at = lambda p, c, x, t: jax.lax.stop_gradient(self._x0(self._out(p, x, t, c), x, t))
     ps = state["params"]
-    ref_c, ref_u = x0(ref_params, cond), x0(ref_params, uncond)
-    phi_c, phi_u = x0(ps["surrogate"], cond), x0(ps["surrogate"], uncond)
-    ref_rew = (guidance.cfg(ref_u, ref_c, scales["surrogate_cfg"]) if d.rew_ref_cfg else ref_c)
+    ref_c, ref_u = x0_at(ref_params, cond, x_tau, tau), x0_at(ref_params, uncond, x_tau, tau)
+    rng, x_next, x0_sg, j = renoise
+    groups = x_next.shape[0] // self.group
+    ids = jnp.arange(x_next.shape[0], dtype=jnp.int32) // self.group
+    x_r, _, tau_r = self._group_renoise(*jax.random.split(rng), x_next, x0_sg, j, ids, groups)
+    phi_c, phi_u = x0_at(ps["surrogate"], cond, x_r, tau_r), x0_at(ps["surrogate"], uncond, x_r,
+                                                                     tau_r)
+    ref_rew = x0_at(ref_params, cond, x_r, tau_r)
+    if d.rew_ref_cfg:
+      ref_rew = guidance.cfg(x0_at(ref_params, uncond, x_r, tau_r), ref_rew,
+                             scales["surrogate_cfg"])
     return r1_losses.generator_loss(
         x0_hat, x0_ref_cond=ref_c, x0_ref_uncond=ref_u,
-        x0_ref_cfg=guidance.cfg(ref_u, ref_c, scales["ref_cfg"]), x0_fake=x0(ps["fake"], cond),
+        x0_ref_cfg=guidance.cfg(ref_u, ref_c, scales["ref_cfg"]),
+        x0_fake=x0_at(ps["fake"], cond, x_tau, tau),
         x0_phi_cfg=guidance.cfg(phi_u, phi_c, scales["surrogate_cfg"]), x0_ref_rew=ref_rew,
         cfg_scale=scales["cfg_reward_scale"], w_kl=float(d.w_kl), w_cfg=float(d.w_cfg),
         w_rew=float(d.w_rew), floor=float(d.dm_floor))
