@@ -149,25 +149,31 @@ TRY_LOCK = ("import os, sys; from didr_jax.train import workdir_lock as w\n"
             "print(sorted(os.listdir(sys.argv[1])))")
 
 
-@pytest.mark.parametrize("options,expected", [
-    ("ro,size=64k", "is not writable: cannot create its lock file {mnt}/run.lock (Read-only "
-                    "file system)"),
-    ("size=4k", "cannot write its lock file {mnt}/run.lock (No space left on device)")],
-    ids=["read_only", "full"])
-def test_a_read_only_or_full_workdir_is_refused(tmp_path, options, expected):
+@pytest.mark.parametrize("prepare,expected", [
+    ("mount -o remount,ro {mnt}", "is not writable: cannot create its lock file {mnt}/run.lock "
+                                  "(Read-only file system)"),
+    # a dead run's lock (old and unreadable) on a folder mounted read-only since
+    ("touch -d @1 {mnt}/run.lock && mount -o remount,ro {mnt}",
+     "is not writable: cannot replace the stale lock file {mnt}/run.lock (Read-only file "
+     "system)"),
+    ("head -c 4096 /dev/zero > {mnt}/fill; true",
+     "cannot write its lock file {mnt}/run.lock (No space left on device)")],
+    ids=["read_only", "read_only_stale_lock", "full"])
+def test_a_read_only_or_full_workdir_is_refused(tmp_path, prepare, expected):
   """Real filesystems: root ignores file modes, not a read-only mount."""
   if not _can_mount():
     pytest.skip("needs a private mount namespace (root or user namespaces) for a real "
                 "read-only / full filesystem")
   mnt = tmp_path / "mnt"
   mnt.mkdir()
-  fill = f"head -c 4096 /dev/zero > {mnt}/fill; " if "ro" not in options else ""
-  r = subprocess.run(_in_tmpfs(mnt, options, f"{fill}{sys.executable} -c '{TRY_LOCK}' {mnt}"),
-                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+  script = f"{prepare.format(mnt=mnt)} && {sys.executable} -c '{TRY_LOCK}' {mnt}"
+  r = subprocess.run(_in_tmpfs(mnt, "size=4k", script), cwd=ROOT, env=ENV, capture_output=True,
+                     text=True, timeout=60)
   assert r.returncode == 0, r.stderr
   message, listing = r.stdout.strip().splitlines()
   assert message.endswith(expected.format(mnt=mnt)), r.stdout
-  assert "run.lock" not in listing  # no half-written lock left
+  assert listing == ("['fill']" if "fill" in prepare else  # no half-written lock left
+                     "['run.lock']" if "touch" in prepare else "[]")
 
 
 ENOSPC_SAVE = """

@@ -115,13 +115,13 @@ class WorkdirLock:
                          "(a new one starts a new run)") from None
     except OSError as e:
       raise WorkdirError(f"--workdir={self.workdir}: cannot create it ({e.strerror})") from None
+    stat = _proc_stat(os.getpid())
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": datetime.datetime.now().astimezone().isoformat("T", "seconds"),
+          "machine": _machine(), "pid_start": stat[1] if stat else None}
     for _ in range(3):
       token = uuid.uuid4().hex
-      text = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                         "started": datetime.datetime.now().astimezone().isoformat("T", "seconds"),
-                         "machine": _machine(), "pid_start": (_proc_stat(os.getpid()) or
-                                                              (None, None))[1],
-                         "token": token})
+      text = json.dumps({**me, "token": token})
       try:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
       except FileExistsError:
@@ -129,7 +129,11 @@ class WorkdirLock:
         why = self._stale(seen)
         if why is None:
           continue  # released (or taken over) meanwhile: try again
-        self._take_over(seen)
+        try:
+          self._take_over(seen)
+        except OSError as e:
+          raise WorkdirError(f"--workdir={self.workdir} is not writable: cannot replace the "
+                             f"stale lock file {self.path} ({e.strerror})") from None
         note(f"note: took over the stale lock of {self.workdir} ({why})")
         continue
       except OSError as e:
