@@ -59,16 +59,26 @@ def test_a_live_lock_is_refused_naming_its_holder_and_released_at_the_end(tmp_pa
 
 def test_the_lock_of_a_killed_process_on_this_host_is_taken_over(tmp_path):
   w = str(tmp_path / "run")
-  child = subprocess.run(  # a real run that dies without releasing (os._exit skips cleanup)
-      [sys.executable, "-c", "import os, sys; from didr_jax.train import workdir_lock; "
-       "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); os._exit(9)", w],
-      env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
-  assert child.returncode == 9, child.stderr
-  dead = _holder(w)["pid"]
-  notes = []
-  lock = workdir_lock.WorkdirLock(w).acquire(note=notes.append)
+  child = subprocess.Popen(  # a run that holds the lock until SIGKILL (no cleanup)
+      [sys.executable, "-c", "import sys, time; from didr_jax.train import workdir_lock; "
+       "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); "
+       "time.sleep(120)", w], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert child.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lock.WorkdirLocked, match=f"pid {child.pid} on host"):
+      workdir_lock.WorkdirLock(w).acquire()
+    child.kill()
+    deadline = time.time() + 30
+    while workdir_lock._proc_stat(child.pid)[0] != "Z":  # dead, not yet reaped: a zombie
+      assert time.time() < deadline
+      time.sleep(0.01)
+    notes = []
+    lock = workdir_lock.WorkdirLock(w).acquire(note=notes.append)
+  finally:
+    child.kill()
+    child.wait()
   assert _holder(w)["pid"] == os.getpid()
-  assert len(notes) == 1 and f"pid {dead} on host" in notes[0] and "which is gone" in notes[0]
+  assert len(notes) == 1 and f"pid {child.pid} on host" in notes[0] and "which is gone" in notes[0]
   lock.release()
   assert os.listdir(w) == []  # nothing left aside
 
