@@ -19,8 +19,11 @@ What the loop guarantees when things go wrong:
   epoch finishes and is checkpointed (an evaluation due then is skipped, and run on resume).
   Exit code ``EXIT_SIGNAL + signum`` (143 for SIGTERM, 130 for SIGINT); a second signal
   exits at once. The rerun resumes exactly;
-- a corrupt newest checkpoint: it is named, moved to ``checkpoints.corrupt/`` and the newest
-  intact step is used (``Checkpointer.restore_latest``);
+- a corrupt newest checkpoint (also one whose files no longer match their checksums): it is
+  named, moved to ``checkpoints.corrupt/`` and the newest intact step is used
+  (``Checkpointer.restore_latest``);
+- another run on the same workdir: refused while this one holds the workdir's lock
+  (``workdir_lock``); a save the disk refuses raises ``checkpoint.SaveError`` (one line);
 - a changed config: ``config.json`` is rewritten only after the checkpoint restored with the
   new config; the earlier one is kept as ``config.<N>.json`` (never overwritten). A config whose
   state does not fit the checkpoints is refused with a ``ConfigError`` naming the keys that
