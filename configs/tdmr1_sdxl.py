@@ -16,10 +16,10 @@ Folders the user supplies (nothing is downloaded):
     ``--config.method=tdm`` on this config's ``tdm`` section. Empty: start from the teacher;
   - the reward: PickScore (``$DIDR_PICKSCORE``, ``$DIDR_PICKSCORE_TOKENIZER``).
 
-Defaults (METHODS section 4): teacher CFG 8 in the normaliser (SDXL's DMD-style scale,
+Defaults (docs/methods.md §4): teacher CFG 8 in the normaliser (SDXL's DMD-style scale,
 [reconstruction]), t_cfg scale derived from it
 (``tdm_config.cfg_reward_scale``: w_cfg s = ref_cfg - 1, so that at phi = ref the targets add up to
-the teacher at CFG 8; METHODS' literal 3.5 pulled toward CFG 2.05), surrogate CFG 4.5, beta_dpo 10, t_min 300 / T, generator
+the teacher at CFG 8; the authors' 3.5 pulled toward CFG 2.05), surrogate CFG 4.5, beta_dpo 10, t_min 300 / T, generator
 AdamW lr 7.5e-5 betas (0, 0.999), fake 3e-4 (0, 0.999), surrogate 3e-4 (0.9, 0.999), wd 1e-4,
 clip 1, M = 2 boundaries per iteration, groups of 24 (see ``tdm_config.real_config`` for the
 batch).

@@ -8,7 +8,7 @@ with TDM's distribution matching to the shipped toy UNet (CFG 3).
 
 Toy choices (not the paper's): 4 prompts x 8 samples per iteration, 2 iterations per epoch,
 teacher CFG 3, surrogate CFG 3, generator lr 5e-5, surrogate lr 3e-5, no weight decay, beta_dpo 1
-(METHODS: GenEval-like rewards). The t_cfg scale is derived (``tdm_config.cfg_reward_scale``:
+(as for GenEval-like rewards). The t_cfg scale is derived (``tdm_config.cfg_reward_scale``:
 w_cfg s = ref_cfg - 1 = 2), so that with phi = ref the generator's three targets add up to TDM's
 own, the distribution matching toward the CFG-3 teacher the student was distilled with. (A scale
 of 2 moved the target to CFG 1.6 and raised the toy FD from 100 to 137 in 20 epochs without any

@@ -1,5 +1,5 @@
 """The TDM trainer: a K-step deterministic student distilled from the frozen teacher by
-Trajectory Distribution Matching (METHODS.md section 4, step 1 and the t_KL term of step 3),
+Trajectory Distribution Matching (docs/methods.md §4, step 1 and the t_KL term of step 3),
 for both backbone families. TDM-R1 (``train/tdm_r1.py``) extends it.
 
 The maths lives in ``didr_jax.losses.tdm``; this file moves data.

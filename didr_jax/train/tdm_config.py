@@ -1,5 +1,5 @@
 """The ``tdm`` config section of TDM (few-step distillation, method "tdm") and TDM-R1 (its RL
-stage, method "tdmr1"), with the authors' defaults from METHODS.md section 4 (values marked
+stage, method "tdmr1"), with the authors' defaults from docs/methods.md §4 (values marked
 [reconstruction] are this project's reading where the summary leaves a choice open).
 ``validate_tdm_section`` checks a section, raising ``ConfigError("config.tdm.key: why")``;
 ``train.config.validate`` calls it for both methods.
@@ -21,7 +21,7 @@ import ml_collections
 from didr_jax.losses.common import SnapshotSchedule
 from didr_jax.train.config import ConfigError
 
-# The EMA "old" surrogate's decay [reconstruction: METHODS gives no numbers; CRD's old snapshot].
+# The EMA "old" surrogate's decay [reconstruction: no published numbers; CRD's old snapshot].
 OLD_SURROGATE = SnapshotSchedule(start=0.25, slope=0.005, end=0.999, start_step=0)
 
 
@@ -62,7 +62,7 @@ def tdmr1_section() -> ml_collections.ConfigDict:
   d.rew_ref_cfg = True           # compare phi^CFG with ref^CFG (else ref cond) [reconstruction]
   # t_cfg = x0_hat + s (x0_ref,cond - x0_ref,uncond). -1: derived, s = w_kl (ref_cfg - 1) / w_cfg,
   # so that at phi = ref the three targets add up to TDM's (the teacher at ref_cfg;
-  # ``cfg_reward_scale``). Another value must equal it (METHODS' literal 3.5 with w_cfg 0.3
+  # ``cfg_reward_scale``). Another value must equal it (the authors' 3.5 with w_cfg 0.3
   # pulled toward CFG 2.05, not the teacher's 4.5 or 8).
   d.cfg_reward_scale = -1.0
   d.w_kl = 1.0                   # L_G = w_cfg L_cfg + w_rew L_rew + w_kl L_KL
@@ -150,7 +150,7 @@ def cfg_reward_scale(d: ml_collections.ConfigDict) -> float:
 def real_config(kind: str, *, ref_cfg: float, surrogate_cfg: float) -> ml_collections.ConfigDict:
   """The shared TDM-R1 recipe of configs/tdmr1_sdxl.py and configs/tdmr1_zimage.py (unlocked):
   bfloat16 with remat, PickScore as the (host, never differentiated) reward with beta_dpo 10
-  (METHODS: 10 for OCR / HPS-like preference rewards), K = 4 student steps (flow shift 3), the
+  (the paper: 10 for OCR / HPS-like preference rewards), K = 4 student steps (flow shift 3), the
   authors' optimisers, groups of 24 samples per prompt. The paper's iteration is 48 prompts x 24
   = 1152 rollouts; these configs take 2 prompts (48 rollouts, one device's worth) per iteration
   and 8 iterations per epoch: raise ``sample.batch_size`` with the devices."""

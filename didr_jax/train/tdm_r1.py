@@ -1,4 +1,4 @@
-"""The TDM-R1 trainer (METHODS.md section 4): the TDM student (``train/tdm.py``) reinforced with
+"""The TDM-R1 trainer (docs/methods.md §4): the TDM student (``train/tdm.py``) reinforced with
 any reward of the registry, differentiable or not (e.g. the toy detector), through a surrogate
 reward phi learned by group preference (DGPO) on the noisy states of its deterministic
 trajectories.
