@@ -105,3 +105,15 @@ def test_didr_drs_estimate_against_the_exact_drs():
   assert rel_error(1.0, 100) < 0.02
   assert rel_error(0.1, 400) < 0.15
   assert rel_error(1.0, 400) > 0.5
+
+
+def test_from_config_refuses_rewards_of_another_problem():
+  """A config whose rewards score another problem's points (or images) is one ConfigError
+  naming the key, before anything is compiled; the matching rewards build the backbone."""
+  from didr_jax.exact import config as exact_config
+  from didr_jax.train.config import ConfigError
+  c = exact_config.exact_base("ddpo", "ring2d:linear")
+  assert eb.from_config(c).kind == "exact_ring2d"
+  c.rewards = {"exact_mix16d_linear": 1.0}
+  with pytest.raises(ConfigError, match=r"config\.rewards: \['exact_mix16d_linear'\]"):
+    eb.from_config(c)

@@ -272,6 +272,24 @@ def vp_schedule() -> VPSchedule:
                                         timestep_spacing="trailing"))
 
 
+def from_config(c):
+  """``build`` for a training config; raises ``ConfigError`` when a reward (``rewards``, and
+  ``didr.reward`` of a DIDR config) is not one of this problem's ``exact_<problem>_*``: other
+  rewards read images, and another problem's points have another dimension."""
+  from didr_jax.train.config import ConfigError
+  problem, _ = parse_kind(c.backbone.kind)
+  sections = {"rewards": dict(c.rewards)}
+  if c.method == "didr":
+    sections["didr.reward"] = dict(c.didr.reward)
+  for key, spec in sections.items():
+    bad = sorted(n for n, w in spec.items() if w != 0 and not n.startswith(f"exact_{problem}_"))
+    if bad:
+      raise ConfigError(f"config.{key}: {bad} do not score {problem} points; backbone.kind "
+                        f"{c.backbone.kind!r} takes exact_{problem}_<reward> rewards "
+                        f"({', '.join(sorted(PROBLEMS[problem].rewards()))})")
+  return build(c.backbone.kind, seed=c.seed)
+
+
 def build(kind: str, *, seed: int = 0, hidden: int = 64):
   """The backbone of ``kind`` ("exact_<problem>" or "exact_<problem>_flow")."""
   problem, family = parse_kind(kind)

@@ -71,7 +71,7 @@ def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool =
   kind = c.backbone.kind
   if kind.startswith("exact_"):  # the exact benchmark's point backbone (no folder)
     from didr_jax.exact import backbone as exact_backbone
-    return exact_backbone.build(kind, seed=c.seed)
+    return exact_backbone.from_config(c)
   path = c.backbone.path
   if kind in ("toy_unet", "toy_dit") and not path:
     path = os.path.join(TOY_ASSETS, kind)
