@@ -2,7 +2,7 @@
 rollouts from the sampling snapshot, groups of 8 per prompt, the MSE loss with the KL anchor to
 the frozen exact reference. ``--config=configs/exact_crd.py:ring2d:box[:flow]``."""
 
-from didr_jax.exact.config import exact_base
+from didr_jax.exact.config import exact_base, parse_spec
 from didr_jax.train import config as config_lib
 from didr_jax.train.crd_config import crd_section
 
@@ -19,4 +19,7 @@ def get_config(spec: str = "ring2d:linear"):
   c.crd.num_train_times = 5
   c.crd.kl_cfg = 1.0
   c.crd.time_shift = 1.0
+  # the raw-reward KL weight needs rewards in [0, 1] (the box indicator); linear / quadratic
+  # rewards are unbounded
+  c.crd.kl_weight = "reward" if parse_spec(spec)[1] == "box" else "advantage"
   return config_lib.finalize(c)
