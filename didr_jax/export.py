@@ -27,28 +27,13 @@ flags.DEFINE_bool("adapters_only", False, "a LoRA run: write only its adapters a
 flags.mark_flags_as_required(["workdir", "dst"])
 
 
-def export_main(workdir: str, dst: str, epoch: int | None, adapters_only: bool) -> None:
-  """Shared by ``didr_jax.export`` and ``didr_jax.convert.lora_export``: one CPU device per
-  core as the run's config asks (before JAX starts), then the export."""
-  from absl import app
-  if epoch is not None and epoch < 0:
-    raise app.UsageError(f"--epoch={epoch}: must be >= 0")
-  from didr_jax.convert import run_export
-  from didr_jax.parallel import mesh as mesh_lib
-  from didr_jax.train import config as config_lib
-  if not adapters_only:
-    run_export.check_dst(dst)                 # before anything loads
-  c = run_export.read_run_config(workdir)
-  mesh_lib.split_cpu(config_lib.cpu_devices(c))
-  print(run_export.export_run(workdir, dst, epoch=epoch, adapters_only=adapters_only))
-
-
 def main(argv):
   from absl import app
   quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  export_main(FLAGS.workdir, FLAGS.dst, FLAGS.epoch, FLAGS.adapters_only)
+  from didr_jax.convert import run_export
+  run_export.cli_export(FLAGS.workdir, FLAGS.dst, FLAGS.epoch, FLAGS.adapters_only)
 
 
 if __name__ == "__main__":

@@ -68,14 +68,8 @@ def check_flags() -> None:
                          "classifier-free guidance)")
   if f.cpu_devices < 0:
     raise app.UsageError(f"--cpu_devices={f.cpu_devices}: must be >= 0")
-  out = os.path.abspath(f.out)
-  parent = out
-  while parent and not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if parent == out and not os.path.isdir(out):
-    raise app.UsageError(f"--out={f.out} is a file; give a folder for the PNGs")
-  if parent != out and not os.path.isdir(parent):
-    raise app.UsageError(f"--out={f.out} lies under {parent}, which is a file")
+  from didr_jax.convert.run_export import check_output_folder
+  check_output_folder(f.out, "--out", empty=False)
   if f.workdir is not None:
     given = [n for n in ("latents", "height", "width") if f[n].present]
     if given:

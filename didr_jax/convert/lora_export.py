@@ -153,13 +153,12 @@ def main(argv):
   from absl import app
   from didr_jax.cli_util import quiet_logs
   from didr_jax.convert import run_export
-  from didr_jax.export import export_main
   quiet_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   lora = bool(run_export.read_run_config(f.workdir).lora.enabled)
-  export_main(f.workdir, f.dst, f.epoch, lora and not f.merge)
+  run_export.cli_export(f.workdir, f.dst, f.epoch, lora and not f.merge)
 
 
 if __name__ == "__main__":

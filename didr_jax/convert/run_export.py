@@ -35,10 +35,10 @@ import shutil
 import sys
 from typing import Any
 
-import ml_collections
 import numpy as np
 
-from didr_jax.convert import core
+# jax-heavy modules (convert.core, the trainers) are imported where needed: the output checks
+# here run before anything loads
 
 SAMPLING_FILE = "didr_jax_sampling.json"
 
@@ -52,7 +52,7 @@ def _fail(message: str):
   raise ConfigError(message)
 
 
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+def read_run_config(workdir: str):
   """The run's ``config.json`` completed with today's defaults (``config.with_defaults``)."""
   from didr_jax.train import config as config_lib
   if not os.path.isdir(workdir):
@@ -83,7 +83,7 @@ class Run:
   """A restored run: its config, its trainer (holding the loaded backbone), the restored
   training state of checkpoint ``step`` and the parameters it evaluates with
   (``trainer.policy_params(state)``)."""
-  config: ml_collections.ConfigDict
+  config: Any                       # ml_collections.ConfigDict
   workdir: str
   trainer: Any
   state: Any
@@ -117,8 +117,11 @@ def load_run(workdir: str, *, epoch: int | None = None, master_weights: bool = F
     _fail(f"no checkpoint in {workdir}/checkpoints: the run has not finished an epoch yet")
   if epoch is not None and epoch not in steps:
     _fail(f"--epoch={epoch}: {workdir} has checkpoints of epochs {steps} only")
-  config_lib.validate(c, training=False)
-  mesh = mesh_lib.make_mesh(tuple(tuple(a) for a in c.mesh.axes))
+  config_lib.validate(c, num_devices=1, training=False)  # batches need not fit these devices
+  try:
+    mesh = mesh_lib.make_mesh(tuple(tuple(a) for a in c.mesh.axes))
+  except ValueError:  # the run's mesh needs other device counts: any layout restores
+    mesh = mesh_lib.make_mesh()
   trainer = loop.make_trainer(c, loop.build_backbone(c, mesh, master_weights=master_weights),
                               mesh)
   abstract = checkpoint.abstract_like(trainer.init_state())
@@ -218,16 +221,28 @@ def sampling_recipe(run: Run, base_scheduler: dict) -> tuple[dict, dict | None]:
 # export
 
 
+def check_output_folder(path: str, flag: str, *, empty: bool) -> str:
+  """``path`` (absolute) if a command may write its files there: not a file, not under a file,
+  and with ``empty`` not a folder that already holds something (one line naming ``flag``
+  otherwise, as absl's UsageError: this runs before jax is imported)."""
+  from absl.app import UsageError
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError(f"{flag}={path} is a file; give a folder")
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UsageError(f"{flag}={path} lies under {parent}, which is a file")
+  if empty and os.path.isdir(path) and os.listdir(path):
+    raise UsageError(f"{flag}={path} exists and is not empty; give a new folder (nothing was "
+                     "overwritten)")
+  return path
+
+
 def check_dst(dst: str) -> str:
-  """``dst`` as an absolute path that may be written: not a file, not a non-empty folder."""
-  if not dst:
-    _fail("--dst: give the output folder")
-  dst = os.path.abspath(dst)
-  if os.path.exists(dst) and not os.path.isdir(dst):
-    _fail(f"--dst={dst} is a file; give a new folder")
-  if os.path.isdir(dst) and os.listdir(dst):
-    _fail(f"--dst={dst} exists and is not empty; give a new folder (nothing was overwritten)")
-  return dst
+  """The pipeline export's ``--dst``: a new or empty folder."""
+  return check_output_folder(dst, "--dst", empty=True)
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -244,6 +259,7 @@ def export_pipeline(run: Run, dst: str) -> dict:
   tmp = dst + ".incomplete"
   if os.path.isdir(tmp):
     shutil.rmtree(tmp)              # our own leftover of an interrupted export
+  from didr_jax.convert import core
   run.pipeline().export_diffusers(tmp)
   sched_path = os.path.join(tmp, "scheduler", "scheduler_config.json")
   info, scheduler = sampling_recipe(run, core.read_json(sched_path))
@@ -262,17 +278,17 @@ def export_pipeline(run: Run, dst: str) -> dict:
 
 def export_adapters(run: Run, dst: str) -> str:
   """A LoRA run's evaluated adapters as ``dst/pytorch_lora_weights.safetensors`` (diffusers'
-  ``pipe.load_lora_weights(dst)`` on the base pipeline)."""
+  ``pipe.load_lora_weights(dst)`` on the base pipeline); returns the file's path."""
   from didr_jax.convert import lora_export
-  if not run.config.lora.enabled:
-    _fail(f"{run.workdir}: the run was not trained with LoRA (a full fine-tune has no "
-          "adapters); export the whole pipeline instead (leave out --adapters_only)")
   return lora_export.save_lora_weights(run.model(), dst)
 
 
 def export_run(workdir: str, dst: str, *, epoch: int | None = None,
                adapters_only: bool = False, warn=_stderr) -> str:
   """Exports the run in ``workdir`` (module docstring); returns a one-line summary."""
+  if adapters_only and not read_run_config(workdir).lora.enabled:
+    _fail(f"{workdir}: the run was not trained with LoRA (a full fine-tune has no adapters); "
+          "export the whole pipeline instead (leave out --adapters_only)")
   if not adapters_only:
     dst = check_dst(dst)
   run = load_run(workdir, epoch=epoch, master_weights=not adapters_only, warn=warn)
@@ -283,3 +299,17 @@ def export_run(workdir: str, dst: str, *, epoch: int | None = None,
   return (f"exported what {run.workdir} evaluates ({run.config.method}, {info['sampler']}, "
           f"checkpoint step {run.step}) as a diffusers pipeline to {dst}; sampling settings in "
           f"{os.path.join(dst, SAMPLING_FILE)}")
+
+
+def cli_export(workdir: str, dst: str, epoch: int | None, adapters_only: bool) -> None:
+  """The export commands (``didr_jax.export``, ``didr_jax.convert.lora_export``): checks
+  first, one CPU device per core as the run's config asks (before JAX starts), then
+  ``export_run``; prints its summary."""
+  from didr_jax.parallel import mesh as mesh_lib
+  from didr_jax.train import config as config_lib
+  if epoch is not None and epoch < 0:
+    _fail(f"--epoch={epoch}: must be >= 0")
+  check_output_folder(dst, "--dst", empty=not adapters_only)
+  c = read_run_config(workdir)
+  mesh_lib.split_cpu(config_lib.cpu_devices(c))
+  print(export_run(workdir, dst, epoch=epoch, adapters_only=adapters_only))
