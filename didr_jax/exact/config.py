@@ -4,7 +4,7 @@ prompts and small batch sizes (CPU minutes). ``spec`` = "problem[:reward[:flow]]
 
 from __future__ import annotations
 
-from didr_jax.exact import backbone  # registers the exact_* rewards before validation
+from didr_jax.exact import backbone
 from didr_jax.train import config as config_lib
 
 
