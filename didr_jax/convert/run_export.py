@@ -213,6 +213,9 @@ def sampling_recipe(run: Run, base_scheduler: dict) -> tuple[dict, dict | None]:
   kwargs = {"num_inference_steps": steps, "guidance_scale": w if vp else w - 1.0}
   if vp:
     kwargs["eta"] = float(ev.eta)
+  elif float(ev.eta) > 0:
+    info["note"] = (f"diffusers' Euler sampler is the ODE (eta 0); the run evaluates with the "
+                    f"SDE at noise level {float(ev.eta)}")
   info["pipeline_kwargs"] = kwargs
   return info, None
 
