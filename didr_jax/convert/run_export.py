@@ -103,11 +103,11 @@ class Run:
 
 def load_run(workdir: str, *, epoch: int | None = None, master_weights: bool = False,
              warn=_stderr) -> Run:
-  """Restores ``workdir``'s checkpoint ``epoch`` (default: the newest that restores; newer
-  ones that fail are named with ``warn`` and left where they are). Read-only: nothing in the
-  workdir is created, moved or written. ``master_weights``: a LoRA run's base in float32 (what
-  a merged export folds into) instead of the run's compute dtype. Bad input raises
-  ``ConfigError`` with one line."""
+  """Restores ``workdir``'s checkpoint ``epoch`` (default: the newest that restores and
+  matches its checksums; newer ones that fail are named with ``warn`` and left where they
+  are). Read-only: nothing in the workdir is created, moved or written, no lock is taken.
+  ``master_weights``: a LoRA run's base in float32 (what a merged export folds into) instead
+  of the run's compute dtype. Bad input raises ``ConfigError`` with one line."""
   from didr_jax.parallel import mesh as mesh_lib
   from didr_jax.train import checkpoint, config as config_lib, loop
   workdir = os.path.abspath(workdir)
@@ -125,21 +125,17 @@ def load_run(workdir: str, *, epoch: int | None = None, master_weights: bool = F
   trainer = loop.make_trainer(c, loop.build_backbone(c, mesh, master_weights=master_weights),
                               mesh)
   abstract = checkpoint.abstract_like(trainer.init_state())
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  # read_only: creates, moves and writes nothing; a corrupt newer step is named and skipped
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
-    errors = []
-    for step in ([epoch] if epoch is not None else steps[::-1]):
-      try:
-        state, _, step = ckpt.restore(abstract, step)
-      except checkpoint.RestoreError as e:
-        errors.append(str(e))
-        continue
-      for e in errors:
-        warn(f"warning: {e}; using epoch {step}, the newest that restores")
-      return Run(c, workdir, trainer, state, trainer.policy_params(state), step)
+    state, _, step = (ckpt.restore_latest(abstract, warn=warn) if epoch is None else
+                      ckpt.restore(abstract, epoch))
+  except checkpoint.RestoreError as e:
+    _fail(f"{workdir}: " + ("no checkpoint restores" if epoch is None else
+                            f"the checkpoint of epoch {epoch} does not restore") + f" ({e})")
   finally:
     ckpt.close()
-  _fail(f"no checkpoint of {workdir} restores ({errors[0]})")
+  return Run(c, workdir, trainer, state, trainer.policy_params(state), step)
 
 
 # ---------------------------------------------------------------------------------------------
