@@ -6,6 +6,7 @@ sampling snapshot; a run resumed from a checkpoint equals the uninterrupted run;
 stop before it changed anything is abandoned; the config checks name the key."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,7 +108,32 @@ def test_crd_zimage_config_runs_two_epochs(tmp_path):
   c = _config("crd_zimage", folder)
   trainer = _trainer(c)
   assert trainer.bb.prediction_type == "flow" and trainer.bb.family == "flow"
+  _check_rollout_times(trainer, c)
   _check_epochs(trainer, c)
+
+
+def _check_rollout_times(trainer, c):
+  """``crd.train_times = "rollout"`` draws every training time from the rollout sampler's own
+  grid (the times its ``sample.num_steps`` steps start from), "uniform" does not."""
+  x0 = jnp.zeros(trainer.bb.latent_shape(64), jnp.float32)
+  rc = load_config("crd_zimage" if trainer.bb.family == "flow" else "crd_sdxl",
+                   **{"backbone.path": c.backbone.path, "crd.train_times": "rollout",
+                      "sample.num_steps": 4})
+  grid = crd_lib.rollout_time_grid(trainer.bb, rc)
+  traj = trainer.bb.rollout(lambda x, t: jnp.zeros_like(x), x0[:1], num_steps=4, eta=0.0,
+                            rng=jax.random.key(0))
+  ts = np.asarray(traj.timesteps)
+  horizon = 1.0 if trainer.bb.family == "flow" else trainer.bb.schedule.num_train_timesteps
+  np.testing.assert_allclose(grid, ts[ts <= rc.crd.t_max * horizon], rtol=1e-6)
+  assert trainer.time_grid is None
+  uniform = np.asarray(trainer.forward_noise(jax.random.key(1), x0)[1])
+  assert not np.isin(uniform, grid).all()
+  trainer.time_grid = grid
+  try:
+    drawn = np.asarray(trainer.forward_noise(jax.random.key(1), x0)[1])
+  finally:
+    trainer.time_grid = None
+  assert np.isin(drawn, grid).all() and len(np.unique(drawn)) == len(grid)
 
 
 def test_crd_sdxl_config_runs_two_epochs_and_resumes(tmp_path):
@@ -123,6 +149,7 @@ def test_crd_sdxl_config_runs_two_epochs_and_resumes(tmp_path):
   trainer = _trainer(c)
   assert trainer.bb.prediction_type == "epsilon" and trainer.bb.kind == "sdxl"
   assert trainer.ref_params is not None
+  _check_rollout_times(trainer, c)
   ckpt_dir = str(tmp_path / "ck")
   state, hist, _, shown = _check_epochs(trainer, c, ckpt_dir=ckpt_dir)
   # epoch 1 rolled out from the sampling snapshot after epoch 0 (decay 0.5: not theta)

@@ -260,3 +260,51 @@ def test_didr_zimage_config_trains_on_tiny_folders(tmp_path, pickscore_env):
   tiny_zimage.save_tiny_zimage(folder, seed=2)
   trainer, _ = _config_epoch("didr_zimage", folder)
   assert trainer.spec.time == 1.0 and trainer.spec.alpha == 0.0
+
+
+def test_shipped_toy_reward_term_stays_within_the_data_range():
+  """On the shipped toy (configs/toy_didr.py: the one-step generator's samples, CFG-3 toy UNet,
+  toy-CLIP reward, 1/beta 1), at t in {250, 500, 750, 900, 980}, the x0-unit DRS term the
+  generator uses, E_tilted[x0 | x_t] - E[x0 | x_t] exactly, lies within the data range's width
+  and keeps the tilted mean an image (clip(x0_ref) + term in [-1, 1]). The raw DRP exceeds it
+  (by up to ~1000 at t = 980): without ``didr.drs_bound`` this test fails. One batch holds every
+  t (2 samples each), so the toy UNet's DRP compiles once."""
+  from didr_jax.diffusion import param
+  from didr_jax.losses import didr as didr_losses
+  from didr_jax.train import one_step
+  times = (250, 500, 750, 900, 980)
+  b = 2 * len(times)
+  c = load_config("toy_didr", **{"sample.batch_size": b, "train.batch_size": b,
+                                 "eval.num_samples": 0, "eval.batch_size": b})
+  config_lib.validate(c, num_devices=1)
+  tr = make(c, jax.devices()[:1])
+  assert tr.loss_cfg.data_range == (-1.0, 1.0)
+  prompts = prompts_lib.PromptStream(prompts_lib.load_prompts("toy:train"), seed=0).next(b)
+  cond, module, features = tr.inputs(prompts)
+  x0 = one_step.generate(tr.bb, tr.net.bind(tr.init_state()["params"]["generator"]),
+                         tr._noise(jax.random.key(0), b), cond, tr.spec)
+  frozen = tr.bb.frozen()
+  t = jnp.repeat(jnp.asarray(times, jnp.int32), 2)
+  eps = jax.random.normal(jax.random.key(1), x0.shape)
+
+  @jax.jit
+  def terms():
+    ref_fn = tr._score_fn(tr.ref_params, cond, tr.uncond, c.didr.ref_cfg)
+    reward_fn = lambda x: tr.reward.jax_fn(module, tr.bb.decode(frozen, x), features)
+    alpha, sigma = tr.process.coeffs(t, x0)
+    x_t = param.bcast(alpha, x0) * x0 + param.bcast(sigma, x0) * eps
+    x0_ref = param.to_x0(ref_fn(x_t, t), x_t, alpha, sigma, tr.process.prediction_type)
+    s_r, _ = didr_losses.diffused_reward_score(ref_fn, reward_fn, x_t, t, tr.process,
+                                               num_steps=tr.loss_cfg.num_steps, remat=False)
+    raw = param.x0_delta_from_score_delta(s_r, alpha, sigma)
+    # what the generator uses: g(didr) - g(di) with w = 1, n = 1 is minus the bounded term
+    kw = dict(normalise=False, data_range=tr.loss_cfg.data_range)
+    used = -(didr_losses.generator_direction(x0, x0_ref, x0_ref, alpha, sigma, drs=s_r, **kw)
+             - didr_losses.generator_direction(x0, x0_ref, x0_ref, alpha, sigma, **kw))
+    return raw, used, x0_ref
+
+  raw, used, x0_ref = (np.asarray(v) for v in terms())
+  assert np.max(np.abs(used)) <= 2.0 + 1e-5
+  tilted = np.clip(x0_ref, -1, 1) + used
+  assert tilted.min() >= -1 - 1e-5 and tilted.max() <= 1 + 1e-5
+  assert np.max(np.abs(raw[t >= 750])) > 10.0      # the raw proxy is far outside at high noise

@@ -1,4 +1,4 @@
-"""TDM and TDM-R1 losses (METHODS.md section 4) against closed forms and NumPy formulas."""
+"""TDM and TDM-R1 losses (docs/methods.md §4) against closed forms and NumPy formulas."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def test_fake_score_loss_target_value_and_gradient(rng, family):
   aa = al_t / al_n
   x_tau_np = aa[:, None] * x_next + np.sqrt(sg_t ** 2 - (aa * sg_n) ** 2)[:, None] * eps
   np.testing.assert_allclose(x_tau, x_tau_np, rtol=1e-5, atol=1e-5)
-  if family == "flow":  # METHODS: v = (x_tau - x0_hat) / sig_tau
+  if family == "flow":  # docs/methods.md §4: v = (x_tau - x0_hat) / sig_tau
     tgt_np = (x_tau_np - x0_hat) / sig_tau[:, None]
   else:  # eps = (x_tau - alpha_tau x0_hat) / sigma_tau
     tgt_np = (x_tau_np - al_t[:, None] * x0_hat) / sg_t[:, None]
@@ -392,6 +392,26 @@ def test_dgpo_clips_detach_exactly_the_formula_samples(rng):
     np.testing.assert_allclose(gd, g_d, rtol=1e-6)  # the 1e-3 anchor term stays live for all
     if case is rand:
       assert 0 < detached.sum() < 30  # the random case exercises both outcomes
+
+
+def test_dgpo_anchor_reduce_batch_compares_the_mean_distance(rng):
+  """anchor_reduce="batch" (the authors' trainer): the anchor clip compares the batch mean of
+  |v_phi - v_ref|^2 with the threshold, so it detaches every sample moved in its advantage's
+  direction once the mean passes it, and none before; "sample" looks at each sample's own."""
+  n = 8
+  adv = jnp.asarray(np.tile([1.0, -1.0], n // 2), jnp.float32)
+  l_phi = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+  l_ref = l_phi + 0.1 * adv                           # every sample moved with its advantage
+  d = jnp.asarray([0.2] + [0.01] * (n - 1), jnp.float32)   # one far sample, mean 0.034
+  kw = dict(clip=1.0, anchor_threshold=0.05)
+  ids = jnp.arange(n) // 2
+  m_s = tdm_r1.dgpo_loss(l_phi, l_ref, l_phi, d, adv, ids, n // 2, **kw)[1]
+  m_b = tdm_r1.dgpo_loss(l_phi, l_ref, l_phi, d, adv, ids, n // 2, anchor_reduce="batch", **kw)[1]
+  np.testing.assert_array_equal(m_s["anchor_clipped"], np.arange(n) == 0)
+  assert not np.any(m_b["anchor_clipped"])
+  m_b = tdm_r1.dgpo_loss(l_phi, l_ref, l_phi, d * 2, adv, ids, n // 2, anchor_reduce="batch",
+                         **kw)[1]                       # mean 0.0675 > 0.05
+  assert np.all(m_b["anchor_clipped"])
 
 
 def test_dgpo_surrogate_gradient_is_the_group_dpo_gradient(rng):

@@ -201,3 +201,50 @@ def _real_epoch(name, folder):
   for n in ("generator", "fake", "surrogate"):
     assert _max_diff(state["params"][n], s0["params"][n]) > 0.0, n
   return tr, m
+
+
+def test_tdmr1_reads_the_surrogate_where_it_was_trained(toy_folder):
+  """The generator's reward target queries phi (and the reference it is compared with) at the
+  surrogate's own noise level: tau' >= max(t_{j+1}, t_min_reward), one tau' per group, as the
+  DGPO step trains phi; the DM / CFG terms keep TDM's tau in [t_{j+1}, T]. Before, the reward
+  term reused TDM's tau, which fell below t_min_reward where phi is never trained. The times of
+  every network call are recorded while tracing and returned (one compile, j traced)."""
+  c = _config("toy_tdmr1", toy_folder, **{"tdm.generator_path": "", "sample.group_size": 2})
+  trainer = _trainer(c)
+  state = trainer.init_state()
+  out = trainer._out
+  b = 4
+  cond = trainer.bb.encode(PROMPTS)
+  uncond = trainer.negative(b)
+  x = jax.random.normal(jax.random.key(0), trainer.bb.latent_shape(b))
+
+  @jax.jit
+  def times_used(j, rng):
+    calls = []
+
+    def spy(params, x, t, *a, **kw):
+      name = next((k for k, v in state["params"].items() if v is params), "ref")
+      calls.append((name, jnp.broadcast_to(t, (b,))))
+      return out(params, x, t, *a, **kw)
+
+    trainer._out = spy
+    try:
+      x_next, x0_hat = trainer._student_step(state["params"]["generator"], x, j, cond, uncond)
+      x_tau, _, tau = trainer._renoise(rng, x_next, x0_hat, j)
+      trainer._generator_targets(state, trainer.ref_params, x_tau, tau, cond, uncond, x0_hat,
+                                 trainer.scales(), renoise=(jax.random.fold_in(rng, 1), x_next,
+                                                            x0_hat, j))
+    finally:
+      trainer._out = out
+    phi = jnp.stack([t for n, t in calls if n == "surrogate"])
+    fake = jnp.stack([t for n, t in calls if n == "fake"])
+    return phi, fake, tau
+
+  t_min = int(float(c.tdm.t_min_reward) * trainer.grid.horizon)
+  for j in range(trainer.grid.num_steps):
+    phi, fake, tau = (np.asarray(v) for v in times_used(jnp.int32(j), jax.random.key(10 + j)))
+    t_next = int(trainer.grid.times[j + 1])
+    assert phi.shape[0] == 2                                   # conditional and unconditional
+    assert np.all(phi >= max(t_next, t_min)), (j, phi, t_next, t_min)
+    assert np.all(phi[:, 0::2] == phi[:, 1::2])                 # one tau' per group of 2
+    assert np.all(fake >= t_next) and np.all(fake[0] == tau)

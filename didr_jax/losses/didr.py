@@ -1,4 +1,4 @@
-"""DIDR: Diff-Instruct with Diffused Reward, with the DI and DI++ baselines (METHODS.md section 3).
+"""DIDR: Diff-Instruct with Diffused Reward, with the DI and DI++ baselines (docs/methods.md §3).
 
 A one-step generator x0 = g_theta(z) is trained to minimise the Integral KL to the reward-tilted
 reference, diffused along the forward process x_t = alpha_t x0 + sigma_t eps:
@@ -28,7 +28,7 @@ and pushed through the generator with the stop-gradient target loss 0.5 ||x0 - s
 - ``time_weighting``: "uniform" (w_x0 = 1: the DMD / DMD2 form, default) or "snr"
   (w_x0 = alpha^2 / sigma^2: exactly the Integral-KL gradient above with w(t) = 1 in score units,
   since (alpha^2/sigma^2)(x0_psi - x0_ref) - alpha s_r = alpha (s_psi - s_ref - s_r)).
-- the time range is where the caller samples t (``Process.sample_time``; METHODS default
+- the time range is where the caller samples t (``Process.sample_time``; docs/methods.md §3.9 default
   [0.02, 0.98] of the process).
 
 Modes (``DIDRConfig.mode``), one code path:
@@ -44,7 +44,7 @@ Modes (``DIDRConfig.mode``), one code path:
   regulariser than KL_0, so the reward term over-drives it (tests/test_losses_didr.py measures
   how far on a Gaussian problem).
 
-The DRP **[reconstruction]** (METHODS section 3): s_r(x_t) ~ (1/beta) grad_{x_t} r(D_K(x_t)),
+The DRP **[reconstruction]** (docs/methods.md §3.6): s_r(x_t) ~ (1/beta) grad_{x_t} r(D_K(x_t)),
 D_K = K differentiable denoising steps of the frozen reference from t to 0 on the sub-grid
 t_k = t (K - k) / K (k = 0..K-1; rounded to integers for VP timesteps): at each t_k the
 reference gives (x0_hat, eps_hat); the step to t_{k+1} is the DDIM step in (alpha, sigma) form,
@@ -71,7 +71,7 @@ What the exact Gaussian checks show (tests/test_losses_didr.py; reference N(m, S
 exact denoiser, where the true DRS is (a^2 S + s^2 I)^{-1} a S b / beta):
 - K = 1 (Tweedie) is exact at every t, and so is the ancestral DRP (eta = 1) for every K and any
   number of draws: the DDPM posterior chain's mean map is the posterior mean (tower rule).
-- The deterministic DRP (eta = 0, the METHODS default K = 2) is NOT: it differentiates the ODE
+- The deterministic DRP (eta = 0, e.g. K = 2) is NOT: it differentiates the ODE
   end point, whose Jacobian does not vanish at high noise as the posterior mean's (alpha S C^-1)
   does. |DRP| / |DRS| for K = 2 (K = 64): VP t = 100 / 500 / 980: 1.07 / 2.2 / 36 (1.15 / 3.9 /
   134); flow sig = 0.1 / 0.5 / 0.98: 1.01 / 1.33 / 24 (1.02 / 1.68 / 51). In the 2-D training
@@ -170,6 +170,8 @@ class DIDRConfig:
   normalise: bool = True
   time_weighting: str = "uniform"
   remat: bool = True
+  data_range: tuple[float, float] | None = None
+  drp_clip: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -181,6 +183,10 @@ class DIDRConfig:
       raise ValueError(f"draw_weights={self.draw_weights!r}: expected one of {DRAW_WEIGHTS}")
     if self.num_steps < 1 or self.num_draws < 1:
       raise ValueError(f"num_steps={self.num_steps} and num_draws={self.num_draws} must be >= 1")
+    if self.data_range is not None and not self.data_range[0] < self.data_range[1]:
+      raise ValueError(f"data_range={self.data_range}: expected (lo, hi) with lo < hi")
+    if self.drp_clip and self.data_range is None:
+      raise ValueError("drp_clip needs a data_range")
     if self.num_draws > 1 and (self.eta == 0 or self.num_steps < 2):
       raise ValueError(f"num_draws={self.num_draws} needs eta > 0 and num_steps >= 2 (the draws "
                        "would all be equal)")
@@ -203,14 +209,20 @@ def ddim_step(x0: jax.Array, eps: jax.Array, alpha_k, sigma_k, alpha_next, sigma
 
 
 def denoise_k(denoise_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, process: Process,
-              num_steps: int, *, eta=0.0, noise: jax.Array | None = None) -> jax.Array:
+              num_steps: int, *, eta=0.0, noise: jax.Array | None = None,
+              clip: tuple[float, float] | None = None) -> jax.Array:
   """D_K(x_t): K reference calls on ``process.subgrid(t, K)``, ``ddim_step`` between them, and
-  x0_hat at the last one (K = 1: Tweedie). ``noise`` (K - 1, B, ...) feeds the eta > 0 steps."""
+  x0_hat at the last one (K = 1: Tweedie). ``noise`` (K - 1, B, ...) feeds the eta > 0 steps.
+  ``clip`` = (lo, hi) clips every x0_hat to the data range (a sampler's ``clip_sample``; eps_hat
+  is kept, as ``ddim`` does), so the reward sees images and no gradient flows through a
+  saturated pixel."""
   times = process.subgrid(t, num_steps)
   x = x_t
   for k, tk in enumerate(times):
     alpha, sigma = process.coeffs(tk, x_t)
     x0, eps = param.to_x0_eps(denoise_fn(x, tk), x, alpha, sigma, process.prediction_type)
+    if clip is not None:
+      x0 = jnp.clip(x0, clip[0], clip[1])
     if k == num_steps - 1:
       return x0
     alpha_n, sigma_n = process.coeffs(times[k + 1], x_t)
@@ -238,7 +250,8 @@ def diffused_reward_score(denoise_fn: DenoiseFn, reward_fn: RewardFn, x_t: jax.A
                           t: jax.Array, process: Process, *, reward_scale=1.0, num_steps: int = 2,
                           t_max=None, num_draws: int = 1, eta=0.0, draw_weights: str = "softmax",
                           rng: jax.Array | None = None, noise: jax.Array | None = None,
-                          remat: bool = True) -> tuple[jax.Array, dict]:
+                          remat: bool = True, clip: tuple[float, float] | None = None
+                          ) -> tuple[jax.Array, dict]:
   """The DRP estimate of the DRS (module docstring), (s_r, metrics).
 
   s_r = grad_x F(x) at x = sg(x_t) with, per sample, lam = ``reward_scale`` (= 1/beta) and
@@ -261,7 +274,7 @@ def diffused_reward_score(denoise_fn: DenoiseFn, reward_fn: RewardFn, x_t: jax.A
 
   def objective(x):
     rs = jnp.stack([reward_fn(denoise_k(fn, x, t, process, num_steps, eta=eta,
-                                        noise=None if noise is None else noise[m]))
+                                        noise=None if noise is None else noise[m], clip=clip))
                     for m in range(num_draws)])                        # (M, B)
     if draw_weights == "softmax":
       f = jax.nn.logsumexp(reward_scale * rs, axis=0) - jnp.log(num_draws)
@@ -291,17 +304,37 @@ def time_weight(alpha, sigma, kind: str = "uniform") -> jax.Array:
   raise ValueError(f"time_weighting={kind!r}: expected one of {TIME_WEIGHTINGS}")
 
 
+def bounded_drs_term(term: jax.Array, x0_ref: jax.Array,
+                     data_range: tuple[float, float] | None) -> jax.Array:
+  """The x0-unit DRS term (sigma^2 / alpha) s_r projected onto the box that holds the exact one.
+
+  Exactly, term = E_tilted[x0 | x_t] - E[x0 | x_t], and the tilted posterior mean is a mean of
+  data, so it lies in [lo, hi]: term in [lo - m, hi - m] with m = E[x0 | x_t]. With m estimated
+  by the reference's x0_hat clipped to [lo, hi] (so that the box holds 0), the estimate is
+  clipped to that box, elementwise. Projecting onto a box that contains the true value never
+  moves an estimate away from it, coordinate by coordinate (|clip(a) - b| <= |a - b| for b in
+  the box), so the bound can only reduce the DRP's error where m is right; every value ends
+  within the range's width hi - lo. None: no bound."""
+  if data_range is None:
+    return term
+  lo, hi = data_range
+  m = jnp.clip(jax.lax.stop_gradient(x0_ref), lo, hi)
+  return jnp.clip(term, lo - m, hi - m)
+
+
 def generator_direction(x0: jax.Array, x0_fake: jax.Array, x0_ref: jax.Array, alpha, sigma, *,
                         drs: jax.Array | None = None, reward_grad: jax.Array | None = None,
                         reward_scale=1.0, normalise: bool = True,
-                        time_weighting: str = "uniform") -> jax.Array:
-  """g on x0 (module docstring): w_x0 (x0_fake - x0_ref - (sigma^2/alpha) drs) / n
-  - reward_scale * reward_grad (the DI++ term; either term may be None). All inputs are
-  treated as constants (stop-gradient)."""
+                        time_weighting: str = "uniform",
+                        data_range: tuple[float, float] | None = None) -> jax.Array:
+  """g on x0 (module docstring): w_x0 (x0_fake - x0_ref - B[(sigma^2/alpha) drs]) / n
+  - reward_scale * reward_grad (the DI++ term; either term may be None), B = ``bounded_drs_term``
+  for ``data_range``. All inputs are treated as constants (stop-gradient)."""
   x0, x0_fake, x0_ref = (jax.lax.stop_gradient(v) for v in (x0, x0_fake, x0_ref))
   delta = x0_fake - x0_ref
   if drs is not None:
-    delta = delta - param.x0_delta_from_score_delta(jax.lax.stop_gradient(drs), alpha, sigma)
+    term = param.x0_delta_from_score_delta(jax.lax.stop_gradient(drs), alpha, sigma)
+    delta = delta - bounded_drs_term(term, x0_ref, data_range)
   g = param.bcast(time_weight(alpha, sigma, time_weighting), delta) * delta
   if normalise:
     g = g / common.dmd_normaliser(x0, x0_ref)
@@ -337,13 +370,15 @@ def generator_loss(x0: jax.Array, eps: jax.Array, t: jax.Array, process: Process
     drs, metrics = diffused_reward_score(
         drp_fn or ref_fn, reward_fn, x_t, t, process, reward_scale=config.reward_scale,
         num_steps=config.num_steps, t_max=config.t_max, num_draws=config.num_draws,
-        eta=config.eta, draw_weights=config.draw_weights, rng=rng, remat=config.remat)
+        eta=config.eta, draw_weights=config.draw_weights, rng=rng, remat=config.remat,
+        clip=config.data_range if config.drp_clip else None)
   elif config.mode == "dipp":
     r, reward_grad = reward_and_grad(reward_fn, x0_sg)
     metrics = {"reward": jnp.mean(r)}
   g = generator_direction(x0_sg, x0_fake, x0_ref, alpha, sigma, drs=drs,
                           reward_grad=reward_grad, reward_scale=config.reward_scale,
-                          normalise=config.normalise, time_weighting=config.time_weighting)
+                          normalise=config.normalise, time_weighting=config.time_weighting,
+                          data_range=config.data_range)
   metrics["dm_normaliser"] = jnp.mean(common.dmd_normaliser(x0_sg, x0_ref))
   metrics["direction_abs"] = jnp.mean(jnp.abs(g))
   if config.mode != "di":

@@ -25,7 +25,12 @@ direction:
   A_i > 0 and r_i > 1 + c, or A_i < 0 and r_i < 1 - c (c = 1e-3);
 - anchor **[reconstruction]**: d_i = |out_phi,i - out_ref,i|^2 > 0.05 and phi has moved away
   from the reference in the advantage's direction, A_i (l_ref,i - l_phi,i) > 0
-  (``anchor_directional=False`` detaches every sample with d_i > 0.05).
+  (``anchor_directional=False`` detaches every sample with d_i > 0.05). d_i is each sample's
+  own distance by default (``anchor_reduce="sample"``: a few samples that moved far are
+  detached, not the whole batch); the authors' trainer compares the batch mean of d with the
+  threshold (``anchor_reduce="batch"``: once the mean passes it, every sample moved in its
+  advantage's direction is detached). Per sample is this project's choice: it keeps the
+  gradient of the samples still near the reference.
 
 The 1e-3 anchor regulariser stays live for every sample. Samples with A_i = 0 carry no
 preference gradient and are never counted as clipped.
@@ -100,7 +105,7 @@ def dgpo_loss(l_phi: jax.Array, l_ref: jax.Array, l_old: jax.Array, anchor_dist:
               advantages: jax.Array, ids: jax.Array, num_groups: int, *,
               boundary=None, num_steps: int = 4, beta: float = 1.0, clip: float = 1e-3,
               anchor_threshold: float = 0.05, anchor_weight: float = 1e-3,
-              anchor_directional: bool = True):
+              anchor_directional: bool = True, anchor_reduce: str = "sample"):
   """The DGPO surrogate loss of the module docstring, (loss, metrics).
 
   l_phi (B,): live per-sample denoising losses of phi; l_ref, l_old (B,): those of the frozen
@@ -121,7 +126,10 @@ def dgpo_loss(l_phi: jax.Array, l_ref: jax.Array, l_old: jax.Array, anchor_dist:
 
   ratio = jnp.exp(l_old - l_sg)
   trust = ((adv > 0) & (ratio > 1.0 + clip)) | ((adv < 0) & (ratio < 1.0 - clip))
-  far = d_sg > anchor_threshold
+  if anchor_reduce not in ("sample", "batch"):
+    raise ValueError(f"anchor_reduce={anchor_reduce!r}: expected 'sample' or 'batch'")
+  far = (d_sg if anchor_reduce == "sample" else jnp.broadcast_to(jnp.mean(d_sg), d_sg.shape)
+         ) > anchor_threshold
   moved = (adv * (l_ref - l_sg) > 0) if anchor_directional else (adv != 0)
   anchor = far & moved
   detach = trust | anchor

@@ -42,6 +42,7 @@ from didr_jax.diffusion import kernels
 from didr_jax.losses import crd as crd_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common
+from didr_jax.train.config import ConfigError
 from didr_jax.train.crd_config import validate_crd_section
 from didr_jax.train.logging import log_compiles
 
@@ -52,6 +53,37 @@ def _all_equal(a, b) -> jax.Array:
   """True iff the two pytrees (same structure) are bitwise equal, a scalar bool."""
   eq = [jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
   return jnp.all(jnp.stack(eq)) if eq else jnp.bool_(True)
+
+
+def check_kl_weight_range(d, rewards: np.ndarray) -> None:
+  """``crd.kl_weight = "reward"`` weights the KL anchor by the raw reward, which it assumes in
+  [0, 1]; a reward outside that range (PickScore is about 21) would saturate every weight at 1
+  (or 0) silently, so the run stops with one line before the update instead."""
+  if d.kl_beta > 0 and d.kl_weight == "reward" and rewards.size and (
+      float(np.min(rewards)) < 0.0 or float(np.max(rewards)) > 1.0):
+    raise ConfigError(
+        f"config.crd.kl_weight: 'reward' weights the KL anchor by the raw reward, which must lie "
+        f"in [0, 1]; this epoch's rewards span [{float(np.min(rewards)):.4g}, "
+        f"{float(np.max(rewards)):.4g}] (use kl_weight='advantage', or a reward in [0, 1])")
+
+
+def rollout_time_grid(backbone, config) -> np.ndarray:
+  """The input times of the rollout sampler's ``sample.num_steps`` steps (VP: the DDIM integer
+  timesteps, ``ddim.ddim_timesteps``; flow: the sigma grid without its terminal 0), up to
+  ``crd.t_max`` of the process: what ``crd.train_times = "rollout"`` draws training times from,
+  as the authors' trainer does."""
+  n = int(config.sample.num_steps)
+  if backbone.family == "vp":
+    from didr_jax.diffusion import ddim
+    grid = np.asarray(ddim.ddim_timesteps(backbone.schedule, n)[0])
+    keep = grid <= float(config.crd.t_max) * backbone.schedule.num_train_timesteps
+  else:
+    grid = np.asarray(backbone.sigmas(n, backbone.latent_shape(1)))[:-1]
+    keep = grid <= float(config.crd.t_max)
+  if not keep.any():
+    raise ConfigError(f"config.crd.t_max: {config.crd.t_max} keeps none of the rollout's times "
+                      f"{grid.tolist()}")
+  return grid[keep]
 
 
 class CRDTrainer(common.GuardedHostState):
@@ -75,6 +107,7 @@ class CRDTrainer(common.GuardedHostState):
     self.group = int(config.sample.group_size)
     self.prompts_per_minibatch = int(t.batch_size) // self.group
     self.num_train_times = int(d.num_train_times)
+    self.time_grid = rollout_time_grid(backbone, config) if d.train_times == "rollout" else None
     # the frozen pretrained reference of the KL anchor (a copy: the state's params are donated)
     self.ref_params = (jax.tree.map(jnp.copy, self.net.params) if d.kl_beta > 0 else None)
     self._uncond = None
@@ -159,7 +192,11 @@ class CRDTrainer(common.GuardedHostState):
     (flow sigmas shifted by crd.time_shift), x_t = alpha_t x0 + sigma_t eps, eps ~ N(0, I)."""
     d = self.c.crd
     k_t, k_e = jax.random.split(rng)
-    t = self.bb.train_times(k_t, (x0.shape[0],), t_max=d.t_max, shift=d.time_shift)
+    if self.time_grid is None:
+      t = self.bb.train_times(k_t, (x0.shape[0],), t_max=d.t_max, shift=d.time_shift)
+    else:
+      t = jnp.asarray(self.time_grid)[jax.random.randint(k_t, (x0.shape[0],), 0,
+                                                          len(self.time_grid))]
     eps = jax.random.normal(k_e, x0.shape, x0.dtype)
     alpha, sigma = self.bb.alpha_sigma(t)
     return kernels.q_sample(x0, eps, alpha, sigma), t, eps, alpha, sigma
@@ -269,6 +306,7 @@ class CRDTrainer(common.GuardedHostState):
     rewards = np.asarray(gather_host(local_rewards), np.float32)
     if stop is not None and stop():
       raise EpochAbandoned(epoch)
+    check_kl_weight_range(c.crd, rewards)
     n = len(rewards)
     groups = jnp.arange(n, dtype=jnp.int32) // self.group
     adv, _ = crd_losses.reward_to_advantage(jnp.asarray(rewards), groups, n // self.group,

@@ -29,6 +29,10 @@ def crd_section() -> ml_collections.ConfigDict:
   d.kl_min = 1e-3             # m of the reward-adaptive strength m + R (1 - m) (1e-4 / kl_beta)
   d.kl_weight = "reward"      # [reconstruction] raw reward in [0, 1]; "advantage" = their port (Rt)
   d.num_train_times = 20      # num_train_timesteps: forward-noised times trained per sample
+  # where those times come from: "uniform" (the family's training times: VP t ~ U{0..t_max T},
+  # flow sigmas shifted by time_shift) or "rollout" (the rollout sampler's own grid of
+  # sample.num_steps times, as the authors' trainer; crd.rollout_time_grid)
+  d.train_times = "uniform"
   d.time_shift = 3.0          # time_shift of the flow sigmas (kernels.sample_flow_sigmas shift)
   d.t_max = 0.99              # timestep_range: the noisiest 99% of the time range
   # EMA snapshots, d(step) = start for step < start_step, else min(start + slope (step -
@@ -60,6 +64,8 @@ def validate_crd_section(d) -> dict:
   _require(int(d.num_train_times) >= 1, "num_train_times",
            f"must be >= 1, got {d.num_train_times}")
   _require(d.time_shift > 0, "time_shift", f"must be > 0, got {d.time_shift}")
+  _require(d.train_times in ("uniform", "rollout"), "train_times",
+           f"{d.train_times!r} is not 'uniform' or 'rollout'")
   _require(0.0 < d.t_max <= 1.0, "t_max", f"must lie in (0, 1], got {d.t_max}")
   out = {}
   for name in ("old", "sampler"):

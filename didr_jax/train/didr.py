@@ -1,5 +1,5 @@
 """The DIDR trainer: a one-step generator trained by Diff-Instruct toward the reward-tilted
-reference (METHODS.md section 3), with the DI and DI++ baselines (``didr.mode``).
+reference (docs/methods.md §3), with the DI and DI++ baselines (``didr.mode``).
 
 The maths lives in ``didr_jax.losses.didr`` and the generator in ``train.one_step``; this file
 moves data. State (a pytree; all of it checkpointed):
@@ -38,7 +38,8 @@ from didr_jax.losses import common as loss_common, didr as didr_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common, one_step
 from didr_jax.train.config import ConfigError
-from didr_jax.train.didr_config import didr_section, validate_didr_section  # noqa: F401
+from didr_jax.train.didr_config import (didr_section, drs_data_range,  # noqa: F401
+                                        validate_didr_section)
 from didr_jax.train.logging import log_compiles
 
 EpochAbandoned = common.EpochAbandoned
@@ -93,8 +94,13 @@ class DIDRTrainer(common.GuardedHostState):
       horizon = 1.0
     self.spec = one_step.OneStep.of(backbone, d.generator_time)
     cfg = validate_didr_section(d)
+    self.data_range = drs_data_range(d, one_step.clip_range(backbone))
+    if d.drp_clip and self.data_range is None:
+      raise ConfigError("config.didr.drp_clip: needs a data range (didr.drs_bound 'lo,hi', or "
+                        "a backbone whose sampler clips x0)")
     self.loss_cfg = dataclasses.replace(
-        cfg, t_max=None if d.drp_t_max >= 1.0 else float(d.drp_t_max) * horizon)
+        cfg, t_max=None if d.drp_t_max >= 1.0 else float(d.drp_t_max) * horizon,
+        data_range=self.data_range, drp_clip=bool(d.drp_clip))
     t = c.train
     fake_lr = t.learning_rate if d.fake_learning_rate == -1.0 else d.fake_learning_rate
     opt = dict(b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay,

@@ -1,4 +1,4 @@
-"""The ``didr`` config section (DIDR / DI / DI++, METHODS.md section 3) and its checks.
+"""The ``didr`` config section (DIDR / DI / DI++, docs/methods.md §3) and its checks.
 
 Batch semantics for DIDR (the shared sections of ``base_config()``):
   sample.batch_size    generator samples per generator update (global; also each fake update's)
@@ -28,19 +28,30 @@ def didr_section() -> ml_collections.ConfigDict:
   d.ref_cfg = 8.0            # CFG w of the frozen reference (the real score and the DRP)
   d.t_min = 0.02             # training times t ~ U[t_min, t_max] of the process ([0.02, 0.98] T)
   d.t_max = 0.98
-  # The Diffused Reward Proxy. Default K = 2 ancestral (eta = 1): exact for a Gaussian reference
-  # with a linear reward at every t (tests/test_losses_didr.py), whereas METHODS' deterministic
-  # K = 2 (drp_eta = 0) overestimates the DRS 2x at t = 500 and 36x at t = 980 on that case.
-  # drp_steps = 1 (Tweedie) is the other exact choice and costs one reference call, not two.
-  d.drp_steps = 2
-  d.drp_eta = 1.0
+  # The Diffused Reward Proxy. Default K = 1 (Tweedie's x0-hat, one reference call): exact for a
+  # Gaussian reference with a linear reward at every t, as is the ancestral K >= 2 (eta = 1);
+  # for curved rewards every single-draw DRP is a proxy, and the ancestral K = 2 one has the
+  # same expectation as K = 1 (Gaussian reference, quadratic reward: bias 37% / 47% at flow
+  # sigma 0.5 / 0.85 for both) with a 18-20% spread and twice the calls
+  # (benchmarks/didr_drp_table.py, docs/didr_drp_table.md). More draws (drp_draws, softmax
+  # weights) cut the bias only slowly (K = 4, M = 16: 20% / 26% at 64 calls). The deterministic
+  # K >= 2 (drp_eta = 0) overshoots: 124% at sigma 0.5, 23x at 0.95.
+  d.drp_steps = 1
+  d.drp_eta = 1.0            # the ancestral steps' noise when drp_steps >= 2
   d.drp_t_max = 1.0          # DRS only where t <= drp_t_max (fraction of the process; 1 = no cut)
   d.drp_draws = 1            # multi-draw DRP (needs drp_steps >= 2 and drp_eta > 0)
   d.drp_draw_weights = "softmax"
   d.drp_remat = True
+  # The bound on the x0-unit DRS term (losses.didr.bounded_drs_term): the exact term is a
+  # difference of two posterior means of data, so it lies within the data range's width. "auto":
+  # the range the backbone's sampler clips x0 to (pixel-space VP schedulers with clip_sample,
+  # the toy's [-1, 1]), else no bound; "none": no bound; or "lo,hi" (e.g. a measured latent
+  # range).
+  d.drs_bound = "auto"
+  d.drp_clip = False         # also clip the DRP chain's x0_hat to that range (as the sampler)
   d.normalise = True         # DMD normaliser mean|x0 - x0_ref|
   d.time_weighting = "uniform"
-  d.fake_updates = 1         # fake-score (DSM) updates per generator update (METHODS: 1 to 5)
+  d.fake_updates = 1         # fake-score (DSM) updates per generator update (docs/methods.md §3.9: 1 to 5)
   d.fake_learning_rate = -1.0  # -1 = train.learning_rate
   d.generator_b1 = 0.0       # Adam beta1 of the generator (DMD / Diff-Instruct)
   d.fake_b1 = 0.0            # [reconstruction] the fake score's beta1, as the generator's
@@ -75,6 +86,24 @@ def _require(cond: bool, key: str, why: str):
     raise ConfigError(f"config.didr.{key}: {why}")
 
 
+def _parse_range(spec: str) -> tuple[float, float] | None:
+  """'lo,hi' -> (lo, hi) with lo < hi, else None."""
+  try:
+    lo, hi = (float(v) for v in str(spec).split(","))
+  except ValueError:
+    return None
+  return (lo, hi) if lo < hi else None
+
+
+def drs_data_range(d, clip_range: float | None) -> tuple[float, float] | None:
+  """The (lo, hi) of ``didr.drs_bound`` given the backbone's x0 clip (``one_step.clip_range``)."""
+  if d.drs_bound == "none":
+    return None
+  if d.drs_bound == "auto":
+    return None if clip_range is None else (-clip_range, clip_range)
+  return _parse_range(d.drs_bound)
+
+
 def validate_didr_section(d) -> didr_losses.DIDRConfig:
   """Checks a ``didr`` section; returns the loss options (``drp_t_max`` still a fraction)."""
   _require(d.mode in didr_losses.MODES, "mode", f"{d.mode!r} is not one of {didr_losses.MODES}")
@@ -91,6 +120,8 @@ def validate_didr_section(d) -> didr_losses.DIDRConfig:
            f"must be > 0 or -1 (= train.learning_rate), got {d.fake_learning_rate}")
   _require(all(float(w) != 0 for w in dict(d.reward).values()), "reward",
            "weights must be non-zero")
+  _require(d.drs_bound in ("auto", "none") or _parse_range(d.drs_bound) is not None,
+           "drs_bound", f"{d.drs_bound!r}: expected 'auto', 'none' or 'lo,hi' with lo < hi")
   try:
     return didr_losses.DIDRConfig(
         mode=d.mode, reward_scale=float(d.reward_scale), num_steps=int(d.drp_steps),

@@ -57,6 +57,8 @@ def tdmr1_section() -> ml_collections.ConfigDict:
   d.anchor_threshold = 0.05      # |v_phi - v_ref|^2 above which the anchor clip may detach
   d.anchor_directional = True    # anchor clips only samples moved in A's direction [reconstr.]
   d.anchor_weight = 1e-3         # 1e-3 |v_phi - v_ref|^2
+  d.anchor_reduce = "sample"     # the anchor clip's distance: each sample's, or the batch
+                                 # mean's as the authors' trainer ("batch"); losses.tdm_r1
   d.t_min_reward = 0.3           # tau' >= max(t_{j'+1}, t_min): flow sigma (VP: 300 / T)
   d.surrogate_cfg = 4.5          # CFG of phi in t_rew (4.5 / 2.5 / 3.5 by task)
   d.rew_ref_cfg = True           # compare phi^CFG with ref^CFG (else ref cond) [reconstruction]
@@ -111,6 +113,8 @@ def validate_tdm_section(d: ml_collections.ConfigDict) -> dict:
   _require(0.0 <= float(d.t_min_reward) < float(d.tau_max), "t_min_reward",
            f"must be in [0, tau_max={d.tau_max}), got {d.t_min_reward}")
   _require(float(d.surrogate_cfg) >= 1.0, "surrogate_cfg", f"must be >= 1, got {d.surrogate_cfg}")
+  _require(d.anchor_reduce in ("sample", "batch"), "anchor_reduce",
+           f"{d.anchor_reduce!r} is not 'sample' or 'batch'")
   for key in ("anchor_weight", "w_kl", "w_cfg", "w_rew"):
     _require(float(d[key]) >= 0, key, f"must be >= 0, got {d[key]}")
   cfg_reward_scale(d)

@@ -123,7 +123,7 @@ class TDMR1Trainer(TDMTrainer):
           l_phi, l_ref, l_old, dist, adv, ids, groups, boundary=jp, num_steps=k,
           beta=float(d.beta_dpo), clip=float(d.trust_clip),
           anchor_threshold=float(d.anchor_threshold), anchor_weight=float(d.anchor_weight),
-          anchor_directional=bool(d.anchor_directional))
+          anchor_directional=bool(d.anchor_directional), anchor_reduce=d.anchor_reduce)
 
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(phi)
     new, opt, am = common.guarded_apply(self.tx["surrogate"], grads, state["opt"]["surrogate"],
