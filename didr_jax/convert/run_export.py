@@ -275,13 +275,6 @@ def export_pipeline(run: Run, dst: str) -> dict:
   return info
 
 
-def export_adapters(run: Run, dst: str) -> str:
-  """A LoRA run's evaluated adapters as ``dst/pytorch_lora_weights.safetensors`` (diffusers'
-  ``pipe.load_lora_weights(dst)`` on the base pipeline); returns the file's path."""
-  from didr_jax.convert import lora_export
-  return lora_export.save_lora_weights(run.model(), dst)
-
-
 def export_run(workdir: str, dst: str, *, epoch: int | None = None,
                adapters_only: bool = False, warn=_stderr) -> str:
   """Exports the run in ``workdir`` (module docstring); returns a one-line summary."""
@@ -291,8 +284,9 @@ def export_run(workdir: str, dst: str, *, epoch: int | None = None,
   if not adapters_only:
     dst = check_dst(dst)
   run = load_run(workdir, epoch=epoch, master_weights=not adapters_only, warn=warn)
-  if adapters_only:
-    path = export_adapters(run, dst)
+  if adapters_only:  # diffusers: pipe.load_lora_weights(dst) on the base pipeline
+    from didr_jax.convert import lora_export
+    path = lora_export.save_lora_weights(run.model(), dst)
     return f"wrote the LoRA adapters of {run.workdir} (checkpoint step {run.step}) to {path}"
   info = export_pipeline(run, dst)
   return (f"exported what {run.workdir} evaluates ({run.config.method}, {info['sampler']}, "
