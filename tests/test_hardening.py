@@ -158,6 +158,12 @@ def test_config_diff_names_the_keys():
   new = {"backbone": {"kind": "toy_dit", "path": ""}, "seed": 0, "x": 1}
   assert loop.config_diff(old, new) == ["backbone.kind: 'toy_unet' -> 'toy_dit'",
                                         "x: (absent) -> 1"]
+  # a change of method touches dozens of keys: the method leads, the rest is counted
+  old = {"method": "ddpo", "ddpo": {f"k{i}": i for i in range(30)}, "seed": 0}
+  new = {"method": "crd", "crd": {f"k{i}": i for i in range(12)}, "seed": 1}
+  text = loop.describe_diff(loop.config_diff(old, new))
+  assert text.startswith("method: 'ddpo' -> 'crd'; ") and len(text) < 400
+  assert text.endswith("and 38 more in crd (7), ddpo (30), seed (1)"), text
 
 
 # ---------------------------------------------------------------------------- end to end

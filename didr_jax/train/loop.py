@@ -252,6 +252,25 @@ def config_diff(old: dict, new: dict) -> list[str]:
   return out
 
 
+def describe_diff(diff: list[str], limit: int = 6) -> str:
+  """``config_diff`` lines for one message: ``method`` and ``backbone.*`` first, at most
+  ``limit`` lines, the rest counted per top-level section (a change of method touches dozens of
+  keys, and the one that matters must not be buried)."""
+  rank = lambda line: (0 if line.startswith("method:") else
+                       1 if line.startswith("backbone.") else 2)
+  lines = sorted(diff, key=rank)
+  shown, rest = lines[:limit], lines[limit:]
+  text = "; ".join(shown)
+  if rest:
+    sections: dict[str, int] = {}
+    for line in rest:
+      top = line.split(":", 1)[0].split(".", 1)[0]
+      sections[top] = sections.get(top, 0) + 1
+    text += (f"; and {len(rest)} more in " +
+             ", ".join(f"{k} ({n})" for k, n in sorted(sections.items())))
+  return text
+
+
 def _config_text(c) -> str:
   return c.to_json_best_effort(indent=2, sort_keys=True)
 
@@ -271,7 +290,7 @@ def _save_config(workdir: str, text: str, diff: list[str]):
       n += 1
     kept = os.path.join(workdir, f"config.{n}.json")
     os.replace(path, kept)
-    print(f"note: this run's config differs from the saved one ({'; '.join(diff)}); the "
+    print(f"note: this run's config differs from the saved one ({describe_diff(diff)}); the "
           f"earlier config is kept as {kept}", flush=True)
   with open(path + ".tmp", "w") as f:
     f.write(text)
@@ -338,7 +357,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, info: dict) -> dict:
       print(f"nothing left to do: {workdir} holds the finished run (epoch {latest} of "
             f"{c.num_epochs}; raise --config.num_epochs to train on)", flush=True)
       if diff:
-        print(f"note: this config differs from {saved_path} ({'; '.join(diff)})", flush=True)
+        print(f"note: this config differs from {saved_path} ({describe_diff(diff)})", flush=True)
       print("final metrics:", json.dumps(final), flush=True)
       print(f"{workdir}:\n{_workdir_listing(workdir)}", flush=True)
       return final
@@ -360,7 +379,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, info: dict) -> dict:
       ckpt.close()
       if diff:
         raise config_lib.ConfigError(
-            f"config: {workdir} was trained with a different config ({'; '.join(diff)}) and "
+            f"config: {workdir} was trained with a different config ({describe_diff(diff)}) and "
             f"its checkpoints do not fit this one; use a new --workdir or the saved "
             f"{saved_path}") from None
       raise config_lib.ConfigError(f"checkpoints: none restores ({e})") from None
