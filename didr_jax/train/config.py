@@ -491,11 +491,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
              f"{t.batch_size} is not a multiple of sample.group_size={s.group_size} (CRD "
              "minibatches hold whole groups)")
     steps = int(c.crd.num_train_times)
-  return {
+  info = {
       "devices": num_devices,
       "processes": jax.process_count(),
       "samples_per_epoch": per_epoch,
       "samples_per_optimizer_step": per_step,
       "optimizer_steps_per_epoch": per_epoch // per_step * t.num_inner_epochs,
-      "timesteps_trained_per_sample": steps,
   }
+  if c.method in ("ddpo", "crd"):  # the one- and few-step methods train no sampled timesteps
+    info["timesteps_trained_per_sample"] = steps
+  return info
