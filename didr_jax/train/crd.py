@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from didr_jax.diffusion import kernels
+from didr_jax.diffusion import ddim, kernels
 from didr_jax.losses import crd as crd_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common
@@ -74,7 +74,6 @@ def rollout_time_grid(backbone, config) -> np.ndarray:
   as the authors' trainer does."""
   n = int(config.sample.num_steps)
   if backbone.family == "vp":
-    from didr_jax.diffusion import ddim
     grid = np.asarray(ddim.ddim_timesteps(backbone.schedule, n)[0])
     keep = grid <= float(config.crd.t_max) * backbone.schedule.num_train_timesteps
   else:

@@ -95,12 +95,13 @@ class DIDRTrainer(common.GuardedHostState):
     self.spec = one_step.OneStep.of(backbone, d.generator_time)
     cfg = validate_didr_section(d)
     self.data_range = drs_data_range(d, one_step.clip_range(backbone))
-    if d.drp_clip and self.data_range is None:
-      raise ConfigError("config.didr.drp_clip: needs a data range (didr.drs_bound 'lo,hi', or "
-                        "a backbone whose sampler clips x0)")
-    self.loss_cfg = dataclasses.replace(
-        cfg, t_max=None if d.drp_t_max >= 1.0 else float(d.drp_t_max) * horizon,
-        data_range=self.data_range, drp_clip=bool(d.drp_clip))
+    try:  # DIDRConfig checks the options (drp_clip needs a data range)
+      self.loss_cfg = dataclasses.replace(
+          cfg, t_max=None if d.drp_t_max >= 1.0 else float(d.drp_t_max) * horizon,
+          data_range=self.data_range, drp_clip=bool(d.drp_clip))
+    except ValueError as e:
+      raise ConfigError(f"config.didr: {e} (didr.drs_bound 'lo,hi', or a backbone whose "
+                        "sampler clips x0)") from None
     t = c.train
     fake_lr = t.learning_rate if d.fake_learning_rate == -1.0 else d.fake_learning_rate
     opt = dict(b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay,
