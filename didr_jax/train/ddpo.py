@@ -325,14 +325,16 @@ class DDPOTrainer:
     metrics = {k: jnp.sum(v) for k, v in metrics.items()}
     return loss, {**metrics, **steps, "loss": loss}
 
-  def _rwr_loss(self, params, micro, rng):
+  def _rwr_loss(self, params, micro, rng, uncond, guidance):
     """Reward-weighted denoising loss on the final samples (eps-space MSE per sample), weighted
-    by the normalised advantages (``losses.ddpo.rwr_weights``)."""
+    by the normalised advantages (``losses.ddpo.rwr_weights``). The output trained is the one
+    the sampler consumes: CFG-guided (``uncond``, ``guidance``) under ``train.cfg``, as PPO's,
+    so that fitting guided samples does not raise the effective guidance epoch by epoch."""
     d = self.c.ddpo
     model = self.net.bind(params)
     x0 = micro["x0"]
     x_t, t, target = self.bb.training_pair(rng, x0)
-    out = self.bb.denoise(model, x_t, t, micro["cond"], None, 1.0)
+    out = self.bb.denoise(model, x_t, t, micro["cond"], uncond, guidance)
     per = jnp.mean((out.astype(jnp.float32) - target) ** 2, axis=tuple(range(1, x0.ndim)))
     loss = ddpo_loss.rwr_loss(per, micro["adv"], mode=d.rwr_mode,
                               temperature=d.rwr_temperature, percentile=d.rwr_percentile)
@@ -363,7 +365,7 @@ class DDPOTrainer:
 
     def grad_fn(micro, c, key):
       if rwr:
-        fn = lambda p: self._rwr_loss(p, micro, key)
+        fn = lambda p: self._rwr_loss(p, micro, key, unc, guidance)
         (_, m), g = jax.value_and_grad(fn, has_aux=True)(params)
         return g, m
       # slots of chunk c: the traced chunk index of the rolled loop picks them (dynamic
