@@ -177,3 +177,90 @@ def test_ddim_kl_scale_is_the_step_std():
   got = ddim.ddim_std(jnp.asarray(ts), jnp.asarray(prevs), sched, 0.8)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
   assert float(got[-1]) == 0.0 and float(got[0]) > 0
+
+
+def _np_ppo_kl(lp_new, lp_old, adv, mask, steps, num_steps, eps, amax, beta, mu, mu_ref, s):
+  """float64 loops over the slots j and samples i of docs/methods.md §1.2-1.3: (loss, metrics,
+  d loss / d lp_new, d loss / d mu)."""
+  b, kc = lp_new.shape
+  dims = mu[0, 0].size
+  a = np.clip(adv, -amax, amax)
+  m = {k: 0.0 for k in ("approx_kl", "abs_dlogp", "clipfrac", "ratio_mean", "kl_ref")}
+  m.update({k: np.zeros(num_steps) for k in ("steps_count", "clipfrac_steps",
+                                             "abs_dlogp_steps")})
+  loss, g_lp, g_mu = 0.0, np.zeros_like(lp_new), np.zeros_like(mu)
+  for j in range(kc):
+    live = [i for i in range(b) if mask[i, j]]
+    n = max(len(live), 1)
+    slot = {k: 0.0 for k in ("l", "kl", "d2", "ad", "clip", "r")}
+    for i in live:
+      r = np.exp(lp_new[i, j] - lp_old[i, j])
+      unclipped, clipped = -a[i] * r, -a[i] * np.clip(r, 1 - eps, 1 + eps)
+      slot["l"] += max(unclipped, clipped) / n
+      g_lp[i, j] = (-a[i] * r if unclipped >= clipped else 0.0) / n
+      d = lp_new[i, j] - lp_old[i, j]
+      slot["d2"] += d * d / n
+      slot["ad"] += abs(d) / n
+      slot["clip"] += float(abs(r - 1) > eps) / n
+      slot["r"] += r / n
+      if s[i, j] > 1e-6:
+        diff = mu[i, j] - mu_ref[i, j]
+        slot["kl"] += np.sum(diff ** 2) / dims / (2 * s[i, j] ** 2) / n
+        g_mu[i, j] = beta * diff / (dims * s[i, j] ** 2 * n)
+    loss += slot["l"] + beta * slot["kl"]
+    m["approx_kl"] += 0.5 * slot["d2"]
+    m["abs_dlogp"] += slot["ad"]
+    m["clipfrac"] += slot["clip"]
+    m["ratio_mean"] += slot["r"]                          # a dead slot adds 0 everywhere
+    m["kl_ref"] += slot["kl"]
+    if live:
+      m["steps_count"][steps[j]] += 1
+      m["clipfrac_steps"][steps[j]] += slot["clip"]
+      m["abs_dlogp_steps"][steps[j]] += slot["ad"]
+  m["loss"] = loss
+  return loss, m, g_lp, g_mu
+
+
+def test_ppo_kl_loss_matches_float64_loops(rng):
+  """``ppo_kl_loss`` (the trainer's loss of a micro-batch over its step slots) against float64
+  loops: masked pairs (with a log-prob that would overflow exp) and a dead slot drop out, the KL
+  term counts with weight kl_beta, std-0 scales give KL 0, no gradient reaches mu_ref."""
+  b, kc, num_steps, eps, amax, beta = 6, 4, 5, 0.05, 1.5, 0.3
+  steps = np.array([4, 0, 2, 1])
+  lp_old = rng.normal(size=(b, kc))
+  lp_new = lp_old + rng.normal(scale=0.08, size=(b, kc))
+  adv = rng.normal(scale=1.5, size=b)
+  mask = rng.random((b, kc)) < 0.7
+  mask[:, 2] = False                                      # slot 2: no live pair
+  mask[0, 0] = mask[1, 0] = True
+  lp_new[~mask] = 1e4                                     # no density there: never used
+  mu = rng.normal(size=(b, kc, 2, 3))
+  mu_ref = mu + rng.normal(scale=0.2, size=mu.shape)
+  s = rng.uniform(0.3, 1.0, size=(b, kc))
+  s[1, 0] = 0.0                                           # live, but no KL scale
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  want, want_m, want_g_lp, want_g_mu = _np_ppo_kl(
+      f32(lp_new).astype(np.float64), f32(lp_old).astype(np.float64), adv, mask, steps,
+      num_steps, eps, amax, beta, f32(mu).astype(np.float64), f32(mu_ref).astype(np.float64),
+      np.asarray(f32(s), np.float64))
+
+  def f(lp, m, m_ref):
+    return ddpo.ppo_kl_loss(lp, f32(lp_old), f32(adv), jnp.asarray(mask), jnp.asarray(steps),
+                            num_steps=num_steps, clip_range=eps, adv_clip_max=amax,
+                            kl_beta=beta, mean=m, mean_ref=m_ref, kl_scale=f32(s))
+  (loss, m), (g_lp, g_mu, g_ref) = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
+      f32(lp_new), f32(mu), f32(mu_ref))
+  assert 0 < want_m["clipfrac"] < kc - 1 and want_m["kl_ref"] > 0
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert set(m) == set(want_m)
+  for k, v in want_m.items():
+    np.testing.assert_allclose(m[k], v, rtol=2e-5, atol=1e-7, err_msg=k)
+  np.testing.assert_allclose(g_lp, want_g_lp, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(g_mu, want_g_mu, rtol=1e-5, atol=1e-7)
+  assert (np.asarray(g_ref) == 0).all()
+  # without the reference: the PPO part alone, no kl_ref
+  loss0, m0 = ddpo.ppo_kl_loss(f32(lp_new), f32(lp_old), f32(adv), jnp.asarray(mask),
+                               jnp.asarray(steps), num_steps=num_steps, clip_range=eps,
+                               adv_clip_max=amax, kl_beta=beta)
+  np.testing.assert_allclose(loss0, want - beta * want_m["kl_ref"], rtol=1e-5)
+  assert "kl_ref" not in m0

@@ -13,6 +13,9 @@ per-sample *means* over latent dims (as every public DDPO implementation does), 
   averaged over dims, with s the scale the caller passes (flow SDE: the noise coefficient sig_t,
   not the step std; CPS and DDIM: the step std; see ``flow.step_kl_std`` / ``ddim.ddim_std``).
   Samples whose s is 0 (deterministic steps) get 0, not a floored 1 / (2 * 1e-12).
+- ``ppo_kl_loss``: one micro-batch's loss over its step slots, sum_j (L_j + kl_beta KL_j), with
+  the metrics the trainer logs (per-step diagnostics included); the trainer only supplies the
+  network's log-probs and step means.
 - ``rwr_loss``: reward-weighted regression, the paper's baseline: a per-sample denoising loss
   weighted by softmax(A / temperature) ("exp") or by 1[A >= percentile] ("sparse"), over the
   micro-batch, with A the normalised advantages (the DDPO paper weights normalised rewards: on
@@ -66,6 +69,58 @@ def kl_to_reference(mean: jax.Array, mean_ref: jax.Array, scale: jax.Array) -> j
   scale = jnp.broadcast_to(scale, sq.shape)
   live = scale > 1e-6
   return jnp.where(live, sq / (2.0 * jnp.where(live, scale, 1.0) ** 2), 0.0)
+
+
+def ppo_kl_loss(logp_new: jax.Array, logp_old: jax.Array, advantages: jax.Array,
+                mask: jax.Array, steps: jax.Array, *, num_steps: int, clip_range: float = 1e-4,
+                adv_clip_max: float = 5.0, kl_beta: float = 0.0, mean: jax.Array | None = None,
+                mean_ref: jax.Array | None = None, kl_scale: jax.Array | None = None):
+  """Returns (loss, metrics) of one micro-batch of B samples at kc step slots (docs/methods.md
+  §1.2 and §1.3): slot j is one trajectory step ``steps[j]`` shared by the micro-batch, and
+
+      L   = sum_j (L_j + kl_beta KL_j),
+      L_j = masked_mean_i max(-A_i r_ij, -A_i clip(r_ij, 1 - eps, 1 + eps))    (``ppo_loss``)
+      KL_j = masked_mean_i |mu_ij - sg(mu_ref_ij)|^2 / (2 s_ij^2)         (``kl_to_reference``)
+
+  with r_ij = exp(logp_new - logp_old), A_i = clip(advantages_i, -adv_clip_max, adv_clip_max),
+  eps = ``clip_range``, the masked means over the samples i of slot j with mask_ij (1 = a
+  stochastic step, 0 = no density: dropped), the squared distance averaged over the latent dims
+  and KL_ij = 0 where s_ij <= 1e-6. The gradient reaches ``logp_new`` and ``mean``, never
+  ``mean_ref``.
+
+  Shapes: ``logp_new``, ``logp_old``, ``mask`` (B, kc); ``advantages`` (B,); ``steps`` (kc,)
+  ints in [0, num_steps); ``mean``, ``mean_ref`` (B, kc, ...) the step means under the policy
+  and the frozen reference, ``kl_scale`` broadcastable to (B, kc). Without ``mean_ref`` (None)
+  there is no KL term and no ``kl_ref`` metric.
+
+  Metrics, each summed over the slots (the caller divides by its number of slots): ``loss``,
+  ``approx_kl`` (0.5 masked_mean dlogp^2), ``abs_dlogp``, ``clipfrac`` (fraction of
+  |r - 1| > eps), ``ratio_mean``, ``kl_ref`` (KL_j); and per trajectory step s, (num_steps,)
+  vectors over the slots with at least one live pair (h_js = 1[steps_j = s] 1[any_i mask_ij]):
+  ``steps_count`` = sum_j h_js, ``clipfrac_steps`` = sum_j clipfrac_j h_js,
+  ``abs_dlogp_steps`` = sum_j abs_dlogp_j h_js."""
+  if (mean is None) != (mean_ref is None) or (mean_ref is not None and kl_scale is None):
+    raise ValueError("the KL term needs mean, mean_ref and kl_scale together")
+  losses, metrics = jax.vmap(
+      lambda lp, old, m: ppo_loss(lp, old, advantages, clip_range=clip_range,
+                                  adv_clip_max=adv_clip_max, mask=m),
+      in_axes=1)(logp_new, logp_old, mask)                                   # (kc,) each
+  if mean_ref is not None:
+    b, kc = logp_new.shape
+    pairs = lambda x: x.reshape((b * kc,) + x.shape[2:])                  # (B * kc, ...)
+    scale = jnp.broadcast_to(jnp.asarray(kl_scale, jnp.float32), (b, kc))
+    kl_pair = kl_to_reference(pairs(mean), jax.lax.stop_gradient(pairs(mean_ref)),
+                              pairs(scale)).reshape(b, kc)
+    kl = jax.vmap(masked_mean, in_axes=1)(kl_pair, mask)                    # (kc,)
+    losses = losses + kl_beta * kl
+    metrics = {**metrics, "kl_ref": kl}
+  hit = jax.nn.one_hot(steps, num_steps) * jnp.any(mask, axis=0)[:, None]  # (kc, num_steps)
+  per_step = {"steps_count": jnp.sum(hit, axis=0),
+              "clipfrac_steps": metrics["clipfrac"] @ hit,
+              "abs_dlogp_steps": metrics["abs_dlogp"] @ hit}
+  loss = jnp.sum(losses)
+  metrics = {k: jnp.sum(v) for k, v in metrics.items()}
+  return loss, {**metrics, **per_step, "loss": loss}
 
 
 def rwr_weights(advantages: jax.Array, *, mode: str = "exp", temperature: float = 1.0,

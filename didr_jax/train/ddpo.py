@@ -37,7 +37,6 @@ gradient at that step, before averaging).
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any
 
@@ -274,13 +273,13 @@ class DDPOTrainer:
   def _ppo_loss(self, params, micro, slots, uncond, ref_params, guidance):
     """PPO loss of the micro-batch's slots ``slots`` (an int or a tuple of static slot
     indices; slot j = one trajectory step shared by the micro-batch), summed over the slots:
-    L = sum_j L_j with L_j the masked mean over the micro-batch of the clipped surrogate at
-    slot j (``ddpo_loss.ppo_loss``; deterministic steps masked out) plus kl_beta x the masked
-    mean KL to the reference. The (sample, slot) pairs go through the network as ONE batch of
-    B x len(slots) inputs (flattened sample-major, per-pair timesteps; CFG doubles it inside
-    ``denoise``), so the gradient of L is sum_j grad L_j in one forward-backward. Metrics are
-    sums over the slots too, with per-step diagnostics (``*_steps``: (num_steps,) vectors, a
-    segment sum over each slot's trajectory step, divided by the update)."""
+    L = sum_j (L_j + kl_beta KL_j), assembled with its metrics by ``ddpo_loss.ppo_kl_loss``
+    (docs/methods.md §1.2, §1.3); this method makes the network calls (the step's log-prob and
+    mean under ``params``, the reference's mean) and masks the pairs whose step std is 0. The
+    (sample, slot) pairs go through the network as ONE batch of B x len(slots) inputs
+    (flattened sample-major, per-pair timesteps; CFG doubles it inside ``denoise``), so the
+    gradient of L is sum_j grad L_j in one forward-backward. Metrics are sums over the slots,
+    with per-step diagnostics (``*_steps``: (num_steps,) vectors, divided by the update)."""
     d, s = self.c.ddpo, self.c.sample
     slots = (slots,) if isinstance(slots, int) else tuple(slots)
     kc = len(slots)
@@ -299,31 +298,21 @@ class DDPOTrainer:
     out = self.bb.denoise(model, x_t, t, cond, unc, guidance)
     logp, mean, std = self.bb.log_prob(out, x_t, x_next, t, t_next, eta=level,
                                        sde_type=s.sde_type)
-    per_slot = lambda x: x.reshape((b, kc))                            # (B, kc)
-    mask = per_slot(jnp.broadcast_to(jnp.asarray(std, jnp.float32), logp.shape)
-                    > ddim.LOG_STD_FLOOR)
-    ppo = functools.partial(ddpo_loss.ppo_loss, clip_range=d.clip_range,
-                            adv_clip_max=d.adv_clip_max)
-    losses, metrics = jax.vmap(lambda lp, old, m: ppo(lp, old, micro["adv"], mask=m),
-                               in_axes=1)(per_slot(logp), pick(micro["logp_old"]), mask)
+    per_slot = lambda x: x.reshape((b, kc) + x.shape[1:])              # (B, kc, ...)
+    live = jnp.broadcast_to(jnp.asarray(std, jnp.float32), logp.shape) > ddim.LOG_STD_FLOOR
+    kl = {}
     if ref_params is not None:
       ref_out = self.bb.denoise(self.net.bind(ref_params), x_t, t, cond, unc, guidance)
       _, ref_mean, _ = self.bb.log_prob(ref_out, x_t, x_next, t, t_next, eta=level,
                                         sde_type=s.sde_type)
       scale = self.bb.kl_std(t, t_next, eta=level, sde_type=s.sde_type)
-      kl_pair = per_slot(ddpo_loss.kl_to_reference(mean, jax.lax.stop_gradient(ref_mean),
-                                                   scale))
-      kl = jax.vmap(ddpo_loss.masked_mean, in_axes=1)(kl_pair, mask)           # (kc,)
-      losses = losses + d.kl_beta * kl
-      metrics = {**metrics, "kl_ref": kl}
-    # slot j's trajectory step (shared by the micro-batch), counted when it has a live pair
-    hit = jax.nn.one_hot(pick(micro["step"])[0], s.num_steps) * jnp.any(mask, axis=0)[:, None]
-    steps = {"steps_count": jnp.sum(hit, axis=0),
-             "clipfrac_steps": metrics["clipfrac"] @ hit,
-             "abs_dlogp_steps": metrics["abs_dlogp"] @ hit}
-    loss = jnp.sum(losses)
-    metrics = {k: jnp.sum(v) for k, v in metrics.items()}
-    return loss, {**metrics, **steps, "loss": loss}
+      kl = {"mean": per_slot(mean), "mean_ref": per_slot(ref_mean),
+            "kl_scale": per_slot(jnp.broadcast_to(scale, logp.shape))}
+    # slot j's trajectory step is shared by the micro-batch: the first sample's
+    return ddpo_loss.ppo_kl_loss(per_slot(logp), pick(micro["logp_old"]), micro["adv"],
+                                 per_slot(live), pick(micro["step"])[0],
+                                 num_steps=s.num_steps, clip_range=d.clip_range,
+                                 adv_clip_max=d.adv_clip_max, kl_beta=d.kl_beta, **kl)
 
   def _rwr_loss(self, params, micro, rng, uncond, guidance):
     """Reward-weighted denoising loss on the final samples (eps-space MSE per sample), weighted
