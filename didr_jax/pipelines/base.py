@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from didr_jax.convert import core, orbax_io
+from didr_jax.models import vae as vae_lib
 from didr_jax.parallel import mesh as mesh_lib
 
 PARAMS_DIR = "orbax_params"  # the Orbax cache of a converted folder, beside its configs
@@ -142,6 +143,52 @@ def has_vae(index: Mapping[str, Any]) -> bool:
   return bool(index.get("vae")) and index["vae"][0] is not None
 
 
+# ------------------------------------------------------------------ a folder's model_index.json
+
+_SD_CLASSES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+_SUPPORTED = sorted(_SD_CLASSES | {"ZImagePipeline"})
+
+
+def read_index(path: str) -> dict:
+  """``model_index.json`` of a pipeline folder, with a message that says what is wrong."""
+  if not os.path.isdir(path):
+    raise core.ConversionError(f"{path!r} is not a folder" if not os.path.exists(path) else
+                               f"{path!r} is a file; expected a pipeline folder")
+  if not os.path.exists(os.path.join(path, "model_index.json")):
+    what = "is empty" if not os.listdir(path) else "has no model_index.json"
+    raise core.ConversionError(
+        f"{path!r} {what}: expected a diffusers pipeline folder (model_index.json, unet/ or "
+        "transformer/, text_encoder/, ...) or one written by python -m didr_jax.convert")
+  return core.read_json(os.path.join(path, "model_index.json"))
+
+
+def pipeline_kind(path: str, index: Mapping[str, Any]) -> str:
+  """"sd", "sdxl" or "zimage" from a folder's ``model_index.json``."""
+  cls = index.get("_class_name", "")
+  if cls in _SD_CLASSES:
+    xl = cls == "StableDiffusionXLPipeline"
+    if xl != bool((index.get("text_encoder_2") or [None])[0]):
+      raise core.ConversionError(
+          f"{path}: model_index.json names a {cls} but "
+          f"{'lists no' if xl else 'lists a'} text_encoder_2 (SDXL has two text encoders, SD "
+          "one); the class and the components must agree")
+    return "sdxl" if xl else "sd"
+  if cls == "ZImagePipeline":
+    return "zimage"
+  raise core.ConversionError(f"{path}: unsupported pipeline class {cls!r}; supported: "
+                             f"{_SUPPORTED}")
+
+
+def components(kind: str, index: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+  """(components with weights, tokenizer folders) of a pipeline of ``kind``."""
+  vae = ["vae"] if has_vae(index) else []
+  if kind == "zimage":
+    return ["transformer"] + vae + ["text_encoder"], ["tokenizer"]
+  te = ["text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
+  tok = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
+  return ["unet"] + vae + te, tok
+
+
 def cached_tree(path: str) -> dict | None:
   """The parameter tree (names -> array metadata, nothing read) of the Orbax cache of the
   pipeline folder ``path``; None when it has none."""
@@ -170,7 +217,6 @@ def load_components(path: str, names: Sequence[str], *,
 
 def decode_images(vae: nnx.Module | None, latents: jax.Array) -> jax.Array:
   """Latents -> images in [0, 1] (pixel-space backbones pass ``vae=None``)."""
-  from didr_jax.models import vae as vae_lib
   x = latents if vae is None else vae_lib.decode_latents(vae, latents)
   return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 

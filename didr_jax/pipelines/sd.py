@@ -29,8 +29,9 @@ from didr_jax.diffusion import ddim, guidance, kernels, param
 from didr_jax.diffusion.schedules import VPSchedule
 from didr_jax.models import clip, layers, unet as unet_lib, vae as vae_lib
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.pipelines.base import (PipelineBase, copy_configs, decode_images,
-                                     load_components, write_component)
+from didr_jax.pipelines.base import (PipelineBase, components, copy_configs, decode_images,
+                                     load_components, pipeline_kind, read_index,
+                                     write_component)
 
 _LOADERS = {"unet": unet_lib.load_unet, "vae": vae_lib.load_vae, "text_encoder": clip.load_clip}
 _ABSTRACT = {"unet": unet_lib.abstract_unet, "vae": vae_lib.abstract_vae,
@@ -172,12 +173,11 @@ class SDPipeline(PipelineBase):
     ``dtype`` is the compute dtype; parameters are float32 (a full fine-tune's master weights)
     except the UNet's under ``unet_param_dtype`` (a LoRA run keeps its frozen base in the
     compute dtype: the same values the layers compute with, half the memory in bfloat16)."""
-    from didr_jax.pipelines import registry
-    index = registry.read_index(path)
-    kind = registry.pipeline_kind(path, index)
+    index = read_index(path)
+    kind = pipeline_kind(path, index)
     if kind not in ("sd", "sdxl"):
       raise core.ConversionError(f"{path}: a {kind!r} pipeline, not SD / SDXL")
-    names, tok_names = registry.components(kind, index)
+    names, tok_names = components(kind, index)
     te_names = [n for n in names if n.startswith("text_encoder")]
     loaders, abstract = _component_fns(dtype, remat, unet_param_dtype)
     modules = load_components(path, names, loaders=loaders, abstract=abstract, mesh=mesh,
