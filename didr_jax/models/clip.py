@@ -11,8 +11,9 @@ Classes and attribute names follow transformers 5.23, so checkpoints convert by 
 - ``CLIPModel``: both towers, both projections and ``logit_scale`` (contrastive use).
 
 Each encoder layer is pre-norm:  x = x + attn(ln1(x));  x = x + fc2(act(fc1(ln2(x)))).
-Images are NHWC float pixels, already normalised by the caller. Parameters are float32; the
-``dtype`` argument sets the compute dtype (float32 or bfloat16).
+Images are NHWC float pixels, already normalised by the caller: ``preprocess`` (settings
+``ImagePrep``) is transformers' CLIPImageProcessor in float, differentiable and jit-able.
+Parameters are float32; the ``dtype`` argument sets the compute dtype (float32 or bfloat16).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flax import nnx
 
 from didr_jax.convert import core
 from didr_jax.models import layers
+from didr_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
 
@@ -573,7 +575,6 @@ def load_clip(folder: str, cls: type | str | None = None, *, dtype: Dtype = jnp.
   config = config_for(cls, d)
   abstract = layers.abstract_module(lambda rngs: cls(config, rngs=rngs, dtype=dtype))
   if isinstance(shardings, jax.sharding.Mesh):
-    from didr_jax.parallel import mesh as mesh_lib
     mesh = shardings
     shardings = lambda path, var: mesh_lib.param_sharding(var, mesh, mesh_lib.DEFAULT_RULES)
   return core.load_torch_weights(abstract, tensors, key_fn=_key_fn(abstract),
@@ -611,3 +612,55 @@ def save_clip(model: nnx.Module, folder: str) -> None:
     json.dump(hf_config(model), f, indent=2)
   core.save_safetensors(export_clip(model), os.path.join(folder, "model.safetensors"),
                         metadata={"format": "pt"})
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
+
+
+# ---------------------------------------------------------------------------------------------
+# image preprocessing (transformers' CLIPImageProcessor in float, differentiable)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePrep:
+  """Static preprocessing settings (hashable: safe as a jit static argument)."""
+  size: int
+  mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+  std: tuple[float, float, float] = OPENAI_CLIP_STD
+  method: str = "bicubic"
+
+  @classmethod
+  def from_folder(cls, size: int, *folders: str | None) -> "ImagePrep":
+    """Mean, std and filter of the first ``preprocessor_config.json`` among ``folders``
+    (transformers' CLIPImageProcessor keys); ``size`` is the vision tower's input size."""
+    for folder in folders:
+      path = os.path.join(folder or "", "preprocessor_config.json")
+      if folder and os.path.exists(path):
+        d = core.read_json(path)
+        resample = d.get("resample", 3)
+        if resample not in _RESAMPLE:
+          raise ValueError(f"{path}: resample={resample} is not supported "
+                           f"(known: {sorted(_RESAMPLE)} = {sorted(_RESAMPLE.values())})")
+        return cls(size, tuple(d.get("image_mean", OPENAI_CLIP_MEAN)),
+                   tuple(d.get("image_std", OPENAI_CLIP_STD)), _RESAMPLE[resample])
+    return cls(size)
+
+
+def preprocess(images: jax.Array, prep: ImagePrep) -> jax.Array:
+  """(B, H, W, 3) in [0, 1] -> (B, n, n, 3) CLIP pixels, transformers' CLIPImageProcessor in
+  float: the short side resized to n = ``prep.size`` (long side int(n * long / short);
+  antialiased when shrinking; skipped when already n x n), the centred n x n crop (offsets
+  floor((side - n) / 2)), then (x - mean) / std per channel. Differentiable; jit-able."""
+  b, h, w, c = images.shape
+  n = prep.size
+  x = images.astype(jnp.float32)
+  if (h, w) != (n, n):
+    nh, nw = (n, int(n * w / h)) if h <= w else (int(n * h / w), n)
+    x = jax.image.resize(x, (b, nh, nw, c), prep.method, antialias=True)
+    top, left = (nh - n) // 2, (nw - n) // 2
+    x = x[:, top:top + n, left:left + n]
+  mean = jnp.asarray(prep.mean, jnp.float32)
+  std = jnp.asarray(prep.std, jnp.float32)
+  return (x - mean) / std

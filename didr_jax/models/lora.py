@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from didr_jax.models import zimage_dit
+
 # diffusers' usual LoRA targets (PEFT ``target_modules``) per model family.
 UNET_ATTENTION = (r"to_q", r"to_k", r"to_v", r"to_out\.0")
 UNET_FF = (r"ff\.net\.0\.proj", r"ff\.net\.2")
@@ -38,7 +40,6 @@ ZIMAGE_ATTENTION = (r"attention\.to_q", r"attention\.to_k", r"attention\.to_v",
 
 def default_targets(model: nnx.Module) -> tuple[str, ...]:
   """The attention projections of the model's family (what diffusers' LoRA scripts train)."""
-  from didr_jax.models import zimage_dit
   return ZIMAGE_ATTENTION if isinstance(model, zimage_dit.ZImageTransformer) else UNET_ATTENTION
 
 

@@ -35,6 +35,7 @@ from flax import nnx
 from didr_jax.convert import core
 from didr_jax.models import layers
 from didr_jax.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from didr_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
 
@@ -627,7 +628,6 @@ def load_unet(folder: str, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = j
   abstract = abstract_unet(folder, dtype=dtype, param_dtype=param_dtype, remat=remat,
                            attention_impl=attention_impl, strict_config=strict_config)
   if isinstance(shardings, jax.sharding.Mesh):
-    from didr_jax.parallel import mesh as mesh_lib
     mesh = shardings
     shardings = lambda path, var: mesh_lib.param_sharding(var, mesh, mesh_lib.DEFAULT_RULES)
   return core.load_torch_weights(abstract, core.open_weights(folder), shardings=shardings,

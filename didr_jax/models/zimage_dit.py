@@ -52,9 +52,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +63,7 @@ from flax import nnx
 
 from didr_jax.convert import core
 from didr_jax.models import layers
+from didr_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
 
@@ -552,7 +553,6 @@ def zimage_from_torch(config: ZImageConfig, tensors: Mapping[str, np.ndarray], *
   (path, var) -> Sharding as ``load_torch_weights`` takes.
   """
   if isinstance(shardings, jax.sharding.Mesh):
-    from didr_jax.parallel import mesh as mesh_lib
     m = shardings
     shardings = lambda path, var: mesh_lib.param_sharding(var, m, mesh_lib.DEFAULT_RULES)
   abstract = _abstract(config, scan_layers=scan_layers, remat=remat, dtype=dtype,
@@ -601,7 +601,6 @@ def export_zimage_transformer(model: ZImageTransformer, *, dtype: Any = None,
 
 def save_zimage_transformer(model: ZImageTransformer, folder: str, *, dtype: Any = None) -> None:
   """Writes a diffusers component folder (config.json + diffusion_pytorch_model.safetensors)."""
-  import json
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(model.config.to_diffusers(), f, indent=2)

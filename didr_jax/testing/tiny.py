@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
+from flax import nnx
 
+from didr_jax.convert import core
+from didr_jax.models import clip, unet as unet_lib
 from didr_jax.toy.tokenizer import write_clip_tokenizer
 
 
@@ -75,7 +79,6 @@ def save_tiny_aesthetic(folder: str, *, seed: int = 0):
   is the MLP as an nn.Sequential)."""
   import torch
   from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-  from didr_jax.convert import core
   vision = randomize_torch(CLIPVisionModelWithProjection(
       CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=768)), seed)
   vision.save_pretrained(os.path.join(folder, "clip"))
@@ -151,12 +154,9 @@ def initial_latents(batch: int, channels: int, size: int, seed: int = 0) -> np.n
 def save_tiny_toy(folder: str, *, seed: int = 0, sample_size: int = 16) -> str:
   """A random pixel-space toy pipeline (no VAE, toy-grammar tokenizer) in the layout of the
   shipped toy base, small enough for trainer tests."""
-  import jax
-  from flax import nnx
-  from didr_jax.models import clip, unet as unet_lib
-  from didr_jax.toy import pretrain, tokenizer as tok_lib
+  from didr_jax.toy import pretrain  # lazy: importing it defines its command line's absl flags
   tok_dir = os.path.join(folder, "_tok")
-  vocab = tok_lib.write_clip_tokenizer(tok_dir, pretrain.words(), max_length=pretrain.MAX_TOKENS)
+  vocab = write_clip_tokenizer(tok_dir, pretrain.words(), max_length=pretrain.MAX_TOKENS)
   tok = pretrain.load_tokenizer(tok_dir)
   text_cfg = clip.CLIPTextConfig.from_hf({
       "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

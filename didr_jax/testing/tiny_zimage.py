@@ -11,6 +11,8 @@ Requires the ``torch`` extra.
 
 from __future__ import annotations
 
+from didr_jax.toy.tokenizer import qwen_tokenizer
+
 VOCAB = 260  # 256 byte symbols + the chat special tokens
 TEXT_HIDDEN = 32
 
@@ -28,7 +30,6 @@ def _perturb(module, seed: int, scale: float):
 def tiny_qwen_tokenizer():
   """A byte-level BPE without merges (every UTF-8 byte is a token) with Qwen's chat special
   tokens and a Qwen3-style chat template (honouring ``enable_thinking``), built offline."""
-  from didr_jax.toy.tokenizer import qwen_tokenizer
   hf = qwen_tokenizer()
   if len(hf) > VOCAB:
     raise AssertionError(f"tokenizer has {len(hf)} tokens, more than VOCAB={VOCAB}")

@@ -40,6 +40,10 @@ the DiT stage from a toy_dit folder (e.g. ``--stages=dit --dit_init=didr_jax/toy
 
 Everything is written in diffusers / transformers formats (safetensors + config.json), so the
 toy bases also load in PyTorch (``tests/test_toy_assets.py`` checks the DiT's outputs there).
+
+The stages sit on top of the package's layers (``benchmarks/import_graph.py``): they drive the
+trainers of ``train``; the toy world they train for (shapes, tokenizer, toy CLIP, detector,
+fidelity) sits low and imports none of this module.
 """
 
 from __future__ import annotations
@@ -59,7 +63,12 @@ from didr_jax.convert import core
 from didr_jax.diffusion import kernels
 from didr_jax.diffusion.schedules import VPSchedule
 from didr_jax.models import clip, qwen3, unet as unet_lib, zimage_dit
+from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.pipelines import zimage as zimage_pipe
+from didr_jax.testing.configs import load_config
 from didr_jax.toy import shapes, tokenizer as tok_lib
+from didr_jax.train import (config as config_lib, didr as didr_lib, didr_config, loop,
+                            prompts as prompts_lib, tdm as tdm_lib)
 
 MAX_TOKENS = 12
 IMAGE_SIZE = 32
@@ -282,7 +291,6 @@ def train_dit(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-3, 
   DiT jointly with its text encoder, captions encoded as Z-Image does (chat template, hidden
   state -2), 10% prompt dropout to the empty prompt. ``init``: a toy_dit folder to continue
   from (the tokenizer is rebuilt from the grammar, so it must be that folder's)."""
-  from didr_jax.pipelines import zimage as zimage_pipe
   folder = os.path.join(out, "toy_dit")
   tok = tok_lib.qwen_tokenizer(words() + ("user", "assistant"))
   if init and tok.get_vocab() != load_tokenizer(os.path.join(init, "tokenizer")).get_vocab():
@@ -366,23 +374,19 @@ def train_onestep(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e
   """Distils ``OUT/toy_onestep`` from ``OUT/toy_unet`` with DI (see the module docstring):
   each step 2 fake-score DSM updates and one generator update on ``batch`` training prompts;
   the generator EMA (decay 0.99) is written in bfloat16. Returns the folder."""
-  from didr_jax.parallel import mesh as mesh_lib
-  from didr_jax.train import config as config_lib, loop
-  from didr_jax.train.didr import DIDRTrainer
-  from didr_jax.train.didr_config import didr_section
   c = config_lib.base_config()
   c.method, c.seed = "didr", seed
   c.backbone.path = os.path.join(out, "toy_unet")
   c.rewards = {"toy_clip": 1.0}
   c.sample.batch_size = c.train.batch_size = batch
   c.train.learning_rate, c.train.weight_decay = lr, 0.0
-  c.didr = didr_section()
+  c.didr = didr_config.didr_section()
   c.didr.mode, c.didr.ref_cfg, c.didr.fake_updates, c.didr.ema_decay = "di", 3.0, 2, 0.99
   c = config_lib.finalize(c)
   config_lib.validate(c, num_devices=1)
   mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   pipe = loop.build_backbone(c, mesh)
-  trainer = DIDRTrainer(c, pipe, mesh)
+  trainer = didr_lib.DIDRTrainer(c, pipe, mesh)
   step_fn = lambda state, prompts, rng: trainer.train_step(state, prompts, rng)[:2]
   return _distil(trainer, step_fn, c.backbone.path, os.path.join(out, "toy_onestep"), "onestep",
                  steps, batch, seed, export_every)
@@ -395,7 +399,6 @@ def _distil(trainer, step_fn, teacher: str, dst: str, name: str, steps: int, bat
   line every 50 steps, the generator's EMA written to ``dst`` (``_write_unet_component``) every
   ``export_every`` steps (0: only at the end; an interrupted stage keeps its latest) and at the
   end. Returns ``dst``."""
-  from didr_jax.train import prompts as prompts_lib
   state = trainer.init_state()
   stream = prompts_lib.PromptStream(prompts_lib.load_prompts("toy:train"), seed=seed)
 
@@ -435,10 +438,6 @@ def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4,
   iteration one rollout of ``batch`` training prompts and, at 2 of its 4 boundaries, a fake-score
   and a student update; the student EMA (decay 0.99) is written in bfloat16. Returns the
   folder."""
-  from didr_jax.parallel import mesh as mesh_lib
-  from didr_jax.testing.configs import load_config
-  from didr_jax.train import config as config_lib, loop
-  from didr_jax.train.tdm import TDMTrainer
   c = load_config("toy_tdm", **{
       "seed": seed, "backbone.path": os.path.join(out, "toy_unet"),
       "sample.batch_size": batch, "train.batch_size": batch, "tdm.gen_lr": lr,
@@ -446,7 +445,7 @@ def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4,
   config_lib.validate(c, num_devices=1)
   mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   pipe = loop.build_backbone(c, mesh)
-  trainer = TDMTrainer(c, pipe, mesh)
+  trainer = tdm_lib.TDMTrainer(c, pipe, mesh)
   step_fn = lambda state, prompts, rng: trainer.train_step(state, prompts, rng, None)[:2]
   return _distil(trainer, step_fn, c.backbone.path, os.path.join(out, "toy_tdm"), "tdm", steps,
                  batch, seed, export_every)

@@ -10,6 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from didr_jax.models import clip
+from didr_jax.toy import fidelity, shapes
+
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 
 
@@ -18,19 +21,17 @@ MEAN = STD = (0.5, 0.5, 0.5)  # (x - 0.5) / 0.5 = 2x - 1: the range of pretraini
 
 def pixels(model, images: jax.Array) -> jax.Array:
   """Images in [0, 1] of any size -> the toy CLIP's input: resized to its size (bilinear,
-  antialiased; the shared CLIP preprocessing of ``rewards.clip_rewards``) and mapped to
-  [-1, 1]. Differentiable, jit-able."""
-  from didr_jax.rewards.clip_rewards import ImagePrep, preprocess
+  antialiased; the CLIP preprocessing ``models.clip.preprocess`` the CLIP rewards share) and
+  mapped to [-1, 1]. Differentiable, jit-able."""
   n = model.config.vision_config.image_size
-  return preprocess(images, ImagePrep(n, MEAN, STD, "bilinear"))
+  return clip.preprocess(images, clip.ImagePrep(n, MEAN, STD, "bilinear"))
 
 
 def score(model, images: jax.Array, input_ids: jax.Array) -> jax.Array:
   """exp(logit_scale) * cos(text features, image features), per sample (differentiable;
   images (B, H, W, 3) in [0, 1], any size)."""
-  from didr_jax.models.clip import l2_normalize
-  img = l2_normalize(model.get_image_features(pixels(model, images)))
-  txt = l2_normalize(model.get_text_features(input_ids))
+  img = clip.l2_normalize(model.get_image_features(pixels(model, images)))
+  txt = clip.l2_normalize(model.get_text_features(input_ids))
   return jnp.exp(model.logit_scale[...]) * jnp.sum(img * txt, axis=-1)
 
 
@@ -39,7 +40,6 @@ class ToyCLIP:
 
   def __init__(self, folder: str = os.path.join(ASSETS, "toy_clip")):
     from transformers import AutoTokenizer
-    from didr_jax.models import clip
     self.model = clip.load_clip(folder, clip.CLIPModel)
     self.tokenizer = AutoTokenizer.from_pretrained(folder)
     self._score = jax.jit(score)
@@ -63,7 +63,6 @@ class ToyCLIP:
   def fidelity(self, images, prompts, seed: int = 0) -> float:
     """Frechet distance between the toy-CLIP features of ``images`` and of rendered shapes
     scenes for the same prompts (seeded): how far samples drift from the true distribution."""
-    from didr_jax.toy import fidelity, shapes
     size = np.asarray(images).shape[1]
     real = np.stack([shapes.render(shapes.sample_scene(seed + i, p), seed + i, size=size)
                      for i, p in enumerate(prompts)]).astype(np.float32) / 255.0
