@@ -26,6 +26,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from didr_jax import rewards
 from didr_jax.rewards.base import Reward
 from didr_jax.rewards.remote import decode_request, one_line
 
@@ -123,7 +124,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-  from didr_jax import rewards
   ap = _Parser(description=__doc__.splitlines()[0])
   ap.add_argument("--reward", required=True, help=f"one of {rewards.names()}")
   ap.add_argument("--reward_kwargs", default="{}", help='JSON keyword arguments, e.g. '
