@@ -17,10 +17,11 @@ part on a higher level; *cross-part* when the two parts differ. The rules that
 ``tests/test_import_graph.py`` checks:
 
 - no import cycle among modules, function-level imports included (a strongly connected component
-  of more than one module, or a module importing itself);
+  of more than one module);
 - every upward edge, and every function-level cross-part import, carries its reason on the import
   statement's lines: a comment ``# upward: <reason>`` (why a lower part needs a higher one) or
-  ``# lazy: <reason>`` (what start-up time the function-level import buys).
+  ``# lazy: <reason>`` (the start-up time, or the import side effect, that the function-level
+  import saves); either tag satisfies either rule.
 
 The report prints the parts with their levels, the part-to-part edges, every upward edge with its
 reason, the cycles, and the counts of import statements (all, function-level, function-level of a
