@@ -391,7 +391,7 @@ def ours_ddpo_epochs(args, folder):
       return None, CompileClock.seconds(t0, time.time())
     compile_s = CompileClock.seconds(t0, time.time())
     hist = json.load(open(os.path.join(d, "history.json")))
-  rows = [(h["samples_per_s"], h["time_sample_s"], h["time_train_s"]) for h in hist
+  rows = [(h["samples_per_s"], h["time_rollout_s"], h["time_update_s"]) for h in hist
           if "samples_per_s" in h]
   return rows, compile_s
 

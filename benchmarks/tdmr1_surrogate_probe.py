@@ -74,7 +74,7 @@ def main():
   from didr_jax.parallel import mesh as mesh_lib
   from didr_jax.rewards import AsyncRewards, from_config
   from didr_jax.testing.configs import load_config
-  from didr_jax.train import loop, prompts as prompts_lib
+  from didr_jax.train import common, loop, prompts as prompts_lib
   from didr_jax.train.tdm_r1 import TDMR1Trainer
 
   overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -96,7 +96,7 @@ def main():
   b = len(probe_prompts)
   cond = tr._shard(pipe.encode(probe_prompts), b)
   uncond = tr.negative(b)
-  traj, images = tr.rollout(state["params"]["generator"], cond, jax.random.key(1000 + args.seed))
+  traj, images = tr.student_rollout(state["params"]["generator"], cond, jax.random.key(1000 + args.seed))
   rewards = np.asarray(detector(np.asarray(images), probe_prompts), np.float64)
   ids = jnp.arange(b, dtype=jnp.int32) // g
   groups = b // g
@@ -158,9 +158,10 @@ def main():
     prompts = stream.next(c.sample.batch_size // g, g)
     bc = len(prompts)
     cnd = tr._shard(pipe.encode(list(prompts)), bc)
-    tj, imgs = tr.rollout(state["params"]["generator"], cnd, k_roll)
-    state, ctx, futures, _ = tr._before_boundaries(state, tj, cnd, prompts, imgs, rewarder, k_s)
-    train_rewards.append(float(np.mean(futures[0].result())))
+    tj, imgs = tr.student_rollout(state["params"]["generator"], cnd, k_roll)
+    future = rewarder.submit(common.host_rows(imgs), prompts)
+    state, ctx, _ = tr._before_boundaries(state, tj, future, k_s)
+    train_rewards.append(float(np.mean(future.result())))
     for m in range(int(d.boundaries_per_iter)):
       state, sm = tr._surrogate_phase(state, ctx, cnd, jax.random.fold_in(k_s, m))
     if it % args.probe_every == 0 or it == args.iters:

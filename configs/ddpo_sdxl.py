@@ -8,7 +8,7 @@ On a TPU pod set the mesh, e.g. --config.mesh.axes='(("data", -1), ("fsdp", 4), 
 """
 
 from didr_jax.train import config as config_lib
-from didr_jax.train.ddpo import ddpo_section
+from didr_jax.train.ddpo_config import ddpo_section
 
 
 def get_config():

@@ -21,7 +21,7 @@ Images are trained at the pipeline's default resolution (the VAE config's sample
 """
 
 from didr_jax.train import config as config_lib
-from didr_jax.train.ddpo import ddpo_section
+from didr_jax.train.ddpo_config import ddpo_section
 
 
 def get_config():

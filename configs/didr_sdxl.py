@@ -26,10 +26,10 @@ deterministic K = 2). Mode ``di`` gives DI* (no reward), ``dipp`` DI++.
 """
 
 from didr_jax.train import config as config_lib
-from didr_jax.train.didr_config import real_config
+from didr_jax.train import recipes
 
 
 def get_config():
-  c = real_config("sdxl", ref_cfg=8.0)
+  c = recipes.didr("sdxl", ref_cfg=8.0)
   c.didr.generator_path = ""      # the one-step generator folder (see above)
   return config_lib.finalize(c)

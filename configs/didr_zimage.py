@@ -18,10 +18,10 @@ beta1 0, lr 5e-7 (full transformer), 5 fake updates per generator update, K = 2 
 """
 
 from didr_jax.train import config as config_lib
-from didr_jax.train.didr_config import real_config
+from didr_jax.train import recipes
 
 
 def get_config():
-  c = real_config("zimage", ref_cfg=4.5)
+  c = recipes.didr("zimage", ref_cfg=4.5)
   c.didr.generator_path = ""      # the one-step generator folder (see above)
   return config_lib.finalize(c)

@@ -5,7 +5,7 @@ the frozen reference (``ddpo.kl_beta``). ``--config=configs/exact_ddpo.py:ring2d
 
 from didr_jax.exact.config import exact_base
 from didr_jax.train import config as config_lib
-from didr_jax.train.ddpo import ddpo_section
+from didr_jax.train.ddpo_config import ddpo_section
 
 
 def get_config(spec: str = "ring2d:linear"):

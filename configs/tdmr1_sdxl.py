@@ -21,15 +21,15 @@ Defaults (docs/methods.md §4): teacher CFG 8 in the normaliser (SDXL's DMD-styl
 (``tdm_config.cfg_reward_scale``: w_cfg s = ref_cfg - 1, so that at phi = ref the targets add up to
 the teacher at CFG 8; the authors' 3.5 pulled toward CFG 2.05), surrogate CFG 4.5, beta_dpo 10, t_min 300 / T, generator
 AdamW lr 7.5e-5 betas (0, 0.999), fake 3e-4 (0, 0.999), surrogate 3e-4 (0.9, 0.999), wd 1e-4,
-clip 1, M = 2 boundaries per iteration, groups of 24 (see ``tdm_config.real_config`` for the
+clip 1, M = 2 boundaries per iteration, groups of 24 (see ``recipes.tdmr1`` for the
 batch).
 """
 
 from didr_jax.train import config as config_lib
-from didr_jax.train.tdm_config import real_config
+from didr_jax.train import recipes
 
 
 def get_config():
-  c = real_config("sdxl", ref_cfg=8.0, surrogate_cfg=4.5)
+  c = recipes.tdmr1("sdxl", ref_cfg=8.0, surrogate_cfg=4.5)
   c.tdm.generator_path = ""       # the 4-step student folder (see above)
   return config_lib.finalize(c)

@@ -20,14 +20,14 @@ guidance_scale 3.5), t_cfg scale derived from it
 (``tdm_config.cfg_reward_scale``: w_cfg s = ref_cfg - 1, so that at phi = ref the targets add up to
 the teacher at CFG 4.5; the authors' 3.5 pulled toward CFG 2.05), surrogate CFG 4.5, beta_dpo 10, t_min sigma 0.3, generator
 AdamW lr 7.5e-5 betas (0, 0.999), fake 3e-4 (0, 0.999), surrogate 3e-4 (0.9, 0.999), wd 1e-4,
-clip 1, M = 2 boundaries per iteration, groups of 24 (see ``tdm_config.real_config``).
+clip 1, M = 2 boundaries per iteration, groups of 24 (see ``recipes.tdmr1``).
 """
 
 from didr_jax.train import config as config_lib
-from didr_jax.train.tdm_config import real_config
+from didr_jax.train import recipes
 
 
 def get_config():
-  c = real_config("zimage", ref_cfg=4.5, surrogate_cfg=4.5)
+  c = recipes.tdmr1("zimage", ref_cfg=4.5, surrogate_cfg=4.5)
   c.tdm.generator_path = ""       # the 4-step student folder (see above)
   return config_lib.finalize(c)

@@ -15,7 +15,7 @@ micro-batch) evaluated with the deterministic ODE sampler (eval.eta 0), so held-
 not blurred by exploration noise."""
 
 from didr_jax.train import config as config_lib
-from didr_jax.train.ddpo import ddpo_section
+from didr_jax.train.ddpo_config import ddpo_section
 
 
 def get_config(base: str = "unet"):

@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
+from didr_jax.errors import ConfigError, ConversionError, RewardError
+
 EXIT_BAD_INPUT = 2
 
 
@@ -84,9 +86,7 @@ def one_line(message: str) -> str:
 
 
 def _user_errors() -> tuple[type, ...]:
-  """Exception types that mean bad input (imported lazily: heavy modules load after flags)."""
-  from didr_jax.convert.core import ConversionError
-  from didr_jax.train.config import ConfigError
+  """Exception types that mean bad input."""
   return (app.UsageError, ConfigError, ConversionError)
 
 
@@ -219,8 +219,7 @@ def _fail_now(message: str):
 def _one_line_hook(kind, exc, tb, _default=sys.excepthook):
   """A RewardError (reward server down or answering garbage) reaching the top prints as one
   line, exit code 1; every other error keeps its traceback."""
-  base = sys.modules.get("didr_jax.rewards.base")
-  if base is not None and issubclass(kind, base.RewardError):
+  if issubclass(kind, RewardError):
     print(f"error: {exc}", file=sys.stderr)
   else:
     _default(kind, exc, tb)

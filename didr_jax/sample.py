@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from didr_jax.errors import PromptError
 from didr_jax.cli_util import compile_cache, fail, quiet_logs, run
 
 FLAGS = flags.FLAGS
@@ -81,7 +82,7 @@ def check_flags() -> None:
 def read_prompts() -> list[str]:
   prompts = list(FLAGS.prompt or [])
   if FLAGS.prompt_file:
-    from didr_jax.train.prompts import PromptError, load_prompts
+    from didr_jax.train.prompts import load_prompts
     try:
       prompts += load_prompts(FLAGS.prompt_file)
     except PromptError as e:
@@ -177,7 +178,8 @@ def sample_run(prompts: list[str]) -> np.ndarray:
   from didr_jax.convert import run_export
   from didr_jax.parallel import mesh as mesh_lib
   c = run_export.read_run_config(FLAGS.workdir)
-  multi_step = c.method in ("ddpo", "crd")
+  from didr_jax.train import methods  # lazy: imports jax; the flag checks run before it
+  multi_step = methods.get(c.method).policy
   given = [n for n in ("steps", "eta", "guidance") if FLAGS[n].present]
   if given and not multi_step:
     raise app.UsageError(f"--{given[0]}: the {c.method} run's generator samples with its own "

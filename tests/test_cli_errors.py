@@ -307,7 +307,7 @@ def test_shard_index_may_only_name_files_beside_it(inputs, tmp_path):
 def test_sd_class_and_components_must_agree(inputs, tmp_path):
   """The class name, the text encoders it lists and the UNet's config agree: an SD class
   listing a second text encoder, or an SDXL pipeline whose UNet is SD's, is refused."""
-  from didr_jax.convert.core import ConversionError
+  from didr_jax.errors import ConversionError
   from didr_jax.pipelines import registry
   index = json.load(open(os.path.join(inputs["model"], "model_index.json")))
   assert registry.pipeline_kind("m", index) == "sd"
@@ -327,7 +327,7 @@ def test_sd_class_and_components_must_agree(inputs, tmp_path):
 
 
 def test_orbax_cache_without_metadata_is_refused_before_loading(inputs, tmp_path):
-  from didr_jax.convert.core import ConversionError
+  from didr_jax.errors import ConversionError
   from didr_jax.pipelines import registry
   cache = str(tmp_path / "cache")
   shutil.copytree(inputs["cache"], cache)

@@ -14,7 +14,7 @@ from didr_jax import rewards as rewards_lib
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.testing import tiny, tiny_zimage
 from didr_jax.testing.configs import load_config
-from didr_jax.train import checkpoint, config as config_lib, loop, prompts as prompts_lib
+from didr_jax.train import checkpoint, common, config as config_lib, loop, prompts as prompts_lib
 from didr_jax.train import crd as crd_lib
 from didr_jax.train.crd import CRDTrainer
 
@@ -59,11 +59,12 @@ def _check_epochs(trainer, c, epochs=2, ckpt_dir=None):
   hist, metrics, shown = [_host(state)], [], []
   try:
     # asked to stop before anything changed: abandoned, the stream untouched
-    with pytest.raises(crd_lib.EpochAbandoned):
-      trainer.epoch(state, 0, stream, rewarder, stop=lambda: True)
+    with pytest.raises(common.EpochAbandoned):
+      loop.run_epoch(trainer, state, 0, stream, rewarder, stop=lambda: True)
     assert stream.position == 0
     for e in range(epochs):
-      state, m, images = trainer.epoch(state, e, stream, rewarder, stop=lambda: False)
+      state, m, images = loop.run_epoch(trainer, state, e, stream, rewarder,
+                                        stop=lambda: False)
       hist.append(_host(state))
       metrics.append(m)
       shown.append(images)
@@ -73,7 +74,7 @@ def _check_epochs(trainer, c, epochs=2, ckpt_dir=None):
   for m in metrics:
     assert all(np.isfinite(v) for v in m.values()), m
     for k in ("reward_mean", "reward_std", "loss", "policy_loss", "kl", "corr", "decay_old",
-              "decay_sampler", "time_sample_s", "time_train_s"):
+              "decay_sampler", "time_rollout_s", "time_update_s"):
       assert k in m, k
   # theta == old at the first update: the implicit reward is exactly 0 (and so its correlation)
   assert metrics[0]["implicit_reward_abs"] == 0.0 and metrics[0]["corr"] == 0.0
@@ -174,7 +175,7 @@ def test_crd_sdxl_config_runs_two_epochs_and_resumes(tmp_path):
       stream = _stream(c)
       stream.load_state_dict(host["stream"])
       trainer.load_host_state(host["trainer"])
-      resumed, _, _ = trainer.epoch(restored, e, stream, rewarder)
+      resumed, _, _ = loop.run_epoch(trainer, restored, e, stream, rewarder)
       ck.save(e + 1, resumed, {"stream": stream.state_dict(), "trainer": trainer.host_state()})
       ck.close()
   finally:

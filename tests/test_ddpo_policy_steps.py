@@ -10,7 +10,7 @@ import pytest
 
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.testing.configs import load_config
-from didr_jax.train import advantages, config as config_lib
+from didr_jax.train import advantages, config as config_lib, ddpo_config
 from didr_jax.train.ddpo import DDPOTrainer, clip_step_grad, epoch_metrics
 
 
@@ -24,7 +24,7 @@ def bare_trainer(c):
   t.c = c
   t.mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   t.rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
-  t.num_train_t = config_lib.train_steps(c.sample, c.train)
+  t.num_train_t = ddpo_config.train_steps(c.sample, c.train)
   return t
 
 
@@ -38,7 +38,7 @@ def bare_trainer(c):
 def test_train_steps(steps, frac, det, window, want):
   c = dit(**{"sample.num_steps": steps, "train.timestep_fraction": frac,
              "sample.deterministic_last_step": det, "sample.sde_window": window})
-  assert config_lib.train_steps(c.sample, c.train) == want
+  assert ddpo_config.train_steps(c.sample, c.train) == want
   assert config_lib.validate(c, 1)["timesteps_trained_per_sample"] == want
 
 
@@ -50,7 +50,7 @@ def test_levels_deterministic_last_step_and_window():
   np.testing.assert_allclose(t.levels(0.7, 10), [0.7] * 10, rtol=1e-7)
   assert not t.levels(0.0, 10).any()  # evaluation with eta 0: the ODE
   t = bare_trainer(dit(**{"sample.sde_window": (-1, 3)}))
-  starts = {t.window_start(np.random.default_rng(i)) for i in range(200)}
+  starts = {t.window_start(jax.random.key(i)) for i in range(200)}
   assert starts == set(range(0, 7))  # 9 stochastic steps, windows of 3: starts 0..6
 
 
@@ -106,9 +106,8 @@ def test_prepare_random_window_micro_batches_share_a_window():
   config_lib.validate(c, 1)
   t = bare_trainer(c)
   assert t.num_train_t == 2
-  rng = np.random.default_rng(0)
-  levels = np.concatenate([np.tile(t.levels(0.7, 8, t.window_start(rng)), (8, 1))
-                           for _ in range(3)])
+  levels = np.concatenate([np.tile(t.levels(0.7, 8, t.window_start(jax.random.key(b))), (8, 1))
+                           for b in range(3)])
   for seed in range(4):
     out = t._prepare_impl(jax.random.key(seed), _data(24, 8, levels))
     sample = np.asarray(out["adv"]).astype(int).reshape(-1, 4)   # (micro-batches, b)

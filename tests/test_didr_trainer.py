@@ -18,7 +18,8 @@ from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.testing import tiny
 from didr_jax.testing.configs import load_config
 from didr_jax.train import checkpoint, config as config_lib, loop, prompts as prompts_lib
-from didr_jax.train.didr import DIDRTrainer, EpochAbandoned
+from didr_jax.train.common import EpochAbandoned
+from didr_jax.train.didr import DIDRTrainer
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "three red circles"] * 2
 
@@ -134,7 +135,7 @@ def test_sharded_updates_equal_single_device(toy, toy_folder):
 def _run(trainer, state, stream, epochs, rewarder):
   out = []
   for e in epochs:
-    state, m, images = trainer.epoch(state, e, stream, rewarder)
+    state, m, images = loop.run_epoch(trainer, state, e, stream, rewarder)
     out.append(m)
   return state, out, images
 
@@ -147,11 +148,11 @@ def test_epochs_train_and_resume_equals_uninterrupted(toy, tmp_path):
   try:
     s0 = jax.tree.map(np.asarray, toy.init_state())
     with pytest.raises(EpochAbandoned):
-      toy.epoch(toy.init_state(), 0, new_stream(), rewarder, stop=lambda: True)
+      loop.run_epoch(toy, toy.init_state(), 0, new_stream(), rewarder, stop=lambda: True)
     straight, ms, images = _run(toy, toy.init_state(), new_stream(), [0, 1], rewarder)
     for m in ms:
       assert all(np.isfinite(v) for v in m.values()), m
-      assert 0.0 < m["reward_share"] < 1.0 and m["time_per_step_s"] > 0
+      assert 0.0 < m["reward_share"] < 1.0 and m["samples_per_s"] > 0
     assert images.shape == (2, 8, 8, 3)
     for name in ("generator", "fake"):
       assert _max_diff(straight["params"][name], s0["params"][name]) > 1e-6, name
@@ -233,7 +234,7 @@ def _config_epoch(name, folder, **kw):
   rewarder = rewards_lib.AsyncRewards(rewards_lib.from_config(dict(c.rewards)))
   stream = prompts_lib.PromptStream(prompts_lib.load_prompts(c.prompts.train), seed=0)
   try:
-    state, m, images = trainer.epoch(state, 0, stream, rewarder)
+    state, m, images = loop.run_epoch(trainer, state, 0, stream, rewarder)
   finally:
     rewarder.close()
   assert all(np.isfinite(v) for v in m.values()), m

@@ -111,7 +111,7 @@ def test_from_config_refuses_rewards_of_another_problem():
   """A config whose rewards score another problem's points (or images) is one ConfigError
   naming the key, before anything is compiled; the matching rewards build the backbone."""
   from didr_jax.exact import config as exact_config
-  from didr_jax.train.config import ConfigError
+  from didr_jax.errors import ConfigError
   c = exact_config.exact_base("ddpo", "ring2d:linear")
   assert eb.from_config(c).kind == "exact_ring2d"
   c.rewards = {"exact_mix16d_linear": 1.0}

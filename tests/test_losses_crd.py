@@ -336,7 +336,7 @@ def test_snapshot_schedule_defaults_and_checks():
 
 
 def test_crd_section_defaults_and_one_line_errors():
-  from didr_jax.train.config import ConfigError
+  from didr_jax.errors import ConfigError
   from didr_jax.train.crd_config import crd_section, validate_crd_section
   d = crd_section()
   snaps = validate_crd_section(d)

@@ -491,7 +491,7 @@ def test_dgpo_step_lowers_denoising_loss_of_high_advantage_samples():
 
 
 def test_tdm_config_sections_validate_and_name_the_bad_key():
-  from didr_jax.train.config import ConfigError
+  from didr_jax.errors import ConfigError
   from didr_jax.losses.common import SnapshotSchedule
   from didr_jax.train.tdm_config import tdm_section, tdmr1_section, validate_tdm_section
   assert validate_tdm_section(tdm_section()) == {}
@@ -535,7 +535,7 @@ def test_every_shipped_tdmr1_config_distils_toward_its_teacher_cfg(name, rng):
   the trainer (``cfg_reward_scale``). With the literal 3.5 the real configs pulled toward
   CFG 2.05 (this test fails for them: checked below)."""
   import importlib.util
-  from didr_jax.train.config import ConfigError
+  from didr_jax.errors import ConfigError
   from didr_jax.train.tdm_config import cfg_reward_scale
   spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
   module = importlib.util.module_from_spec(spec)

@@ -21,7 +21,8 @@ import pytest
 
 from didr_jax import rewards
 from didr_jax.rewards import remote as remote_lib
-from didr_jax.rewards.base import Reward, RewardError
+from didr_jax.errors import RewardError
+from didr_jax.rewards.base import Reward
 from didr_jax.rewards.server import make_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,70 +226,70 @@ def test_url_and_options_from_the_environment(monkeypatch):
   assert built.name == "0.5*remote+1*jpeg_compressibility"
 
 
-class _StubTrainer:
-  """What ``DDPOTrainer.epoch`` uses of its trainer, without a model: sampling returns random
-  images, ``train_on`` records the rewards it was given. Runs the real ``epoch`` code."""
+def _stub_trainer():
+  """A ``DDPOTrainer`` without a model: sampling returns random images, ``train_on`` records
+  the rewards it was given. The loop's real epoch (``loop.run_epoch``) and DDPO's real
+  ``rollout`` / ``update`` run around it."""
+  from types import SimpleNamespace as NS
+  import jax.numpy as jnp
+  from didr_jax.train import advantages
+  from didr_jax.train.ddpo import DDPOTrainer
 
-  def __init__(self):
-    from types import SimpleNamespace as NS
-    from didr_jax.train import advantages
-    self.c = NS(seed=0, log_images=2, sample=NS(num_batches=2, batch_size=4, group_size=2,
-                                                eta=1.0, num_steps=2))
-    self.trained, self.images = [], []
-    self.normalizer = advantages.AdvantageNormalizer("group")
+  class Stub(DDPOTrainer):
+    def __init__(self):
+      self.c = NS(seed=0, log_images=2, sample=NS(num_batches=2, batch_size=4, group_size=2,
+                                                  eta=1.0, num_steps=2))
+      self.trained, self.images = [], []
+      self.normalizer = advantages.AdvantageNormalizer("group")
 
-  def window_start(self, rng):
-    return 0
+    def window_start(self, rng):
+      return 0
 
-  def levels(self, eta, num_steps, start):
-    return np.full((num_steps,), eta, np.float32)
+    def levels(self, eta, num_steps, start):
+      return np.full((num_steps,), eta, np.float32)
 
-  def policy_params(self, state):
-    return state["params"]
+    def policy_params(self, state):
+      return state["params"]
 
-  def sample(self, params, prompts, rng, levels=None):
-    import jax.numpy as jnp
-    from types import SimpleNamespace as NS
-    n = len(prompts)
-    self.images.append(_images(n, 8, seed=len(self.images)))
-    traj = NS(latents=jnp.zeros((3, n, 2)), log_probs=jnp.zeros((2, n)),
-              timesteps=jnp.arange(2), next_timesteps=jnp.arange(2) + 1,
-              levels=jnp.ones((2,)), stochastic=jnp.ones((2,), bool))
-    return traj, jnp.asarray(self.images[-1]), jnp.zeros((n, 4)), None
+    def sample(self, params, prompts, rng, levels=None):
+      n = len(prompts)
+      self.images.append(_images(n, 8, seed=len(self.images)))
+      traj = NS(latents=jnp.zeros((3, n, 2)), log_probs=jnp.zeros((2, n)),
+                timesteps=jnp.arange(2), next_timesteps=jnp.arange(2) + 1,
+                levels=jnp.ones((2,)), stochastic=jnp.ones((2,), bool))
+      return traj, jnp.asarray(self.images[-1]), jnp.zeros((n, 4)), None
 
-  def train_on(self, state, data, uncond, rng):
-    self.trained.append(np.asarray(data["rewards"]))
-    return {**state, "step": state["step"] + 1}, {"loss": 0.0}
+    def train_on(self, state, data, uncond, rng):
+      self.trained.append(np.asarray(data["rewards"]))
+      return {**state, "step": state["step"] + 1}, {"loss": 0.0}
 
-  def epoch(self, *args):
-    from didr_jax.train.ddpo import DDPOTrainer
-    return DDPOTrainer.epoch(self, *args)
+  return Stub()
 
 
 def _epoch_with(url, trainer):
-  from didr_jax.train import prompts as prompts_lib
+  from didr_jax.train import loop, prompts as prompts_lib
   rewarder = rewards.AsyncRewards(rewards.make("remote", url=url, **FAST))
   stream = prompts_lib.PromptStream([f"prompt {i}" for i in range(8)], seed=0)
   try:
-    return trainer.epoch({"step": 0, "params": {}}, 0, stream, rewarder)
+    return loop.run_epoch(trainer, {"step": 0, "params": {}}, 0, stream, rewarder)
   finally:
     rewarder.close()
 
 
 def test_a_training_epoch_waits_for_every_remote_reward_before_its_update():
-  trainer = _StubTrainer()
+  trainer = _stub_trainer()
   with reference_server() as (url, _):
     state, _, _ = _epoch_with(url, trainer)
   local = rewards.make("jpeg_compressibility")(np.concatenate(trainer.images), ["p"] * 8)
   assert state["step"] == 1 and len(trainer.trained) == 1
   np.testing.assert_array_equal(trainer.trained[0], local)
   # a dead server: the epoch raises before its update, so no training step is taken
-  trainer = _StubTrainer()
+  trainer = _stub_trainer()
   with pytest.raises(RewardError, match="down or failing: 3 attempts"):
     _epoch_with(f"http://127.0.0.1:{_free_port()}/", trainer)
   assert len(trainer.images) == 2 and trainer.trained == []
   # a server that answers one batch and garbage for the next: no step on the partial epoch
-  trainer, answers = _StubTrainer(), iter([b"[1, 2, 3, 4]", b"[1, 2, 3]"])
+  trainer, answers = _stub_trainer(), iter([b"[1, 2, 3, 4]", b"[1, 2, 3]"])
   with thread_server(lambda h, b: (200, next(answers))) as (url, seen):
     with pytest.raises(RewardError, match="answered 3 rewards for 4 images"):
       _epoch_with(url, trainer)

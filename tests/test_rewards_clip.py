@@ -20,7 +20,7 @@ from didr_jax.rewards import clip_rewards as cr
 from didr_jax.testing import tiny
 from didr_jax.toy import toy_clip
 from didr_jax.toy.tokenizer import write_clip_tokenizer
-from didr_jax.train.config import ConfigError
+from didr_jax.errors import ConfigError
 
 PROMPTS = ["a red cat", "two blue squares", "a photo of a dog"]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # distinct from the defaults: the config is read

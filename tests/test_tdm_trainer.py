@@ -66,7 +66,7 @@ def _epochs(trainer, state, stream, epochs):
   try:
     ms = []
     for e in epochs:
-      state, m, images = trainer.epoch(state, e, stream, rewarder)
+      state, m, images = loop.run_epoch(trainer, state, e, stream, rewarder)
       ms.append(m)
   finally:
     rewarder.close()
@@ -82,7 +82,7 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
   s0 = _host(state)
 
   cond = tr._shard(tr.bb.encode(PROMPTS), 4)    # laid out as the epoch does: no recompile
-  traj, images = tr.rollout(state["params"]["generator"], cond, jax.random.key(1))
+  traj, images = tr.student_rollout(state["params"]["generator"], cond, jax.random.key(1))
   assert traj.latents.shape == (5, 4, 8, 8, 3) and images.shape == (4, 8, 8, 3)
   np.testing.assert_array_equal(traj.timesteps, [999, 749, 499, 249])
   np.testing.assert_array_equal(traj.sample, traj.latents[4])
@@ -123,7 +123,7 @@ def test_tdm_rollout_perfect_fake_and_epoch(toy_folder):
   # scheduler's clip_sample says (an independent implementation: diffusion/ddim.py)
   assert tr.clip_range == 1.0
   ref = tr.ref_params
-  got, _ = tr.rollout(ref, cond, jax.random.key(1))
+  got, _ = tr.student_rollout(ref, cond, jax.random.key(1))
   want = jax.jit(lambda x: tr.bb.rollout(lambda xt, t: tr._out(ref, xt, t, cond), x,
                                          num_steps=4, eta=0.0, rng=None).latents)(got.latents[0])
   np.testing.assert_allclose(np.asarray(got.latents), np.asarray(want), rtol=1e-4, atol=1e-4)

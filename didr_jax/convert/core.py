@@ -16,13 +16,15 @@ import json
 import mmap
 import os
 import struct
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+
+from didr_jax.errors import ConversionError
 
 Path = tuple[Any, ...]
 
@@ -32,10 +34,6 @@ _ST_DTYPES = {
     "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-class ConversionError(ValueError):
-  """A checkpoint does not fit the model: names the tensor and what is wrong."""
 
 
 # ---------------------------------------------------------------------------------------------

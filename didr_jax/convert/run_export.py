@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from didr_jax.errors import ConfigError
+
 # jax-heavy modules (convert.core, the trainers) are imported where needed: the output checks
 # here run before anything loads
 
@@ -48,7 +50,6 @@ def _stderr(line: str) -> None:
 
 
 def _fail(message: str):
-  from didr_jax.train.config import ConfigError
   raise ConfigError(message)
 
 
@@ -170,29 +171,27 @@ def sampling_recipe(run: Run, base_scheduler: dict) -> tuple[dict, dict | None]:
   no_cfg = 1.0 if vp else 0.0        # diffusers' guidance_scale that turns CFG off
   info = {"method": c.method, "epoch": run.step, "workdir": run.workdir,
           "family": "vp" if vp else "flow", "prediction_type": bb.prediction_type}
-  if c.method == "didr":
-    from didr_jax.train import one_step
-    spec = one_step.OneStep.of(bb, c.didr.generator_time)
-    info.update(sampler="one-step generator", num_steps=1, conditioning_time=spec.time,
+  from didr_jax.train import methods  # lazy: imports jax; the output checks run before it
+  fixed = None if methods.get(c.method).policy else run.trainer.fixed_sampler()
+  if fixed is not None and fixed["kind"] == "one_step":
+    info.update(sampler="one-step generator", num_steps=1, conditioning_time=fixed["time"],
                 guidance_scale=1.0)
     if vp:
-      t = int(spec.time)
+      t = int(fixed["time"])
       info["pipeline_kwargs"] = {"num_inference_steps": 1, "timesteps": [t],
                                  "guidance_scale": no_cfg}
       info["note"] = (f"x0 = (z - sigma eps) / alpha at t = {t} on unscaled noise z; LCM's "
                       "boundary terms differ from it by c_skip ~ 1e-8")
       return info, _vp_scheduler(base_scheduler, "LCMScheduler")
-    info["pipeline_kwargs"] = {"num_inference_steps": 1, "sigmas": [float(spec.time)],
+    info["pipeline_kwargs"] = {"num_inference_steps": 1, "sigmas": [float(fixed["time"])],
                                "guidance_scale": no_cfg}
     return info, _flow_scheduler(base_scheduler, 1.0)
-  if c.method in ("tdm", "tdmr1"):
-    from didr_jax.train import tdm
-    d = c.tdm
-    grid = tdm.StudentGrid.of(bb, int(d.num_steps), float(d.shift))
-    k = grid.num_steps
-    w = float(d.student_cfg)
+  if fixed is not None:  # "few_step": a deterministic student on its own time grid
+    times = [float(x) for x in fixed["times"]]
+    k = len(times) - 1
+    w = float(fixed["guidance"])
     info.update(sampler=f"{k}-step deterministic student", num_steps=k, guidance_scale=w,
-                grid=[float(x) for x in grid.times])
+                grid=times)
     if vp:
       info["grid_note"] = "timesteps; the last entry < 0 is the clean end (final alpha)"
       info["pipeline_kwargs"] = {"num_inference_steps": k, "eta": 0.0, "guidance_scale": w}
@@ -200,7 +199,7 @@ def sampling_recipe(run: Run, base_scheduler: dict) -> tuple[dict, dict | None]:
     u = [float(x) for x in np.linspace(1.0, 1.0 / k, k)]
     info["pipeline_kwargs"] = {"num_inference_steps": k, "sigmas": u,
                                "guidance_scale": w - 1.0}
-    return info, _flow_scheduler(base_scheduler, float(d.shift))
+    return info, _flow_scheduler(base_scheduler, float(fixed["shift"]))
   ev, s = c.eval, c.sample
   steps = int(ev.num_steps) if int(ev.num_steps) > 0 else int(s.num_steps)
   w = float(s.guidance_scale)

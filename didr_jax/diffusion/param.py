@@ -64,11 +64,6 @@ def to_x0(output, x_t, alpha, sigma, prediction_type: str) -> jax.Array:
   return to_x0_eps(output, x_t, alpha, sigma, prediction_type)[0]
 
 
-def to_eps(output, x_t, alpha, sigma, prediction_type: str) -> jax.Array:
-  """eps_hat from a model output (see ``to_x0_eps``)."""
-  return to_x0_eps(output, x_t, alpha, sigma, prediction_type)[1]
-
-
 def x0_eps_to_output(x0: jax.Array, eps: jax.Array, alpha, sigma,
                      prediction_type: str) -> jax.Array:
   """The model output that corresponds to (x0, eps): eps | alpha eps - sigma x0 | x0 | eps - x0.

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from didr_jax.errors import ConfigError
 from didr_jax.diffusion import flow as flow_lib, guidance
 from didr_jax.diffusion.schedules import VPSchedule
 from didr_jax.exact import mixture as mixture_lib
@@ -192,7 +193,6 @@ def from_config(c):
   """``build`` for a training config; raises ``ConfigError`` when a reward (``rewards``, and
   ``didr.reward`` of a DIDR config) is not one of this problem's ``exact_<problem>_*``: other
   rewards read images, and another problem's points have another dimension."""
-  from didr_jax.train.config import ConfigError
   problem, _ = parse_kind(c.backbone.kind)
   sections = {"rewards": dict(c.rewards)}
   if c.method == "didr":

@@ -1,5 +1,7 @@
-"""The exact benchmark's problems (a data mixture and its rewards' parameters) and their rewards,
-registered as "exact_<problem>_<linear|quadratic|box>" when ``didr_jax.rewards`` is imported.
+"""The exact benchmark's problems (a data mixture and its rewards' parameters) and their rewards
+(``Problem.rewards``: functions of the points), which ``didr_jax.rewards.exact`` registers as
+"exact_<problem>_<linear|quadratic|box>" (the registry names every reward; this module, below
+it, imports nothing of it).
 
 Samples are D-dimensional points; the rewards read them from the "images" (B, 1, D, 3) the exact
 backbone's ``decode`` makes (``to_images`` / ``points``), as rewards take (B, H, W, 3).
@@ -15,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from didr_jax.exact import kinds, mixture as mixture_lib, tilt as tilt_lib
-from didr_jax.rewards.base import Reward, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,24 +80,3 @@ def to_images(points: jax.Array) -> jax.Array:
 def points(images) -> Any:
   """(B, 1, D, 3) "images" -> (B, D) points (NumPy in, NumPy out; JAX in, JAX out)."""
   return images[:, 0, :, 0]
-
-
-def _register_rewards() -> None:
-  for pname, problem in PROBLEMS.items():
-    for rname, fn in problem.rewards().items():
-      name = f"exact_{pname}_{rname}"
-
-      def jax_fn(module, images, features, fn=fn):
-        del module, features
-        return fn(points(images))
-
-      def host_fn(images, prompts, fn=fn):
-        del prompts
-        return np.asarray(fn(jnp.asarray(points(images))))
-
-      make = (lambda name=name, host_fn=host_fn, jax_fn=jax_fn, diff=rname != "box":
-              Reward(name, host_fn, diff, jax_fn if diff else None))
-      register(name)(make)
-
-
-_register_rewards()

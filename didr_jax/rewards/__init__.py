@@ -1,6 +1,6 @@
 """Rewards: ``make(name)`` / ``from_config({name: weight})``; importing registers the built-ins."""
 
-from didr_jax.rewards import clip_rewards, remote, toy  # noqa: F401  (register the built-ins)
-from didr_jax.exact import problems as _exact_problems  # noqa: F401  (exact_* point rewards)
-from didr_jax.rewards.base import (AsyncRewards, Reward, RewardError, from_config, make, names,
+from didr_jax.rewards import clip_rewards, exact, remote, toy  # noqa: F401  (the built-ins)
+from didr_jax.errors import RewardError  # noqa: F401  (the rewards' user error)
+from didr_jax.rewards.base import (AsyncRewards, Reward, from_config, make, names,  # noqa: F401
                                    register, weighted_sum)

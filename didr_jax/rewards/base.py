@@ -18,12 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+
 _REGISTRY: dict[str, Callable[..., "Reward"]] = {}
-
-
-class RewardError(RuntimeError):
-  """A reward could not score a batch (its server is down, answered garbage, ...). The message is
-  one line naming the problem; command-line entry points print it without a traceback."""
 
 
 @dataclasses.dataclass

@@ -3,7 +3,8 @@
 Both are scored on images (B, H, W, 3) in [0, 1] (the registry's layout, see ``base.py``) and
 are differentiable w.r.t. the images in JAX, preprocessing included:
 
-  ``preprocess``:  x -> (center_crop(resize_short_side(x, n), n) - mean) / std
+  ``preprocess`` (``models.clip.preprocess``, shared with the toy CLIP):
+      x -> (center_crop(resize_short_side(x, n), n) - mean) / std,
       transformers' CLIPImageProcessor in float, inside jit: the short side resized to the
       CLIP tower's n with ``jax.image.resize`` (bicubic by default, antialiased when
       shrinking: the filter of PIL and of torch's ``interpolate(..., antialias=True)``), the
@@ -48,7 +49,6 @@ arguments of the jitted loss. ``reward(images, prompts)`` is the host form (NumP
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from typing import Any, Callable, Sequence
@@ -58,61 +58,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from didr_jax.convert import core
+from didr_jax.errors import ConfigError
 from didr_jax.models import clip, layers
+from didr_jax.models.clip import ImagePrep, preprocess
+from didr_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: F401  (old home)
 from didr_jax.rewards.base import Reward, register
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
-
-
-# ---------------------------------------------------------------------------------------------
-# differentiable preprocessing
-
-
-@dataclasses.dataclass(frozen=True)
-class ImagePrep:
-  """Static preprocessing settings (hashable: safe as a jit static argument)."""
-  size: int
-  mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-  std: tuple[float, float, float] = OPENAI_CLIP_STD
-  method: str = "bicubic"
-
-  @classmethod
-  def from_folder(cls, size: int, *folders: str | None) -> "ImagePrep":
-    """Mean, std and filter of the first ``preprocessor_config.json`` among ``folders``
-    (transformers' CLIPImageProcessor keys); ``size`` is the vision tower's input size."""
-    for folder in folders:
-      path = os.path.join(folder or "", "preprocessor_config.json")
-      if folder and os.path.exists(path):
-        from didr_jax.convert import core
-        d = core.read_json(path)
-        resample = d.get("resample", 3)
-        if resample not in _RESAMPLE:
-          raise ValueError(f"{path}: resample={resample} is not supported "
-                           f"(known: {sorted(_RESAMPLE)} = {sorted(_RESAMPLE.values())})")
-        return cls(size, tuple(d.get("image_mean", OPENAI_CLIP_MEAN)),
-                   tuple(d.get("image_std", OPENAI_CLIP_STD)), _RESAMPLE[resample])
-    return cls(size)
-
-
-def preprocess(images: jax.Array, prep: ImagePrep) -> jax.Array:
-  """(B, H, W, 3) in [0, 1] -> (B, n, n, 3) CLIP pixels, transformers' CLIPImageProcessor in
-  float: the short side resized to n = ``prep.size`` (long side int(n * long / short);
-  antialiased when shrinking; skipped when already n x n), the centred n x n crop (offsets
-  floor((side - n) / 2)), then (x - mean) / std per channel. Differentiable; jit-able."""
-  b, h, w, c = images.shape
-  n = prep.size
-  x = images.astype(jnp.float32)
-  if (h, w) != (n, n):
-    nh, nw = (n, int(n * w / h)) if h <= w else (int(n * h / w), n)
-    x = jax.image.resize(x, (b, nh, nw, c), prep.method, antialias=True)
-    top, left = (nh - n) // 2, (nw - n) // 2
-    x = x[:, top:top + n, left:left + n]
-  mean = jnp.asarray(prep.mean, jnp.float32)
-  std = jnp.asarray(prep.std, jnp.float32)
-  return (x - mean) / std
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +136,6 @@ class AestheticPredictor(nnx.Module):
 
 def load_aesthetic_mlp(path: str, dim: int) -> AestheticMLP:
   """The MLP from a safetensors file (torch key names); shapes are checked against ``dim``."""
-  from didr_jax.convert import core
   if path.endswith((".pth", ".pt", ".bin", ".ckpt")):
     raise core.ConversionError(
         f"{path}: pickled weights are not read at run time; convert once with "
@@ -265,7 +217,6 @@ def _aesthetic(clip_folder: str, mlp_path: str, dtype: str) -> Aesthetic:
 def _load(name: str, loader: Callable, *args):
   """``loader(*args)``, with unreadable or mismatched files reported as one ConfigError line
   (``rewards.<name>: why``) instead of a traceback."""
-  from didr_jax.train.config import ConfigError
   try:
     return loader(*args)
   except (ValueError, OSError) as e:  # ConversionError, bad config.json, missing tokenizer
@@ -273,14 +224,12 @@ def _load(name: str, loader: Callable, *args):
 
 
 def _dtype(name: str, dtype: str) -> str:
-  from didr_jax.train.config import ConfigError
   if dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"rewards.{name}: dtype {dtype!r} must be 'float32' or 'bfloat16'")
   return dtype
 
 
 def _path(name: str, key: str, value: str | None, env: str, *, file: bool = False) -> str:
-  from didr_jax.train.config import ConfigError
   value = value or os.environ.get(env)
   if not value:
     raise ConfigError(f"rewards.{name}: no {key} given; pass {key}=PATH in the reward's "

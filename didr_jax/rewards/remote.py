@@ -59,7 +59,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from didr_jax.rewards.base import Reward, RewardError, register, to_uint8
+from didr_jax.errors import RewardError
+from didr_jax.rewards.base import Reward, register, to_uint8
 
 ENV_URL = "DIDR_REWARD_URL"
 ENCODINGS = ("png", "npy")

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from didr_jax.errors import ConfigError
 from didr_jax.models import layers
 
 
@@ -42,7 +43,6 @@ class Net:
     optimizer state and the training checkpoints."""
     if lora is not None and lora.enabled:
       from didr_jax.models import lora as lora_lib
-      from didr_jax.train.config import ConfigError
       try:
         lora_lib.from_config(module, lora)
       except ValueError as e:
@@ -165,17 +165,6 @@ class EpochAbandoned(Exception):
   """Raised by a trainer's ``epoch`` when asked to stop before it changed the state."""
 
 
-class GuardedHostState:
-  """``host_state`` / ``load_host_state`` of a trainer whose only host state is its
-  ``NonFiniteGuard`` (``self.guard``); everything else lives in the checkpointed device state."""
-
-  def host_state(self) -> dict:
-    return {"nonfinite": self.guard.state_dict()}
-
-  def load_host_state(self, d: dict) -> None:
-    self.guard.load_state_dict(d.get("nonfinite", {}))
-
-
 def ema_as(ema, like):
   """An EMA copy (kept in float32) cast to the dtypes of the parameters ``like``."""
   return jax.tree.map(lambda e, p: e.astype(p.dtype), ema, like)
@@ -246,11 +235,3 @@ def all_rows(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def host_row_range(global_batch: int) -> tuple[int, int]:
-  """The [start, end) rows of a batch-sharded global batch that this process holds."""
-  n = jax.process_count()
-  per = global_batch // n
-  i = jax.process_index()
-  return i * per, (i + 1) * per

@@ -13,13 +13,8 @@ Batch semantics (stated once, logged at start):
   train.timestep_fraction  trained steps per sample = int(sample.num_steps x fraction), at
                          least 1, at most the number of stochastic (MDP) steps (DDPO)
 
-Policy steps (DDPO): every step of the sampler is stochastic (noise level sample.eta) except
-  - the last one when sample.deterministic_last_step (default): an ODE / eta-0 step, no log-prob;
-  - those outside sample.sde_window = (start, size) when size > 0: only the `size` steps from
-    `start` (start -1: a random start per sampling batch, as Flow-GRPO-Fast / MixGRPO) are
-    stochastic and trained, the rest are ODE steps.
-  sample.sde_type picks the flow step: "sde" (Flow-GRPO) or "cps" (coefficients-preserving).
-  -> optimizer steps per inner epoch = samples_per_epoch / (train.batch_size * train.grad_accum)
+The method's own section (``c.ddpo``, ``c.crd``, ``c.didr``, ``c.tdm``) comes from the method
+registry (``train.methods``), which also checks it; DDPO's policy steps are in ``ddpo_config``.
 """
 
 from __future__ import annotations
@@ -31,10 +26,11 @@ import re
 import jax
 import ml_collections
 
+from didr_jax.errors import ConfigError, ConversionError, require
 from didr_jax.exact import kinds as exact_kinds
 from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.train import methods
 
-METHODS = ("ddpo", "crd", "didr", "tdm", "tdmr1")
 BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit") + exact_kinds.KINDS
 
 
@@ -122,28 +118,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def method_section(method: str) -> tuple[str, ml_collections.ConfigDict] | None:
+def method_section(method: str) -> tuple[str, ml_collections.ConfigDict]:
   """(key, default section) of ``method``'s own config section (``c.ddpo``, ``c.didr``, ``c.tdm``
-  for both TDM methods, ...), None if it has none."""
-  import importlib
-  where = {"ddpo": ("ddpo", "didr_jax.train.ddpo", "ddpo_section"),
-           "crd": ("crd", "didr_jax.train.crd_config", "crd_section"),
-           "didr": ("didr", "didr_jax.train.didr_config", "didr_section"),
-           "tdm": ("tdm", "didr_jax.train.tdm_config", "tdm_section"),
-           "tdmr1": ("tdm", "didr_jax.train.tdm_config", "tdmr1_section")}.get(method)
-  if where is None:
-    return None
-  key, module, fn = where
-  return key, getattr(importlib.import_module(module), fn)()
+  for both TDM methods, ...), from the method registry."""
+  key, make = methods.get(method).section
+  return key, make()
 
 
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:
   """A run's saved ``config.json`` completed with the keys added to the library after it was
   written, at their defaults (so ``evaluate`` reads old run directories); saved values win."""
   full = base_config().to_dict()
-  section = method_section(saved.get("method", "ddpo"))
-  if section is not None:
-    full[section[0]] = section[1].to_dict()
+  method = saved.get("method", "ddpo")
+  if method in methods.names():
+    key, section = method_section(method)
+    full[key] = section.to_dict()
 
   def merge(into: dict, over: dict) -> dict:
     for k, v in over.items():
@@ -184,71 +173,7 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
-  pass
-
-
-def _require(cond: bool, key: str, why: str):
-  if not cond:
-    raise ConfigError(f"config.{key}: {why}")
-
-
 FLOW_KINDS = ("zimage", "toy_dit") + exact_kinds.FLOW_KINDS
-
-
-def mdp_steps(s: ml_collections.ConfigDict) -> int:
-  """Number of stochastic (trained) steps per trajectory: the SDE window's size, else every step
-  but a deterministic last one."""
-  size = int(s.sde_window[1])
-  return size if size > 0 else s.num_steps - int(bool(s.deterministic_last_step))
-
-
-def train_steps(s: ml_collections.ConfigDict, t: ml_collections.ConfigDict) -> int:
-  """Steps trained per sample: int(num_steps x timestep_fraction) as DDPO and Flow-GRPO compute
-  it (0.99 x 10 -> 9), at least 1 and at most ``mdp_steps``."""
-  return min(max(1, int(s.num_steps * t.timestep_fraction)), max(1, mdp_steps(s)))
-
-
-def _validate_policy(c: ml_collections.ConfigDict) -> None:
-  s = c.sample
-  flow = c.backbone.kind in FLOW_KINDS
-  _require(s.sde_type in (("sde", "cps") if flow else ("sde",)), "sample.sde_type",
-           f"{s.sde_type!r} is not one of {('sde', 'cps') if flow else ('sde',)}"
-           + ("" if flow else " (DDIM's eta step already preserves the coefficients)"))
-  _require(isinstance(s.deterministic_last_step, bool), "sample.deterministic_last_step",
-           "must be True or False")
-  w = tuple(s.sde_window)
-  _require(len(w) == 2 and all(isinstance(v, int) for v in w), "sample.sde_window",
-           f"must be (start, size) integers, got {w}")
-  start, size = w
-  last = s.num_steps - int(bool(s.deterministic_last_step))  # steps that may be stochastic
-  _require(last >= 1, "sample.deterministic_last_step",
-           "needs sample.num_steps >= 2 (the only step would be deterministic)")
-  _require(0 <= size <= last, "sample.sde_window",
-           f"size {size} must be in [0, {last}] (0 = every step"
-           + (" but the deterministic last one)" if s.deterministic_last_step else ")"))
-  _require(start == -1 or (start >= 0 and start + size <= last), "sample.sde_window",
-           f"start {start} must be -1 (random) or in [0, {last - size}] for size {size}")
-  _require(not (start == -1 and size == 0), "sample.sde_window",
-           "a random start (-1) needs a window size > 0")
-  if start == -1:
-    _require(s.batch_size % c.train.batch_size == 0, "train.batch_size",
-             f"a random sde_window needs sample.batch_size ({s.batch_size}) to be a multiple of "
-             f"train.batch_size ({c.train.batch_size}): a micro-batch shares one window")
-  if c.method == "ddpo":
-    d = c.ddpo
-    _require(d.advantage_std in ("global", "group"), "ddpo.advantage_std",
-             f"{d.advantage_std!r} is not 'global' (std of the batch) or 'group' (std of the "
-             "prompt's group)")
-    _require(d.step_grad_clip >= 0, "ddpo.step_grad_clip",
-             f"must be >= 0 (0 = off), got {d.step_grad_clip}")
-    k = train_steps(s, c.train)
-    spc = int(d.steps_per_call)
-    _require(spc >= 0 and (spc == 0 or k % spc == 0), "ddpo.steps_per_call",
-             f"must be 0 (all) or divide the {k} trained steps per sample, got {spc}")
-    _require(d.step_grad_clip == 0 or (spc or k) == 1, "ddpo.step_grad_clip",
-             "clips each trajectory step's gradient, so each network call must train one step: "
-             f"set ddpo.steps_per_call = 1 (it is {spc})")
 
 
 def _non_finite(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -277,45 +202,28 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.{bad[0]}: must be a finite number, got "
                       f"{_get(c, bad[0])!r}")
   t, s, e = c.train, c.sample, c.eval
-  _require(c.seed >= 0, "seed", f"must be >= 0 (NumPy seeds the prompt order), got {c.seed}")
-  _require(c.checkpoint_every >= 1, "checkpoint_every",
-           f"must be >= 1 (epochs between checkpoints), got {c.checkpoint_every}")
-  _require(c.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {c.keep_checkpoints}")
-  _require(c.eval_every >= 0, "eval_every",
-           f"must be >= 0 (0 = only before the first and after the last epoch), got {c.eval_every}")
-  _require(c.log_images >= 0, "log_images", f"must be >= 0, got {c.log_images}")
-  _require(c.get("cpu_devices", 0) >= 0, "cpu_devices",
-           f"must be >= 0 (0 = one per core as the batch sizes allow), got {c.cpu_devices}")
-  _require(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
+  require(c.seed >= 0, "seed", f"must be >= 0 (NumPy seeds the prompt order), got {c.seed}")
+  require(c.checkpoint_every >= 1, "checkpoint_every",
+          f"must be >= 1 (epochs between checkpoints), got {c.checkpoint_every}")
+  require(c.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {c.keep_checkpoints}")
+  require(c.eval_every >= 0, "eval_every",
+          f"must be >= 0 (0 = only before the first and after the last epoch), got {c.eval_every}")
+  require(c.log_images >= 0, "log_images", f"must be >= 0, got {c.log_images}")
+  require(c.get("cpu_devices", 0) >= 0, "cpu_devices",
+          f"must be >= 0 (0 = one per core as the batch sizes allow), got {c.cpu_devices}")
+  require(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
   for key, v in (("train.adam_b1", t.adam_b1), ("train.adam_b2", t.adam_b2)):
-    _require(0 <= v < 1, key, f"must be in [0, 1), got {v}")
-  _require(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
-  _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-  _require(t.max_grad_norm >= 0, "train.max_grad_norm",
-           f"must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
-  _require(s.eta >= 0, "sample.eta",
-           f"must be >= 0 (DDIM eta / flow SDE noise level), got {s.eta}")
-  _require(e.eta >= 0, "eval.eta", f"must be >= 0, got {e.eta}")
-  _require(e.num_steps == -1 or e.num_steps >= 1, "eval.num_steps",
-           f"must be >= 1, or -1 for sample.num_steps; got {e.num_steps}")
-  _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
-  d = c.get("ddpo")
-  if c.method == "ddpo" and d is not None:
-    _require(d.objective in ("ppo", "rwr"), "ddpo.objective",
-             f"{d.objective!r} is not 'ppo' or 'rwr'")
-    _require(d.clip_range > 0, "ddpo.clip_range", f"must be > 0, got {d.clip_range}")
-    _require(d.adv_clip_max > 0, "ddpo.adv_clip_max", f"must be > 0, got {d.adv_clip_max}")
-    _require(d.kl_beta >= 0, "ddpo.kl_beta", f"must be >= 0 (0 = off), got {d.kl_beta}")
-    _require(d.advantage in ("per_prompt", "group"), "ddpo.advantage",
-             f"{d.advantage!r} is not 'per_prompt' or 'group'")
-    _require(d.buffer_size >= 1, "ddpo.buffer_size", f"must be >= 1, got {d.buffer_size}")
-    _require(d.min_count >= 1, "ddpo.min_count", f"must be >= 1, got {d.min_count}")
-    _require(d.rwr_mode in ("exp", "sparse"), "ddpo.rwr_mode",
-             f"{d.rwr_mode!r} is not 'exp' or 'sparse'")
-    _require(d.rwr_temperature > 0, "ddpo.rwr_temperature",
-             f"must be > 0, got {d.rwr_temperature}")
-    _require(0 < d.rwr_percentile < 1, "ddpo.rwr_percentile",
-             f"must be in (0, 1), got {d.rwr_percentile}")
+    require(0 <= v < 1, key, f"must be in [0, 1), got {v}")
+  require(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
+  require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+  require(t.max_grad_norm >= 0, "train.max_grad_norm",
+          f"must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+  require(s.eta >= 0, "sample.eta",
+          f"must be >= 0 (DDIM eta / flow SDE noise level), got {s.eta}")
+  require(e.eta >= 0, "eval.eta", f"must be >= 0, got {e.eta}")
+  require(e.num_steps == -1 or e.num_steps >= 1, "eval.num_steps",
+          f"must be >= 1, or -1 for sample.num_steps; got {e.num_steps}")
+  require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
 
 
 def _get(c, dotted: str):
@@ -328,14 +236,14 @@ def _check_rewards(c: ml_collections.ConfigDict) -> None:
   """Every reward name registered, every weight a finite number, at least one non-zero."""
   from didr_jax import rewards as rewards_lib
   known = rewards_lib.names()
-  _require(len(c.rewards) > 0, "rewards", f"name at least one reward of {known}")
+  require(len(c.rewards) > 0, "rewards", f"name at least one reward of {known}")
   for name, w in c.rewards.items():
-    _require(name in known, f"rewards.{name}",
-             f"unknown reward {name!r}; registered rewards: {', '.join(known)}")
-    _require(isinstance(w, (int, float)) and not isinstance(w, bool), f"rewards.{name}",
-             f"the weight must be a number, got {w!r}")
-    _require(math.isfinite(w), f"rewards.{name}", f"the weight must be finite, got {w}")
-  _require(any(w != 0 for w in c.rewards.values()), "rewards", "every weight is 0")
+    require(name in known, f"rewards.{name}",
+            f"unknown reward {name!r}; registered rewards: {', '.join(known)}")
+    require(isinstance(w, (int, float)) and not isinstance(w, bool), f"rewards.{name}",
+            f"the weight must be a number, got {w!r}")
+    require(math.isfinite(w), f"rewards.{name}", f"the weight must be finite, got {w}")
+  require(any(w != 0 for w in c.rewards.values()), "rewards", "every weight is 0")
   if c.rewards.get("remote", 0):  # its URL and options (DIDR_REWARD_URL), before any model loads
     from didr_jax.rewards import remote
     try:
@@ -362,15 +270,14 @@ def _check_backbone_folder(c: ml_collections.ConfigDict) -> None:
   path = backbone_folder(c)
   if not path:
     return  # the loop says that a real backbone needs a folder
-  from didr_jax.convert.core import ConversionError
   from didr_jax.pipelines import registry
   try:
     found = registry.check_folder(path)
   except ConversionError as e:
     raise ConfigError(f"config.backbone.path: {e}") from None
   expected = {"toy_unet": "sd", "toy_dit": "zimage"}.get(c.backbone.kind, c.backbone.kind)
-  _require(found == expected, "backbone.kind",
-           f"{c.backbone.kind!r}, but {path} holds a {found!r} pipeline")
+  require(found == expected, "backbone.kind",
+          f"{c.backbone.kind!r}, but {path} holds a {found!r} pipeline")
 
 
 def _check_prompts(c: ml_collections.ConfigDict, training: bool) -> None:
@@ -406,18 +313,21 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
   training prompts only when ``training``), before anything is loaded or compiled; returns
   derived batch figures for logging."""
   num_devices = num_devices or jax.device_count()
-  _require(c.method in METHODS, "method", f"{c.method!r} is not one of {METHODS}")
-  _require(c.backbone.kind in BACKBONES, "backbone.kind",
-           f"{c.backbone.kind!r} is not one of {BACKBONES}")
-  _require(c.backbone.dtype in ("float32", "bfloat16"), "backbone.dtype",
-           "must be float32 or bfloat16")
-  _require(isinstance(c.backbone.scan_layers, bool), "backbone.scan_layers",
-           "must be True or False")
-  _require(not c.backbone.scan_layers or c.backbone.kind in FLOW_KINDS, "backbone.scan_layers",
-           f"only the Z-Image DiT ({', '.join(FLOW_KINDS)}) stacks its layers, not "
-           f"{c.backbone.kind!r}")
-  _require(c.backbone.resolution >= 0, "backbone.resolution",
-           f"must be >= 0 (0 = the model's default), got {c.backbone.resolution}")
+  method = methods.get(c.method)
+  section = method.section[0]
+  require(section in c, section, f"method {c.method!r} needs the {section} section "
+          f"({method.section[1].__module__}.{method.section[1].__name__})")
+  require(c.backbone.kind in BACKBONES, "backbone.kind",
+          f"{c.backbone.kind!r} is not one of {BACKBONES}")
+  require(c.backbone.dtype in ("float32", "bfloat16"), "backbone.dtype",
+          "must be float32 or bfloat16")
+  require(isinstance(c.backbone.scan_layers, bool), "backbone.scan_layers",
+          "must be True or False")
+  require(not c.backbone.scan_layers or c.backbone.kind in FLOW_KINDS, "backbone.scan_layers",
+          f"only the Z-Image DiT ({', '.join(FLOW_KINDS)}) stacks its layers, not "
+          f"{c.backbone.kind!r}")
+  require(c.backbone.resolution >= 0, "backbone.resolution",
+          f"must be >= 0 (0 = the model's default), got {c.backbone.resolution}")
   _check_numbers(c)
   _check_rewards(c)
   s, t = c.sample, c.train
@@ -425,72 +335,42 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
                  ("sample.num_batches", s.num_batches), ("sample.group_size", s.group_size),
                  ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
                  ("train.num_inner_epochs", t.num_inner_epochs), ("num_epochs", c.num_epochs)):
-    _require(int(v) >= 1, key, f"must be >= 1, got {v}")
-  _require(s.batch_size % s.group_size == 0, "sample.batch_size",
-           f"{s.batch_size} is not a multiple of sample.group_size={s.group_size}")
+    require(int(v) >= 1, key, f"must be >= 1, got {v}")
+  require(s.batch_size % s.group_size == 0, "sample.batch_size",
+          f"{s.batch_size} is not a multiple of sample.group_size={s.group_size}")
   for key, b in device_batches(c).items():
-    _require(b % num_devices == 0, key, f"{b} is not divisible by the {num_devices} devices")
+    require(b % num_devices == 0, key, f"{b} is not divisible by the {num_devices} devices")
   per_epoch = s.batch_size * s.num_batches
   per_step = t.batch_size * t.grad_accum
-  _require(per_epoch % per_step == 0, "train.batch_size",
-           f"samples per epoch ({s.batch_size} x {s.num_batches} = {per_epoch}) must be a multiple "
-           f"of train.batch_size x train.grad_accum = {per_step}")
-  _require(0.0 < t.timestep_fraction <= 1.0, "train.timestep_fraction", "must be in (0, 1]")
-  _require(c.eval.num_samples >= 0, "eval.num_samples", "must be >= 0 (0 = no evaluation)")
-  _require(c.eval.num_samples % c.eval.batch_size == 0, "eval.num_samples",
-           f"{c.eval.num_samples} is not a multiple of eval.batch_size={c.eval.batch_size}")
-  _require(int(t.max_consecutive_nonfinite) >= 1, "train.max_consecutive_nonfinite",
-           f"must be >= 1, got {t.max_consecutive_nonfinite}")
+  require(per_epoch % per_step == 0, "train.batch_size",
+          f"samples per epoch ({s.batch_size} x {s.num_batches} = {per_epoch}) must be a multiple "
+          f"of train.batch_size x train.grad_accum = {per_step}")
+  require(0.0 < t.timestep_fraction <= 1.0, "train.timestep_fraction", "must be in (0, 1]")
+  require(c.eval.num_samples >= 0, "eval.num_samples", "must be >= 0 (0 = no evaluation)")
+  require(c.eval.num_samples % c.eval.batch_size == 0, "eval.num_samples",
+          f"{c.eval.num_samples} is not a multiple of eval.batch_size={c.eval.batch_size}")
+  require(int(t.max_consecutive_nonfinite) >= 1, "train.max_consecutive_nonfinite",
+          f"must be >= 1, got {t.max_consecutive_nonfinite}")
   if c.lora.enabled:
     # Every trained network of a method (policy; generator, fake score, surrogate) is a set of
     # adapters on the one frozen base, which is also the reference: a distilled generator
     # cannot be that base.
-    section = {"didr": "didr", "tdm": "tdm", "tdmr1": "tdm"}.get(c.method)
-    if section and section in c:
-      _require(not c[section].generator_path, "lora.enabled",
-               f"LoRA adapters share the reference's frozen base weights, so the generator "
-               f"starts from the reference: set config.{section}.generator_path=\"\" or train "
-               f"full weights (config.{section}.generator_path={c[section].generator_path!r})")
-    _require(int(c.lora.rank) >= 1, "lora.rank", f"must be >= 1, got {c.lora.rank}")
-    _require(float(c.lora.alpha) > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
+    generator = c[section].get("generator_path")
+    require(not generator, "lora.enabled",
+            f"LoRA adapters share the reference's frozen base weights, so the generator "
+            f"starts from the reference: set config.{section}.generator_path=\"\" or train "
+            f"full weights (config.{section}.generator_path={generator!r})")
+    require(int(c.lora.rank) >= 1, "lora.rank", f"must be >= 1, got {c.lora.rank}")
+    require(float(c.lora.alpha) > 0, "lora.alpha", f"must be > 0, got {c.lora.alpha}")
     for pattern in c.lora.targets:
       try:
         re.compile(pattern)
       except (re.error, TypeError) as e:
         raise ConfigError(f"config.lora.targets: {pattern!r} is not a regular expression: "
                           f"{e}") from None
-  if c.method == "didr":
-    from didr_jax.train.didr_config import validate_didr_section
-    _require("didr" in c, "didr", "method 'didr' needs the didr section (didr_config.didr_section)")
-    validate_didr_section(c.didr)
-  if c.method in ("tdm", "tdmr1"):
-    from didr_jax.train.tdm_config import validate_tdm_section
-    _require("tdm" in c, "tdm", f"method {c.method!r} needs the tdm section "
-             "(tdm_config.tdm_section / tdmr1_section)")
-    validate_tdm_section(c.tdm)
-    if c.tdm.generator_path:
-      _require(os.path.isdir(c.tdm.generator_path), "tdm.generator_path",
-               f"{c.tdm.generator_path!r} is not a folder (the toy student is built by "
-               "python -m didr_jax.toy.pretrain --stages=tdm; \"\" starts from the teacher)")
-    if c.method == "tdmr1":
-      _require("beta_dpo" in c.tdm, "tdm", "method 'tdmr1' needs the TDM-R1 section "
-               "(tdm_config.tdmr1_section)")
-      _require(s.group_size >= 2, "sample.group_size", f"TDM-R1's group preference compares a "
-               f"prompt's samples: needs >= 2 per prompt, got {s.group_size}")
+  extra = method.validate(c, "flow" if c.backbone.kind in FLOW_KINDS else "vp")
   _check_prompts(c, training)
   _check_backbone_folder(c)
-  if c.method == "ddpo":  # the stochastic-policy settings only DDPO's MDP reads
-    _validate_policy(c)
-  steps = train_steps(s, t) if c.method == "ddpo" else 0
-  if c.method == "crd":  # centering needs whole groups of >= 2 samples in every minibatch
-    from didr_jax.train.crd_config import validate_crd_section
-    validate_crd_section(c.crd)
-    _require(s.group_size >= 2, "sample.group_size", f"CRD centers rewards within a prompt's "
-             f"samples: needs >= 2 per prompt, got {s.group_size}")
-    _require(t.batch_size % s.group_size == 0, "train.batch_size",
-             f"{t.batch_size} is not a multiple of sample.group_size={s.group_size} (CRD "
-             "minibatches hold whole groups)")
-    steps = int(c.crd.num_train_times)
   info = {
       "devices": num_devices,
       "processes": jax.process_count(),
@@ -498,6 +378,5 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
       "samples_per_optimizer_step": per_step,
       "optimizer_steps_per_epoch": per_epoch // per_step * t.num_inner_epochs,
   }
-  if c.method in ("ddpo", "crd"):  # the one- and few-step methods train no sampled timesteps
-    info["timesteps_trained_per_sample"] = steps
+  info.update(extra)
   return info

@@ -30,24 +30,21 @@ State (a pytree, all checkpointed): {"step", "params": {"policy"}, "opt": {"poli
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from didr_jax.errors import ConfigError
 from didr_jax.diffusion import ddim, kernels
 from didr_jax.losses import crd as crd_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common
-from didr_jax.train.config import ConfigError
 from didr_jax.train.crd_config import validate_crd_section
 from didr_jax.train.logging import log_compiles
-
-EpochAbandoned = common.EpochAbandoned
-
+from didr_jax.train.trainer import Trainer
 
 def _all_equal(a, b) -> jax.Array:
   """True iff the two pytrees (same structure) are bitwise equal, a scalar bool."""
@@ -85,7 +82,7 @@ def rollout_time_grid(backbone, config) -> np.ndarray:
   return grid[keep]
 
 
-class CRDTrainer(common.GuardedHostState):
+class CRDTrainer(Trainer):
   """Holds static things (graphs, optimizer, schedules, the frozen reference, compiled
   functions); the training state is a pytree."""
 
@@ -277,47 +274,25 @@ class CRDTrainer(common.GuardedHostState):
     out["nonfinite"] = float(sum(float(m["nonfinite"]) for m in metrics))  # skipped steps
     return state, out
 
-  def epoch(self, state, epoch: int, stream, rewarder,
-            stop: Callable[[], bool] | None = None) -> tuple[dict, dict, np.ndarray]:
-    """One CRD epoch -> (state, metrics, a few training images). RNG from (seed, epoch).
-    ``stop()`` is asked while the state is untouched (before each sampling batch and before the
-    updates); if true the epoch is abandoned with ``EpochAbandoned``."""
-    c = self.c
-    rng = jax.random.fold_in(jax.random.key(c.seed), epoch)
-    k_sample, k_train = jax.random.split(rng)
-    t0 = time.time()
-    sampler = state["ema"]["sampler"]
-    parts, futures, pending = [], [], None
-    for b in range(c.sample.num_batches):
-      if stop is not None and stop():
-        raise EpochAbandoned(epoch)
-      prompts = stream.next(c.sample.batch_size // self.group, self.group)
-      traj, images, cond, _ = self.sample(sampler, prompts, jax.random.fold_in(k_sample, b))
-      if pending is not None:  # score the previous batch while this one samples
-        futures.append(rewarder.submit(common.host_rows(pending[0]), pending[1]))
-      pending = (images, prompts)
-      parts.append({"x0": traj.sample, "cond": cond})
-    futures.append(rewarder.submit(common.host_rows(pending[0]), pending[1]))
-    first_images = np.asarray(common.host_rows(pending[0]))[: c.log_images]
-    local_rewards = np.concatenate([f.result() for f in futures])
-    t_sample = time.time() - t0
-    from didr_jax.train.advantages import gather_host
-    rewards = np.asarray(gather_host(local_rewards), np.float32)
-    if stop is not None and stop():
-      raise EpochAbandoned(epoch)
-    check_kl_weight_range(c.crd, rewards)
+  def rollout(self, state, prompts, rng):
+    """Samples ``prompts`` with the sampler snapshot (``crd.sampler``); the state is unchanged."""
+    traj, images, cond, _ = self.sample(state["ema"]["sampler"], prompts, rng)
+    return state, images, {"x0": traj.sample, "cond": cond}
+
+  def update(self, state, batches, prompts, rewards, rng):
+    """Group-centred advantages of the epoch's rewards, ``train.num_inner_epochs`` passes of
+    CRD updates, then the snapshots move (``_snapshots``)."""
+    del prompts  # the groups are consecutive samples
+    rewards = np.asarray(rewards, np.float32)
+    check_kl_weight_range(self.c.crd, rewards)
     n = len(rewards)
     groups = jnp.arange(n, dtype=jnp.int32) // self.group
     adv, _ = crd_losses.reward_to_advantage(jnp.asarray(rewards), groups, n // self.group,
-                                            clip=c.crd.adv_clip, std=c.crd.adv_std)
-    data = {"x0": jnp.concatenate([p["x0"] for p in parts]),
-            "cond": jax.tree.map(lambda *x: jnp.concatenate(x), *[p["cond"] for p in parts]),
+                                            clip=self.c.crd.adv_clip, std=self.c.crd.adv_std)
+    data = {"x0": jnp.concatenate([p["x0"] for p in batches]),
+            "cond": jax.tree.map(lambda *x: jnp.concatenate(x), *[p["cond"] for p in batches]),
             "adv": adv, "rewards": jnp.asarray(rewards)}
-    t1 = time.time()
-    state, metrics = self.train_on(state, data, k_train)
+    state, metrics = self.train_on(state, data, rng)
     state, decays = self._snapshots(state)
     metrics.update({k: float(v) for k, v in decays.items()})
-    metrics.update({"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-                    "time_sample_s": t_sample, "time_train_s": time.time() - t1,
-                    "samples_per_s": n / (time.time() - t0)})
-    return state, metrics, first_images
+    return state, metrics

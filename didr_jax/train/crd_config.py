@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from didr_jax.errors import ConfigError, require
 from didr_jax.losses import crd as crd_losses
 from didr_jax.losses.common import SnapshotSchedule
-from didr_jax.train.config import ConfigError
 
 
 def crd_section() -> ml_collections.ConfigDict:
@@ -74,3 +74,17 @@ def validate_crd_section(d) -> dict:
     except (ValueError, KeyError, TypeError) as e:
       raise ConfigError(f"config.crd.{name}: {e}") from None
   return out
+
+
+def validate(c: ml_collections.ConfigDict, family: str) -> dict:
+  """The ``crd`` section and what centering needs of the batches: whole groups of >= 2 samples
+  of a prompt in every minibatch. Returns the trained times per sample."""
+  del family  # both families train the same way
+  validate_crd_section(c.crd)
+  s, t = c.sample, c.train
+  require(s.group_size >= 2, "sample.group_size", f"CRD centers rewards within a prompt's "
+          f"samples: needs >= 2 per prompt, got {s.group_size}")
+  require(t.batch_size % s.group_size == 0, "train.batch_size",
+          f"{t.batch_size} is not a multiple of sample.group_size={s.group_size} (CRD "
+          "minibatches hold whole groups)")
+  return {"timesteps_trained_per_sample": int(c.crd.num_train_times)}

@@ -6,7 +6,7 @@ The math lives in ``didr_jax.losses.ddpo``; this file only moves data. Per epoch
      while batch b samples on the devices, batch b-1's images are scored on worker threads.
   2. Rewards of the global batch -> advantages (per-prompt buffer or per-epoch groups).
   3. For each inner epoch: shuffle samples into micro-batches of ``train.batch_size``, draw for
-     each micro-batch k = ``config.train_steps`` of its stochastic steps (one set shared by the
+     each micro-batch k = ``ddpo_config.train_steps`` of its stochastic steps (one set shared by the
      micro-batch, as Flow-GRPO trains step j of a whole batch at once), and run one jitted
      update per grad_accum micro-batches (an optimizer step covers train.batch_size x
      grad_accum samples x their k steps).
@@ -37,7 +37,6 @@ gradient at that step, before averaging).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
@@ -47,36 +46,12 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from didr_jax.diffusion import ddim
+from didr_jax.errors import ConfigError
 from didr_jax.losses import ddpo as ddpo_loss
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.train import advantages, common, config as config_lib
+from didr_jax.train import advantages, common, ddpo_config
 from didr_jax.train.logging import log_compiles
-
-
-def ddpo_section():
-  import ml_collections
-  d = ml_collections.ConfigDict()
-  d.objective = "ppo"            # "ppo" (DDPO_IS / DDPO_SF) or "rwr" (baseline)
-  d.clip_range = 1e-4
-  d.adv_clip_max = 5.0
-  d.kl_beta = 0.0                # Flow-GRPO KL to the frozen reference (0 = off)
-  d.advantage = "per_prompt"     # "per_prompt" (DDPO buffer) or "group" (Flow-GRPO)
-  d.advantage_std = "global"     # group mode: divide by the std of the batch or of the group
-  d.step_grad_clip = 0.0         # > 0: clip each trajectory step's gradient to this norm
-                                 # before averaging (the late steps dominate it on flow models);
-                                 # needs one step per network call (steps_per_call 1)
-  d.steps_per_call = 1           # trained steps per network call of the update: one call runs
-                                 # train.batch_size x steps_per_call (sample, step) pairs;
-                                 # 1 = one call per step (least memory; measures
-                                 # grad_norm/step_s; the faster on XLA:CPU, measured on the
-                                 # toy); 0 = all of a micro-batch's steps in one call (one
-                                 # network call in the program, k x the activation memory)
-  d.buffer_size = 32
-  d.min_count = 16
-  d.rwr_mode = "exp"             # "exp" or "sparse"
-  d.rwr_temperature = 1.0
-  d.rwr_percentile = 0.9
-  return d
+from didr_jax.train.trainer import Trainer
 
 
 _STEP_METRICS = {"clipfrac_steps": "clipfrac", "abs_dlogp_steps": "abs_dlogp",
@@ -114,8 +89,10 @@ def make_normalizer(d) -> advantages.AdvantageNormalizer:
   return advantages.AdvantageNormalizer(d.advantage, d.buffer_size, d.min_count, d.advantage_std)
 
 
-class DDPOTrainer:
+class DDPOTrainer(Trainer):
   """Holds static things (graphs, optimizer, compiled functions); state is a pytree."""
+
+  progress_keys = ("reward_mean", "loss", "approx_kl", "nonfinite")
 
   def __init__(self, config, backbone, mesh):
     self.c = config
@@ -127,11 +104,10 @@ class DDPOTrainer:
     t = config.train
     self.tx = common.make_optimizer(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
                                     weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
-    self.num_train_t = config_lib.train_steps(config.sample, t)
+    self.num_train_t = ddpo_config.train_steps(config.sample, t)
     d = config.ddpo
     if d.objective not in ("ppo", "rwr"):
-      raise config_lib.ConfigError(f"config.ddpo.objective: {d.objective!r} is not 'ppo' or "
-                                   "'rwr'")
+      raise ConfigError(f"config.ddpo.objective: {d.objective!r} is not 'ppo' or 'rwr'")
     self.ref_params = (jax.tree.map(jnp.copy, self.net.params) if d.kl_beta > 0 else None)
     self._sample = log_compiles("the sampler", self.net.jit(
         self._sample_impl, static_argnames=("num_steps",)))
@@ -189,14 +165,15 @@ class DDPOTrainer:
       levels[~inside] = 0.0
     return levels
 
-  def window_start(self, rng: np.random.Generator) -> int:
-    """The training rollout's window start: fixed, or uniform over the valid starts (-1)."""
+  def window_start(self, rng: jax.Array) -> int:
+    """The training rollout's window start: fixed, or uniform over the valid starts (-1),
+    drawn with the batch's key ``rng``."""
     s = self.c.sample
     start, size = (int(v) for v in s.sde_window)
     if start >= 0:
       return start
     last = s.num_steps - int(bool(s.deterministic_last_step))
-    return int(rng.integers(0, last - size + 1))
+    return int(jax.random.randint(jax.random.fold_in(rng, 1), (), 0, last - size + 1))
 
   def sample(self, params, prompts, rng, *, num_steps=None, guidance=None, eta=None,
              levels=None):
@@ -411,56 +388,30 @@ class DDPOTrainer:
     out["nonfinite"] = float(sum(float(m["nonfinite"]) for m in metrics))  # skipped steps
     return state, out
 
-  def epoch(self, state, epoch: int, stream, rewarder, stop=None) -> tuple[dict, dict, np.ndarray]:
-    """One DDPO epoch. Returns (state, metrics, a few sample images). ``stop()`` is asked
-    between sampling batches, while ``state`` is still the input state: if true, the epoch is
-    abandoned with ``common.EpochAbandoned`` (the updates donate the state, so from then on the
-    epoch runs to its end)."""
+  def rollout(self, state, prompts, rng):
+    """Samples ``prompts`` with the policy (its stochastic steps at the training levels, the
+    SDE window placed by ``window_start``); the state is unchanged."""
     c = self.c
-    rng = jax.random.fold_in(jax.random.key(c.seed), epoch)
-    k_sample, k_train = jax.random.split(rng)
-    t0 = time.time()
-    parts, futures, pending = [], [], None
-    window_rng = np.random.default_rng([c.seed, epoch])
-    for b in range(c.sample.num_batches):
-      if stop is not None and stop():
-        raise common.EpochAbandoned(epoch)
-      prompts = stream.next(c.sample.batch_size // c.sample.group_size, c.sample.group_size)
-      levels = self.levels(c.sample.eta, c.sample.num_steps, self.window_start(window_rng))
-      traj, images, cond, uncond = self.sample(self.policy_params(state), prompts,
-                                               jax.random.fold_in(k_sample, b), levels=levels)
-      if pending is not None:  # score the previous batch while this one samples
-        futures.append(rewarder.submit(common.host_rows(pending[0]), pending[1]))
-      pending = (images, prompts)
-      nb = len(prompts)
-      parts.append({"latents": jnp.swapaxes(traj.latents, 0, 1),
-                    "log_probs": jnp.swapaxes(traj.log_probs, 0, 1), "cond": cond,
-                    "levels": jnp.broadcast_to(traj.levels, (nb,) + traj.levels.shape),
-                    "stochastic": jnp.broadcast_to(traj.stochastic,
-                                                   (nb,) + traj.stochastic.shape),
-                    "prompts": prompts})
-    futures.append(rewarder.submit(common.host_rows(pending[0]), pending[1]))
-    first_images = np.asarray(common.host_rows(pending[0]))[: c.log_images]
-    local_rewards = np.concatenate([f.result() for f in futures])
-    t_sample = time.time() - t0
-    from didr_jax.train.advantages import gather_host
-    rewards = gather_host(local_rewards)
-    prompts = [p for part in parts for p in part["prompts"]]
-    if stop is not None and stop():
-      raise common.EpochAbandoned(epoch)
+    levels = self.levels(c.sample.eta, c.sample.num_steps, self.window_start(rng))
+    traj, images, cond, uncond = self.sample(self.policy_params(state), prompts, rng,
+                                             levels=levels)
+    nb = len(prompts)
+    return state, images, {
+        "latents": jnp.swapaxes(traj.latents, 0, 1),
+        "log_probs": jnp.swapaxes(traj.log_probs, 0, 1), "cond": cond, "uncond": uncond,
+        "levels": jnp.broadcast_to(traj.levels, (nb,) + traj.levels.shape),
+        "stochastic": jnp.broadcast_to(traj.stochastic, (nb,) + traj.stochastic.shape),
+        "timesteps": traj.timesteps, "next_timesteps": traj.next_timesteps}
+
+  def update(self, state, batches, prompts, rewards, rng):
+    """Advantages of the epoch's rewards (``ddpo.advantage``), then ``train_on``."""
     adv = self.normalizer(prompts, rewards)
+    cat = lambda key: jnp.concatenate([p[key] for p in batches])
     data = {
-        "latents": jnp.concatenate([p["latents"] for p in parts]),
-        "log_probs": jnp.concatenate([p["log_probs"] for p in parts]),
-        "levels": jnp.concatenate([p["levels"] for p in parts]),
-        "stochastic": jnp.concatenate([p["stochastic"] for p in parts]),
-        "cond": jax.tree.map(lambda *x: jnp.concatenate(x), *[p["cond"] for p in parts]),
-        "timesteps": traj.timesteps, "next_timesteps": traj.next_timesteps,
+        "latents": cat("latents"), "log_probs": cat("log_probs"), "levels": cat("levels"),
+        "stochastic": cat("stochastic"),
+        "cond": jax.tree.map(lambda *x: jnp.concatenate(x), *[p["cond"] for p in batches]),
+        "timesteps": batches[-1]["timesteps"], "next_timesteps": batches[-1]["next_timesteps"],
         "advantages": jnp.asarray(adv), "rewards": jnp.asarray(rewards, jnp.float32),
     }
-    t1 = time.time()
-    state, metrics = self.train_on(state, data, uncond, k_train)
-    metrics.update({"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-                    "time_sample_s": t_sample, "time_train_s": time.time() - t1,
-                    "samples_per_s": len(rewards) / (time.time() - t0)})
-    return state, metrics, first_images
+    return self.train_on(state, data, batches[-1]["uncond"], rng)

@@ -27,23 +27,19 @@ Each jitted update ends in one optimizer step, ``common.guarded_apply``.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from didr_jax.errors import ConfigError
 from didr_jax.losses import common as loss_common, didr as didr_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common, one_step
-from didr_jax.train.config import ConfigError
-from didr_jax.train.didr_config import (didr_section, drs_data_range,  # noqa: F401
-                                        validate_didr_section)
+from didr_jax.train.didr_config import drs_data_range, validate_didr_section
 from didr_jax.train.logging import log_compiles
-
-EpochAbandoned = common.EpochAbandoned
-
+from didr_jax.train.trainer import Trainer
 
 def build_reward(c):
   """The differentiable reward of ``didr.reward`` (or of ``config.rewards``' differentiable
@@ -73,7 +69,7 @@ def build_reward(c):
   return reward
 
 
-class DIDRTrainer(common.GuardedHostState):
+class DIDRTrainer(Trainer):
   """Holds static things (graph, optimizers, reference, reward, compiled functions); the state
   is a pytree (module docstring)."""
 
@@ -146,6 +142,11 @@ class DIDRTrainer(common.GuardedHostState):
       return state["params"]["generator"]
     return common.ema_as(state["ema"]["generator"], state["params"]["generator"])
 
+  def fixed_sampler(self) -> dict:
+    """How the generator samples (what an export states): one step from noise at its
+    conditioning time."""
+    return {"kind": "one_step", "time": self.spec.time}
+
   # ------------------------------------------------------------------------------ pieces
 
   def _shard(self, tree, batch: int):
@@ -160,10 +161,8 @@ class DIDRTrainer(common.GuardedHostState):
     x0 = one_step.generate(self.bb, self.net.bind(params), z, cond, self.spec)
     return self.bb.decode(frozen, x0)
 
-  def sample(self, params, prompts, rng, *, num_steps=None, eta=None, guidance=None):
-    """One network call per image: (None, images (B, H, W, 3) in [0, 1], cond, None);
-    ``num_steps``, ``eta`` and ``guidance`` are ignored (a one-step generator)."""
-    del num_steps, eta, guidance
+  def sample(self, params, prompts, rng):
+    """One network call per image: (None, images (B, H, W, 3) in [0, 1], cond, None)."""
     cond = self.bb.encode(list(prompts))
     images = self._generate(params, self.bb.frozen(), cond, self._noise(rng, len(prompts)))
     return None, images, cond, None
@@ -262,31 +261,20 @@ class DIDRTrainer(common.GuardedHostState):
     self.guard.observe(gm["nonfinite"])
     return state, {**fm, **gm}, images
 
-  # ------------------------------------------------------------------------------ epoch
+  # ------------------------------------------------------------------------------ phases
 
-  def epoch(self, state, epoch: int, stream, rewarder, stop=None):
-    """One epoch of ``sample.num_batches`` (fake updates + generator update) steps. Returns
-    (state, metrics, a few images). ``stop()`` is asked before the first update only (the
-    updates donate the state)."""
-    c = self.c
-    if stop is not None and stop():
-      raise EpochAbandoned(epoch)
-    rng = jax.random.fold_in(jax.random.key(c.seed), epoch)
-    s = c.sample
-    t0 = time.time()
-    futures, metrics, images = [], [], None
-    for b in range(s.num_batches):
-      prompts = stream.next(s.batch_size // s.group_size, s.group_size)
-      state, m, images = self.train_step(state, prompts, jax.random.fold_in(rng, b))
-      futures.append(rewarder.submit(common.host_rows(images), prompts))
-      metrics.append(m)
+  updates_each_batch = True  # the one-step samples come out of the generator update
+
+  def epoch_keys(self, rng):
+    """Each batch's key is folded from the epoch's key itself (no update key)."""
+    return rng, rng
+
+  def rollout(self, state, prompts, rng):
+    """One ``train_step``: its generator update's one-step samples are the batch to score."""
+    state, metrics, images = self.train_step(state, prompts, rng)
+    return state, images, metrics
+
+  def update(self, state, batches, prompts, rewards, rng):
+    """The batches' metrics averaged (the rewards are only logged)."""
     self.guard.flush()
-    rewards = np.concatenate([f.result() for f in futures])
-    from didr_jax.train.advantages import gather_host
-    rewards = gather_host(rewards)
-    elapsed = time.time() - t0
-    out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
-    out.update({"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-                "time_per_step_s": elapsed / s.num_batches,
-                "samples_per_s": len(rewards) / elapsed})
-    return state, out, np.asarray(common.host_rows(images))[: c.log_images]
+    return state, {k: float(np.mean([float(m[k]) for m in batches])) for k in batches[0]}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from didr_jax.errors import ConfigError
 from didr_jax.losses import didr as didr_losses
-from didr_jax.train.config import ConfigError
 
 
 def didr_section() -> ml_collections.ConfigDict:
@@ -57,28 +57,6 @@ def didr_section() -> ml_collections.ConfigDict:
   d.fake_b1 = 0.0            # [reconstruction] the fake score's beta1, as the generator's
   d.ema_decay = 0.999        # EMA of the generator, what evaluation samples with (0 = no EMA)
   return d
-
-
-def real_config(kind: str, ref_cfg: float) -> ml_collections.ConfigDict:
-  """The shared DIDR recipe of configs/didr_sdxl.py and configs/didr_zimage.py (unlocked):
-  bfloat16 with remat, PickScore (host metric and differentiable reward), lr 5e-7 (full
-  network), Adam beta1 0, 5 fake updates per generator update (DMD2's SDXL ratio), EMA 0.999,
-  32 one-step samples per generator update, 8 updates per epoch."""
-  from didr_jax.train import config as config_lib
-  c = config_lib.real_base("didr", kind, {"pickscore": 1.0}, num_epochs=100, eval_every=10)
-  c.sample.num_steps = 1          # one-step generator (sampling ignores it)
-  c.sample.batch_size = c.train.batch_size = 32
-  c.sample.num_batches = 8
-  c.train.learning_rate = 5e-7
-  c.train.weight_decay = 0.0
-  c.didr = didr_section()
-  c.didr.reward = {"pickscore": 1.0}
-  c.didr.ref_cfg = ref_cfg
-  c.didr.fake_updates = 5
-  c.didr.ema_decay = 0.999
-  c.eval.num_samples = 64
-  c.eval.batch_size = 32
-  return c
 
 
 def _require(cond: bool, key: str, why: str):
@@ -130,3 +108,11 @@ def validate_didr_section(d) -> didr_losses.DIDRConfig:
         time_weighting=d.time_weighting, remat=bool(d.drp_remat))
   except ValueError as e:
     raise ConfigError(f"config.didr: {e}") from None
+
+
+def validate(c: ml_collections.ConfigDict, family: str) -> dict:
+  """The ``didr`` section (its checks against the data range run in the trainer, which knows
+  the backbone's range)."""
+  del family
+  validate_didr_section(c.didr)
+  return {}

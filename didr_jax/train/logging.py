@@ -113,12 +113,14 @@ class RunLogger:
       self.history.append({"step": step, **values})
 
   def images(self, step: int, images: Mapping[str, np.ndarray]):
-    if self.writer is not None:
-      self.writer.write_images(step, {k: image_grid(v)[None] for k, v in images.items()})
+    """Each non-empty set of images as one grid (``log_images`` 0: none)."""
+    grids = {k: image_grid(v)[None] for k, v in images.items() if len(v)}
+    if self.writer is not None and grids:
+      self.writer.write_images(step, grids)
 
   def eval_grid(self, step: int, images: np.ndarray, prompts: Sequence[str]):
     """An evaluation's grid as ``eval_samples/epoch_NNNN.png`` (+ ``.txt`` with its prompts)."""
-    if self.is_main:
+    if self.is_main and len(images):
       save_grid_png(os.path.join(self.workdir, "eval_samples", f"epoch_{step:04d}.png"),
                     images, prompts)
 

@@ -37,7 +37,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,10 @@ import numpy as np
 
 from didr_jax import rewards as rewards_lib
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.train import checkpoint, common, config as config_lib, evaluation, prompts
-from didr_jax.train import workdir_lock
+from didr_jax.train import advantages, checkpoint, common, config as config_lib, evaluation
+from didr_jax.train import prompts
+from didr_jax.train import methods, workdir_lock
+from didr_jax.train.trainer import Trainer
 from didr_jax.train.logging import CompileClock, RunLogger
 
 TOY_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "assets")
@@ -97,33 +99,39 @@ EXIT_NONFINITE = 3   # too many consecutive non-finite steps
 EXIT_SIGNAL = 128    # + signal number: stopped by SIGTERM (143) / SIGINT (130), checkpoint saved
 
 
-class Trainer(Protocol):
-  """What the loop needs from a method's trainer (``make_trainer``).
-
-  ``state`` is a pytree of arrays (everything Orbax saves); the trainer may keep host state
-  (e.g. advantage statistics) that it exposes as JSON for the checkpoint."""
-
-  def init_state(self) -> Any:
-    """The initial state (parameters, optimizer states, EMA, step); called once."""
-
-  def host_state(self) -> dict:
-    """JSON-able host state saved with each checkpoint (keys other than 'stream'/'history')."""
-
-  def load_host_state(self, d: dict) -> None:
-    """Restores ``host_state()`` from a checkpoint's host dict."""
-
-  def epoch(self, state: Any, epoch: int, stream: prompts.PromptStream, rewarder: Any,
-            stop: Callable[[], bool] | None = None) -> tuple[Any, dict, np.ndarray]:
-    """One epoch -> (state, scalar metrics, a few training images). RNG from (seed, epoch).
-    May raise ``common.EpochAbandoned`` when ``stop()`` is true before ``state`` was changed,
-    and ``common.NonFiniteError`` (from its ``common.NonFiniteGuard``)."""
-
-  def policy_params(self, state: Any) -> Any:
-    """The parameters to sample / evaluate with."""
-
-  def sample(self, params: Any, prompts: Sequence[str], rng: jax.Array, *, num_steps: int,
-             eta: float) -> tuple:
-    """(trajectory, images (B, H, W, 3) in [0, 1], cond, uncond) for ``prompts``."""
+def run_epoch(trainer: Trainer, state: Any, epoch: int, stream: prompts.PromptStream,
+              rewarder: Any, stop: Callable[[], bool] | None = None
+              ) -> tuple[Any, dict, np.ndarray]:
+  """One epoch of ``trainer``'s phases (``train.trainer``) -> (state, metrics, the last
+  batch's first ``log_images`` images). RNG from (seed, epoch). Raises
+  ``common.EpochAbandoned`` when ``stop()`` is true while ``state`` is still the input state
+  (before any batch; before the update too when only the update changes the state) and
+  ``common.NonFiniteError`` (from the trainer's ``common.NonFiniteGuard``)."""
+  c = trainer.c
+  s = c.sample
+  k_batches, k_update = trainer.epoch_keys(jax.random.fold_in(jax.random.key(c.seed), epoch))
+  t0 = time.time()
+  batches, futures, drawn, images = [], [], [], None
+  for b in range(s.num_batches):
+    if stop is not None and (b == 0 or not trainer.updates_each_batch) and stop():
+      raise common.EpochAbandoned(epoch)
+    batch_prompts = stream.next(s.batch_size // s.group_size, s.group_size)
+    state, images, data = trainer.rollout(state, batch_prompts, jax.random.fold_in(k_batches, b))
+    future = rewarder.submit(common.host_rows(images), batch_prompts)
+    state, data = trainer.after_rollout(state, data, future)
+    batches.append(data)
+    futures.append(future)
+    drawn += list(batch_prompts)
+  rewards = advantages.gather_host(np.concatenate([np.asarray(f.result()) for f in futures]))
+  t_rollout = time.time() - t0
+  if stop is not None and not trainer.updates_each_batch and stop():
+    raise common.EpochAbandoned(epoch)
+  t1 = time.time()
+  state, metrics = trainer.update(state, batches, drawn, rewards, k_update)
+  metrics.update({"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+                  "time_rollout_s": t_rollout, "time_update_s": time.time() - t1,
+                  "samples_per_s": len(rewards) / (time.time() - t0)})
+  return state, metrics, np.asarray(common.host_rows(images))[: c.log_images]
 
 
 class Stopped(Exception):
@@ -175,22 +183,8 @@ class StopRequest:
 
 
 def make_trainer(c, backbone, mesh) -> Trainer:
-  if c.method == "ddpo":
-    from didr_jax.train.ddpo import DDPOTrainer
-    return DDPOTrainer(c, backbone, mesh)
-  if c.method == "crd":
-    from didr_jax.train.crd import CRDTrainer
-    return CRDTrainer(c, backbone, mesh)
-  if c.method == "didr":
-    from didr_jax.train.didr import DIDRTrainer
-    return DIDRTrainer(c, backbone, mesh)
-  if c.method == "tdm":
-    from didr_jax.train.tdm import TDMTrainer
-    return TDMTrainer(c, backbone, mesh)
-  if c.method == "tdmr1":
-    from didr_jax.train.tdm_r1 import TDMR1Trainer
-    return TDMR1Trainer(c, backbone, mesh)
-  raise config_lib.ConfigError(f"config.method: unknown method {c.method!r}")
+  """The trainer of ``c.method`` (``train.methods``) on ``backbone`` over ``mesh``."""
+  return methods.get(c.method).trainer_class()(c, backbone, mesh)
 
 
 def eval_metrics(c) -> tuple[dict, dict]:
@@ -216,11 +210,14 @@ def eval_prompts(c) -> list[str]:
 
 def run_eval(c, trainer, state) -> tuple[dict, np.ndarray]:
   ev = c.eval
-  num_steps = ev.num_steps if ev.num_steps > 0 else c.sample.num_steps
   params = trainer.policy_params(state)
+  # a multi-step policy samples at the evaluation's steps and noise level; a generator with
+  # its own fixed steps takes no such settings
+  kw = ({"num_steps": ev.num_steps if ev.num_steps > 0 else c.sample.num_steps, "eta": ev.eta}
+        if methods.get(c.method).policy else {})
 
   def sample_fn(ps, rng):
-    _, images, _, _ = trainer.sample(params, ps, rng, num_steps=num_steps, eta=ev.eta)
+    _, images, _, _ = trainer.sample(params, ps, rng, **kw)
     return images
 
   per_image, set_metrics = eval_metrics(c)
@@ -439,7 +436,7 @@ def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, s
             "epoch only) ...", flush=True)
     t0 = time.time()
     try:
-      state, metrics, images = trainer.epoch(state, epoch, stream, rewarder, stop)
+      state, metrics, images = run_epoch(trainer, state, epoch, stream, rewarder, stop)
     except common.EpochAbandoned:
       saved = False
       ckpt.wait()
@@ -453,8 +450,7 @@ def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, s
     t1 = time.time()
     logger.scalars(step, metrics)
     logger.images(step, {"train_samples": images})
-    logger.progress(step, t1 - t0, {k: metrics[k] for k in ("reward_mean", "loss", "approx_kl",
-                                                            "nonfinite") if k in metrics},
+    logger.progress(step, t1 - t0, {k: metrics[k] for k in trainer.progress_keys if k in metrics},
                     compile_seconds=CompileClock.seconds(t0, t1))
     halt = stop()
     if _eval_due(c, step) and (not halt or step == c.num_epochs):

@@ -36,9 +36,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from didr_jax.errors import ConfigError
 from didr_jax.diffusion import kernels, param
 from didr_jax.train import common
-from didr_jax.train.config import ConfigError
 
 DMD2_TIME = 399     # DMD2's one-step SDXL conditioning timestep
 

@@ -12,9 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-class PromptError(ValueError):
-  """A prompt source that cannot be used (missing, unreadable or empty file; unknown set)."""
+from didr_jax.errors import PromptError
 
 
 def load_prompts(spec: str) -> list[str]:

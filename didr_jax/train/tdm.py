@@ -46,22 +46,21 @@ Host state: the non-finite step counter only.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from didr_jax.diffusion import ddim, guidance, kernels, param
+from didr_jax.diffusion import ddim, guidance, param
 from didr_jax.diffusion.schedules import ddim_timesteps
 from didr_jax.losses import common as loss_common, tdm as tdm_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common, one_step
 from didr_jax.train.logging import log_compiles
+from didr_jax.train.trainer import Trainer
 from didr_jax.train.tdm_config import validate_tdm_section
 
-EpochAbandoned = common.EpochAbandoned
 FLOW_TAU_FLOOR = 1e-3   # smallest flow re-noising sigma (the target divides by it)
 
 
@@ -99,7 +98,7 @@ class StudentGrid:
     return jnp.minimum(lo, tau_max), tau_max
 
 
-class TDMTrainer(common.GuardedHostState):
+class TDMTrainer(Trainer):
   """Holds static things (graph, optimizers, teacher, grid, compiled functions); the state is a
   pytree (module docstring)."""
 
@@ -176,6 +175,13 @@ class TDMTrainer(common.GuardedHostState):
       return gen
     return common.ema_as(state["ema"]["generator"], gen)
 
+  def fixed_sampler(self) -> dict:
+    """How the student samples (what an export states): deterministic steps on its time grid
+    (K + 1 boundary times) at its own guidance, the flow grid shifted by ``tdm.shift``."""
+    d = self.c.tdm
+    return {"kind": "few_step", "times": self.grid.times, "guidance": float(d.student_cfg),
+            "shift": float(d.shift)}
+
   # ------------------------------------------------------------------------------ pieces
 
   def _shard(self, tree, batch: int):
@@ -251,7 +257,7 @@ class TDMTrainer(common.GuardedHostState):
     traj = traj._replace(timesteps=times[:-1], next_timesteps=times[1:])
     return traj, self.bb.decode(frozen, traj.sample)
 
-  def rollout(self, params, cond, rng):
+  def student_rollout(self, params, cond, rng):
     """Student rollouts from x_0 ~ N(0, I) (``rng``) for a batch of conditionings."""
     b = jax.tree.leaves(cond)[0].shape[0]
     x_init = self._shard(jax.random.normal(rng, self.bb.latent_shape(b), jnp.float32), b)
@@ -259,14 +265,12 @@ class TDMTrainer(common.GuardedHostState):
     uncond = self.negative(b) if scale != 1.0 else None
     return self._rollout(params, self.bb.frozen(), cond, uncond, x_init, jnp.float32(scale))
 
-  def sample(self, params, prompts, rng, *, num_steps=None, eta=None, guidance=None):
-    """(SampleOutput, images (B, H, W, 3) in [0, 1], cond, None): the K-step student;
-    ``num_steps``, ``eta`` and ``guidance`` are ignored (the student is deterministic, K steps,
-    guidance ``tdm.student_cfg``)."""
-    del num_steps, eta, guidance
+  def sample(self, params, prompts, rng):
+    """(SampleOutput, images (B, H, W, 3) in [0, 1], cond, None): the K-step deterministic
+    student at guidance ``tdm.student_cfg``."""
     b = len(prompts)
     cond = self._shard(self.bb.encode(list(prompts)), b)
-    traj, images = self.rollout(params, cond, rng)
+    traj, images = self.student_rollout(params, cond, rng)
     return traj, images, cond, None
 
   # ------------------------------------------------------------------------------ updates
@@ -347,29 +351,41 @@ class TDMTrainer(common.GuardedHostState):
     perm = np.asarray(jax.random.permutation(rng, k))
     return [int(j) for j in perm[: int(self.c.tdm.boundaries_per_iter)]]
 
-  def _before_boundaries(self, state, traj, cond, prompts, images, rewarder, rng):
-    """TDM: submits the rollout's images to the host rewarder (logging only; None: not
-    scored). Returns (state, per-iteration context, futures of rewards, metrics)."""
-    if rewarder is None:
-      return state, None, [], {}
-    return state, None, [rewarder.submit(common.host_rows(images), prompts)], {}
+  def _before_boundaries(self, state, traj, rewards, rng):
+    """TDM: nothing (its rewards are only logged). Returns (state, per-iteration context,
+    metrics)."""
+    del traj, rewards, rng
+    return state, None, {}
 
   def _surrogate_phase(self, state, ctx, cond, rng):
     return state, {}
 
-  def train_step(self, state, prompts, rng, rewarder):
-    """One iteration on ``prompts`` (module docstring): rollout, then per boundary the fake,
-    (surrogate,) generator steps. Returns (state, metrics (device scalars), images, futures)."""
+  # ------------------------------------------------------------------------------ phases
+
+  updates_each_batch = True  # the boundary updates follow each rollout
+
+  def epoch_keys(self, rng):
+    """Each batch's key is folded from the epoch's key itself (no update key)."""
+    return rng, rng
+
+  def rollout(self, state, prompts, rng):
+    """The student's rollouts of ``prompts`` (module docstring, step 1); the state is unchanged
+    until ``after_rollout``."""
     b = len(prompts)
     k_roll, k_j, k_upd = jax.random.split(rng, 3)
     cond = self._shard(self.bb.encode(list(prompts)), b)
-    uncond = self.negative(b)
-    traj, images = self.rollout(state["params"]["generator"], cond, k_roll)
-    state, ctx, futures, pre = self._before_boundaries(state, traj, cond, prompts, images,
-                                                       rewarder, k_upd)
+    traj, images = self.student_rollout(state["params"]["generator"], cond, k_roll)
+    return state, images, {"traj": traj, "cond": cond, "k_j": k_j, "k_upd": k_upd}
+
+  def after_rollout(self, state, data, rewards):
+    """Per boundary the fake, (surrogate,) generator steps (module docstring, step 2) ->
+    (state, metrics (device scalars))."""
+    traj, cond, k_upd = data["traj"], data["cond"], data["k_upd"]
+    uncond = self.negative(jax.tree.leaves(cond)[0].shape[0])
+    state, ctx, pre = self._before_boundaries(state, traj, rewards, k_upd)
     ms, flags = [], []
     scales = self.scales()
-    for i, j in enumerate(self.boundaries(k_j)):
+    for i, j in enumerate(self.boundaries(data["k_j"])):
       k_f, k_s, k_g = jax.random.split(jax.random.fold_in(k_upd, i), 3)
       jj = jnp.int32(j)
       state, fm = self._fake_update(state, self.ref_params, traj.latents, cond, uncond, jj, k_f)
@@ -381,30 +397,21 @@ class TDMTrainer(common.GuardedHostState):
     m = {k: sum(x[k] for x in ms) / len(ms) for k in ms[0]}
     m["nonfinite"] = jnp.max(jnp.stack([jnp.asarray(f, jnp.float32) for f in flags]))
     self.guard.observe(m["nonfinite"])
-    return state, {**pre, **m}, images, futures
+    return state, {**pre, **m}
 
-  def epoch(self, state, epoch: int, stream, rewarder, stop=None):
-    """One epoch of ``sample.num_batches`` iterations -> (state, metrics, a few images).
-    ``stop()`` is asked before the first update only (the updates donate the state)."""
-    c = self.c
-    if stop is not None and stop():
-      raise EpochAbandoned(epoch)
-    rng = jax.random.fold_in(jax.random.key(c.seed), epoch)
-    s = c.sample
-    t0 = time.time()
-    futures, metrics, images = [], [], None
-    for b in range(s.num_batches):
-      prompts = stream.next(s.batch_size // s.group_size, s.group_size)
-      state, m, images, fs = self.train_step(state, prompts, jax.random.fold_in(rng, b), rewarder)
-      futures += fs
-      metrics.append(m)
+  def train_step(self, state, prompts, rng, rewarder=None):
+    """One iteration on ``prompts`` outside the loop (the pretraining stage, benchmarks):
+    ``rollout`` and ``after_rollout``, the rewards from ``rewarder`` (None: not scored; TDM-R1
+    needs one). Returns (state, metrics (device scalars), images, futures of rewards)."""
+    state, images, data = self.rollout(state, prompts, rng)
+    future = None if rewarder is None else rewarder.submit(common.host_rows(images), prompts)
+    state, metrics = self.after_rollout(state, data, future)
+    return state, metrics, images, [] if future is None else [future]
+
+  def update(self, state, batches, prompts, rewards, rng):
+    """The iterations' metrics averaged (skipped steps summed); the rewards are only logged
+    (TDM) or were used in ``after_rollout`` (TDM-R1)."""
     self.guard.flush()
-    from didr_jax.train.advantages import gather_host
-    rewards = gather_host(np.concatenate([np.asarray(f.result()) for f in futures]))
-    elapsed = time.time() - t0
-    out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
-    out["nonfinite"] = float(sum(float(m["nonfinite"]) for m in metrics))
-    out.update({"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-                "time_per_step_s": elapsed / s.num_batches,
-                "samples_per_s": len(rewards) / elapsed})
-    return state, out, np.asarray(common.host_rows(images))[: c.log_images]
+    out = {k: float(np.mean([float(m[k]) for m in batches])) for k in batches[0]}
+    out["nonfinite"] = float(sum(float(m["nonfinite"]) for m in batches))
+    return state, out

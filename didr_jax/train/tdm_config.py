@@ -2,7 +2,7 @@
 stage, method "tdmr1"), with the authors' defaults from docs/methods.md §4 (values marked
 [reconstruction] are this project's reading where the summary leaves a choice open).
 ``validate_tdm_section`` checks a section, raising ``ConfigError("config.tdm.key: why")``;
-``train.config.validate`` calls it for both methods.
+``validate`` / ``validate_tdmr1`` check a whole config of each method (``train.methods``).
 
 Batch semantics for TDM / TDM-R1 (the shared sections of ``base_config()``):
   sample.batch_size    student rollouts per iteration (TDM-R1: prompts x group, the paper's 48 x 24)
@@ -16,10 +16,12 @@ Batch semantics for TDM / TDM-R1 (the shared sections of ``base_config()``):
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
+from didr_jax.errors import ConfigError, require
 from didr_jax.losses.common import SnapshotSchedule
-from didr_jax.train.config import ConfigError
 
 # The EMA "old" surrogate's decay [reconstruction: no published numbers; CRD's old snapshot].
 OLD_SURROGATE = SnapshotSchedule(start=0.25, slope=0.005, end=0.999, start_step=0)
@@ -151,24 +153,22 @@ def cfg_reward_scale(d: ml_collections.ConfigDict) -> float:
   return derived
 
 
-def real_config(kind: str, *, ref_cfg: float, surrogate_cfg: float) -> ml_collections.ConfigDict:
-  """The shared TDM-R1 recipe of configs/tdmr1_sdxl.py and configs/tdmr1_zimage.py (unlocked):
-  bfloat16 with remat, PickScore as the (host, never differentiated) reward with beta_dpo 10
-  (the paper: 10 for OCR / HPS-like preference rewards), K = 4 student steps (flow shift 3), the
-  authors' optimisers, groups of 24 samples per prompt. The paper's iteration is 48 prompts x 24
-  = 1152 rollouts; these configs take 2 prompts (48 rollouts, one device's worth) per iteration
-  and 8 iterations per epoch: raise ``sample.batch_size`` with the devices."""
-  from didr_jax.train import config as config_lib
-  c = config_lib.real_base("tdmr1", kind, {"pickscore": 1.0}, num_epochs=100, eval_every=10)
-  # any registered reward works as the (never differentiated) reward, e.g. "remote" for OCR
-  c.sample.num_steps = 4          # the student's K (sampling ignores it: tdm.num_steps)
-  c.sample.group_size = 24
-  c.sample.batch_size = c.train.batch_size = 48
-  c.sample.num_batches = 8
-  c.tdm = tdmr1_section()
-  c.tdm.ref_cfg = ref_cfg
-  c.tdm.surrogate_cfg = surrogate_cfg
-  c.tdm.beta_dpo = 10.0
-  c.eval.num_samples = 64
-  c.eval.batch_size = 32
-  return c
+def validate(c: ml_collections.ConfigDict, family: str) -> dict:
+  """TDM: the ``tdm`` section and its student folder."""
+  del family
+  validate_tdm_section(c.tdm)
+  if c.tdm.generator_path:
+    require(os.path.isdir(c.tdm.generator_path), "tdm.generator_path",
+            f"{c.tdm.generator_path!r} is not a folder (the toy student is built by "
+            "python -m didr_jax.toy.pretrain --stages=tdm; \"\" starts from the teacher)")
+  return {}
+
+
+def validate_tdmr1(c: ml_collections.ConfigDict, family: str) -> dict:
+  """TDM-R1: TDM's checks, its own section keys and groups of >= 2 samples per prompt."""
+  require("beta_dpo" in c.tdm, "tdm", "method 'tdmr1' needs the TDM-R1 section "
+          "(tdm_config.tdmr1_section)")
+  out = validate(c, family)
+  require(c.sample.group_size >= 2, "sample.group_size", f"TDM-R1's group preference compares "
+          f"a prompt's samples: needs >= 2 per prompt, got {c.sample.group_size}")
+  return out

@@ -36,11 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from didr_jax.errors import ConfigError
 from didr_jax.diffusion import guidance
 from didr_jax.losses import common as loss_common, tdm as tdm_losses, tdm_r1 as r1_losses
 from didr_jax.train import common
-from didr_jax.train.config import ConfigError
-from didr_jax.train.tdm import EpochAbandoned, TDMTrainer  # noqa: F401
+from didr_jax.train.advantages import gather_host
+from didr_jax.train.tdm import TDMTrainer
 from didr_jax.train.tdm_config import cfg_reward_scale
 
 
@@ -66,17 +67,19 @@ class TDMR1Trainer(TDMTrainer):
 
   # ------------------------------------------------------------------------------ rewards
 
-  def _before_boundaries(self, state, traj, cond, prompts, images, rewarder, rng):
-    """Waits for the rollout's rewards and turns them into per-prompt advantages."""
-    from didr_jax.train.advantages import gather_host
-    future = rewarder.submit(common.host_rows(images), prompts)
-    rewards = jnp.asarray(gather_host(np.asarray(future.result(), np.float32)))
+  def _before_boundaries(self, state, traj, rewards, rng):
+    """Waits for the rollout's rewards (a future of this host's rows) and turns them into
+    per-prompt advantages."""
+    del rng
+    if rewards is None:
+      raise ValueError("TDM-R1 trains on the rollout's rewards: pass a rewarder")
+    rewards = jnp.asarray(gather_host(np.asarray(rewards.result(), np.float32)))
     n = rewards.shape[0]
     ids = jnp.arange(n, dtype=jnp.int32) // self.group
     adv = loss_common.group_advantages(rewards, ids, n // self.group, std="global",
                                        clip=float(self.c.tdm.adv_clip))
     ctx = {"latents": traj.latents, "adv": self._shard(adv, n), "ids": self._shard(ids, n)}
-    return state, ctx, [future], {"adv_abs_mean": jnp.mean(jnp.abs(adv))}
+    return state, ctx, {"adv_abs_mean": jnp.mean(jnp.abs(adv))}
 
   # ------------------------------------------------------------------------------ surrogate
 
