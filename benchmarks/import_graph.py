@@ -46,7 +46,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),  # the user errors; imports nothing from the package
     ("convert", "diffusion", "parallel"),  # weight files (safetensors, Orbax); samplers; mesh
     ("models", "losses"),  # the networks; the methods' pure losses
-    ("pipelines", "toy"),  # backbones (SD, Z-Image) and model folders; the toy world
+    ("pipelines", "toy", "convert.lora_weights"),  # backbones and model folders; the toy
+                                                   # world; LoRA adapters <-> PEFT weights
     ("exact",),  # the exact Gaussian-mixture benchmark: mixtures, tilts, its point backbone
     ("rewards",),  # the reward registry and the built-in rewards (toy, exact, CLIP, remote)
     ("train",),  # configs, trainers, the loop
@@ -66,6 +67,7 @@ PARTS: dict[str, str] = {
     "convert.__main__": "cli",
     "convert.run_export": "cli",
     "convert.lora_export": "cli",
+    "convert.lora_weights": "convert.lora_weights",  # reads models' adapters: above models
     "exact.config": "exact.config",  # configs/exact_*.py's shared head (a train config)
     "toy.pretrain": "toy.pretrain",  # the toy backbones' pretraining stages (train's trainers)
 }
@@ -78,7 +80,8 @@ NOTES = """\
 - `convert` is the weight files every model reads (`core`: safetensors, torch layouts;
   `orbax_io`; `aesthetic`, the one-off MLP conversion); the command lines that convert whole
   pipelines and export runs or LoRA weights (`convert.__main__`, `run_export`, `lora_export`)
-  are part `cli`.
+  are part `cli`; `convert.lora_weights` (a model's LoRA adapters in diffusers' PEFT format,
+  merged pipelines) reads the models' adapters and sits beside `pipelines`.
 - `pipelines`: `registry` sits above `sd` and `zimage`: the classes read a folder's
   `model_index.json` with `base.read_index` / `pipeline_kind` / `components`, and the registry
   picks between them (it named them before, and `sd` imported it back: a circle).

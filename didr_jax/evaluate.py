@@ -29,8 +29,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   quiet_logs()
   del argv
-  from didr_jax.parallel import mesh as mesh_lib
-  from didr_jax.train import config as config_lib
+  from didr_jax.parallel import mesh as mesh_lib  # lazy: jax loads after the flag checks
+  from didr_jax.train import config as config_lib  # lazy: jax loads after the flag checks
   distributed = mesh_lib.maybe_initialize_distributed()
   path = os.path.join(FLAGS.workdir, "config.json")
   if not os.path.exists(path):
@@ -46,7 +46,7 @@ def main(argv):
     c.eval.num_samples = FLAGS.num_samples
   if not distributed:  # before JAX starts: one CPU device per core (config.cpu_devices)
     mesh_lib.split_cpu(config_lib.cpu_devices(c))
-  from didr_jax.train import checkpoint, loop
+  from didr_jax.train import checkpoint, loop  # lazy: jax loads after the flag checks
   config_lib.validate(c, training=False)
   mesh = mesh_lib.make_mesh(c.mesh.axes)
   trainer = loop.make_trainer(c, loop.build_backbone(c, mesh), mesh)

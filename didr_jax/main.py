@@ -40,11 +40,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   compile_cache(_CONFIG.value.get("compile_cache_dir", ""))  # before anything compiles
-  from didr_jax.parallel import mesh as mesh_lib
-  from didr_jax.train import config as config_lib
+  from didr_jax.parallel import mesh as mesh_lib  # lazy: jax loads after the flag checks
+  from didr_jax.train import config as config_lib  # lazy: jax loads after the flag checks
   if not mesh_lib.maybe_initialize_distributed():  # before JAX starts: one CPU device per core
     mesh_lib.split_cpu(config_lib.cpu_devices(_CONFIG.value))
-  from didr_jax.train import checkpoint, loop, workdir_lock
+  from didr_jax.train import checkpoint, loop, workdir_lock  # lazy: jax loads after the flag checks
   workdir = FLAGS.workdir or os.path.join(
       "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   try:

@@ -24,8 +24,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from didr_jax.errors import PromptError
 from didr_jax.cli_util import compile_cache, fail, quiet_logs, run
+from didr_jax.errors import PromptError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "local model folder")
@@ -82,7 +82,7 @@ def check_flags() -> None:
 def read_prompts() -> list[str]:
   prompts = list(FLAGS.prompt or [])
   if FLAGS.prompt_file:
-    from didr_jax.train.prompts import load_prompts
+    from didr_jax.train.prompts import load_prompts  # lazy: jax loads after the flag checks
     try:
       prompts += load_prompts(FLAGS.prompt_file)
     except PromptError as e:
@@ -152,9 +152,9 @@ def main(argv):
 def sample_model(prompts: list[str]) -> np.ndarray:
   """``--model``: the folder's pipeline with the DDIM / flow sampler of the flags."""
   latents = None if not FLAGS.latents else read_latents(FLAGS.latents, len(prompts))
-  from didr_jax.parallel import mesh as mesh_lib
+  from didr_jax.parallel import mesh as mesh_lib  # lazy: jax loads after the flag checks
   mesh_lib.split_cpu(mesh_lib.cpu_device_count(FLAGS.cpu_devices, [len(prompts)]))
-  from didr_jax.pipelines import registry
+  from didr_jax.pipelines import registry  # lazy: jax loads after the flag checks
   registry.check_folder(FLAGS.model)  # headers only: a bad folder fails before loading
   pipe = registry.load_pipeline(FLAGS.model, mesh=mesh_lib.make_mesh())  # batch over devices
   pipe.warn_long_prompts(prompts, max_tokens=getattr(pipe, "max_sequence_length", None))
@@ -176,7 +176,7 @@ def sample_run(prompts: list[str]) -> np.ndarray:
   """``--workdir``: the run's evaluated parameters through its trainer's own sampler, the
   noise from ``--seed`` (read-only: ``run_export.load_run``)."""
   from didr_jax.convert import run_export
-  from didr_jax.parallel import mesh as mesh_lib
+  from didr_jax.parallel import mesh as mesh_lib  # lazy: jax loads after the flag checks
   c = run_export.read_run_config(FLAGS.workdir)
   from didr_jax.train import methods  # lazy: imports jax; the flag checks run before it
   multi_step = methods.get(c.method).policy
@@ -198,7 +198,7 @@ def sample_run(prompts: list[str]) -> np.ndarray:
     if FLAGS["guidance"].present:
       kwargs["guidance"] = FLAGS.guidance
   import jax
-  from didr_jax.train import common
+  from didr_jax.train import common  # lazy: jax loads after the flag checks
   print(f"sampling with {run.workdir} at epoch {run.step} ({c.method})", flush=True)
   # the noise of an evaluation's first batch: --seed=1234 (evaluation.evaluate's) and the
   # evaluation's first eval.batch_size prompts give its images

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from didr_jax.convert import core, lora_export
+from didr_jax.convert import core, lora_export, lora_weights
 from didr_jax.models import layers, lora, unet as unet_lib
 from didr_jax.testing import tiny
 
@@ -175,7 +175,7 @@ def test_peft_export_loads_in_diffusers(tiny_sd, tmp_path):
   _randomize_adapters(unet, 3)
   x, t, ctx = _inputs()
   ours = _ours(unet, x, t, ctx)
-  path = lora_export.save_lora_weights(unet, str(tmp_path / "lora"))
+  path = lora_weights.save_lora_weights(unet, str(tmp_path / "lora"))
   tensors = core.SafetensorsFile(path)
   assert all(k.startswith("unet.") for k in tensors) and len(tensors) == 2 * 48
   assert tensors.shape("unet.down_blocks.0.attentions.0.proj_in.lora_A.weight") == (4, 32, 1, 1)
@@ -195,7 +195,7 @@ def test_peft_export_loads_in_diffusers(tiny_sd, tmp_path):
   # Our reader inverts the writer: a fresh model with these weights gives the same output.
   fresh = unet_lib.load_unet(os.path.join(tiny_sd, "unet"))
   lora.inject(fresh, rank=4, alpha=2.0, targets=TARGETS, seed=9)
-  lora_export.load_lora_weights(fresh, tensors)
+  lora_weights.load_lora_weights(fresh, tensors)
   np.testing.assert_allclose(_ours(fresh, x, t, ctx), ours, rtol=1e-5, atol=1e-5)
 
 
@@ -209,7 +209,7 @@ def test_merged_export_loads_in_diffusers(tiny_sd, tmp_path):
   _randomize_adapters(pipe.model, 4)
   x, t, ctx = _inputs(1)
   ours = _ours(pipe.model, x, t, ctx)
-  lora_export.export_merged(pipe, str(tmp_path / "merged"))
+  lora_weights.export_merged(pipe, str(tmp_path / "merged"))
   assert len(lora.adapters(pipe.model)) == 32          # the pipeline keeps its adapters
   layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
   want = base_kernel + 2.0 * (np.asarray(layer.lora_a[...], np.float64)
@@ -307,7 +307,7 @@ def test_ddpo_update_trains_only_the_adapters(tiny_sd, tmp_path):
   msg = lora_export.export_run(workdir, str(tmp_path / "export"))
   assert "step 1" in msg
   # the file holds lora_A = A^T, lora_B = (alpha / r) B^T of the checkpoint's adapters
-  tensors = core.SafetensorsFile(os.path.join(tmp_path / "export", lora_export.WEIGHT_NAME))
+  tensors = core.SafetensorsFile(os.path.join(tmp_path / "export", lora_weights.WEIGHT_NAME))
   assert len(tensors) == 2 * n_adapters
   layer = saved["params"]["policy"]
   for k in ("up_blocks", 1, "attentions", 1, "transformer_blocks", 0, "attn2", "to_out", 0):
@@ -355,7 +355,7 @@ def test_zimage_scanned_adapters_load_in_diffusers():
   cap = g.standard_normal((2, 8, 16)).astype(np.float32)
   fwd = nnx.jit(lambda m, a, b, c: m(a, b, c))
   ours = np.asarray(fwd(model, jnp.asarray(lat), jnp.asarray(t), jnp.asarray(cap)))
-  sd_lora = lora_export.lora_state_dict(model)
+  sd_lora = lora_weights.lora_state_dict(model)
   # 2 trunk layers + 1 noise + 1 context refiner, x (q, k, v, out.0), x (A, B)
   assert len(sd_lora) == 32 and "transformer.layers.1.attention.to_out.0.lora_B.weight" in sd_lora
 

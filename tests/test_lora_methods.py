@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from didr_jax.convert import core, lora_export
+from didr_jax.convert import core, lora_export, lora_weights
 from didr_jax.models import lora
 from didr_jax.testing import tiny
 from didr_jax.testing.configs import load_config
@@ -73,7 +73,7 @@ def test_method_trains_adapters_only_and_exports(name, toy_folder, tmp_path):
 
   # export: the PEFT file holds the evaluated adapters (lora_B = (alpha / r) B^T)
   lora_export.export_run(workdir, str(tmp_path / "export"))
-  tensors = core.SafetensorsFile(os.path.join(tmp_path / "export", lora_export.WEIGHT_NAME))
+  tensors = core.SafetensorsFile(os.path.join(tmp_path / "export", lora_weights.WEIGHT_NAME))
   lora.from_config(pipe.model, c.lora)
   assert len(tensors) == 2 * len(lora.adapters(pipe.model))
   # what the run evaluates: CRD's policy, DIDR's / TDM-R1's generator EMA (both keep one here)

@@ -26,7 +26,7 @@ def main(argv):
   problem = folder_problem(FLAGS.dst, writable=True)
   if problem:
     raise app.UsageError(f"--dst: {problem}; name a new or existing folder")
-  from didr_jax.pipelines import registry  # (JAX loads here: --help and bad flags stay quick)
+  from didr_jax.pipelines import registry  # lazy: JAX loads here (--help, bad flags stay quick)
   registry.check_folder(FLAGS.src)  # headers only: a bad folder fails before loading
   pipe = registry.load_pipeline(FLAGS.src)
   if FLAGS.export:

@@ -55,7 +55,7 @@ def _fail(message: str):
 
 def read_run_config(workdir: str):
   """The run's ``config.json`` completed with today's defaults (``config.with_defaults``)."""
-  from didr_jax.train import config as config_lib
+  from didr_jax.train import config as config_lib  # lazy: jax-heavy; the checks run before it
   if not os.path.isdir(workdir):
     _fail(f"--workdir={workdir}: " + ("is a file; expected a run directory written by "
                                       "didr_jax.main" if os.path.exists(workdir) else
@@ -98,8 +98,8 @@ class Run:
   def pipeline(self):
     """The backbone pipeline with the evaluated denoiser in place, adapters merged: the
     folder ``export_pipeline`` writes."""
-    from didr_jax.convert import lora_export
-    return lora_export.merged_pipeline(self.trainer.bb, self.model())
+    from didr_jax.convert import lora_weights  # lazy: jax-heavy; the checks run before it
+    return lora_weights.merged_pipeline(self.trainer.bb, self.model())
 
 
 def load_run(workdir: str, *, epoch: int | None = None, master_weights: bool = False,
@@ -109,8 +109,8 @@ def load_run(workdir: str, *, epoch: int | None = None, master_weights: bool = F
   are). Read-only: nothing in the workdir is created, moved or written, no lock is taken.
   ``master_weights``: a LoRA run's base in float32 (what a merged export folds into) instead
   of the run's compute dtype. Bad input raises ``ConfigError`` with one line."""
-  from didr_jax.parallel import mesh as mesh_lib
-  from didr_jax.train import checkpoint, config as config_lib, loop
+  from didr_jax.parallel import mesh as mesh_lib  # lazy: jax-heavy; the checks run before it
+  from didr_jax.train import checkpoint, config as config_lib, loop  # lazy: after the checks
   workdir = os.path.abspath(workdir)
   c = read_run_config(workdir)
   steps = checkpoint_steps(workdir)
@@ -146,7 +146,7 @@ def load_run(workdir: str, *, epoch: int | None = None, master_weights: bool = F
 def _vp_scheduler(base: dict, class_name: str) -> dict:
   """A VP scheduler config with the base's DDIM options (absent keys at DDIMScheduler's
   defaults, as ``VPSchedule.from_diffusers`` reads them)."""
-  from didr_jax.diffusion.schedules import _DDIM_DEFAULTS
+  from didr_jax.diffusion.schedules import _DDIM_DEFAULTS  # lazy: jax loads after the flag checks
   return {"_class_name": class_name,
           **{k: v if base.get(k) is None else base[k] for k, v in _DDIM_DEFAULTS.items()}}
 
@@ -257,7 +257,7 @@ def export_pipeline(run: Run, dst: str) -> dict:
   tmp = dst + ".incomplete"
   if os.path.isdir(tmp):
     shutil.rmtree(tmp)              # our own leftover of an interrupted export
-  from didr_jax.convert import core
+  from didr_jax.convert import core  # lazy: jax-heavy; the checks run before it
   run.pipeline().export_diffusers(tmp)
   sched_path = os.path.join(tmp, "scheduler", "scheduler_config.json")
   info, scheduler = sampling_recipe(run, core.read_json(sched_path))
@@ -284,8 +284,8 @@ def export_run(workdir: str, dst: str, *, epoch: int | None = None,
     dst = check_dst(dst)
   run = load_run(workdir, epoch=epoch, master_weights=not adapters_only, warn=warn)
   if adapters_only:  # diffusers: pipe.load_lora_weights(dst) on the base pipeline
-    from didr_jax.convert import lora_export
-    path = lora_export.save_lora_weights(run.model(), dst)
+    from didr_jax.convert import lora_weights  # lazy: jax-heavy; the checks run before it
+    path = lora_weights.save_lora_weights(run.model(), dst)
     return f"wrote the LoRA adapters of {run.workdir} (checkpoint step {run.step}) to {path}"
   info = export_pipeline(run, dst)
   return (f"exported what {run.workdir} evaluates ({run.config.method}, {info['sampler']}, "
@@ -297,8 +297,8 @@ def cli_export(workdir: str, dst: str, epoch: int | None, adapters_only: bool) -
   """The export commands (``didr_jax.export``, ``didr_jax.convert.lora_export``): checks
   first, one CPU device per core as the run's config asks (before JAX starts), then
   ``export_run``; prints its summary."""
-  from didr_jax.parallel import mesh as mesh_lib
-  from didr_jax.train import config as config_lib
+  from didr_jax.parallel import mesh as mesh_lib  # lazy: jax-heavy; the checks run before it
+  from didr_jax.train import config as config_lib  # lazy: jax-heavy; the checks run before it
   if epoch is not None and epoch < 0:
     _fail(f"--epoch={epoch}: must be >= 0")
   check_output_folder(dst, "--dst", empty=not adapters_only)

@@ -20,22 +20,29 @@ from didr_jax.exact.problems import PROBLEMS, points
 from didr_jax.rewards.base import Reward, register
 
 
+def _reward(pname: str, rname: str) -> Reward:
+  """The reward ``exact_<pname>_<rname>``, its function built when the reward is made (building
+  it runs JAX computations, which importing the registry must not: the compile cache and the
+  devices are configured after the imports)."""
+  fn = PROBLEMS[pname].rewards()[rname]
+
+  def jax_fn(module, images, features):
+    del module, features
+    return fn(points(images))
+
+  def host_fn(images, prompts):
+    del prompts
+    return np.asarray(fn(jnp.asarray(points(images))))
+
+  diff = rname != "box"
+  return Reward(f"exact_{pname}_{rname}", host_fn, diff, jax_fn if diff else None)
+
+
 def _register_rewards() -> None:
   for pname, problem in PROBLEMS.items():
-    for rname, fn in problem.rewards().items():
-      name = f"exact_{pname}_{rname}"
-
-      def jax_fn(module, images, features, fn=fn):
-        del module, features
-        return fn(points(images))
-
-      def host_fn(images, prompts, fn=fn):
-        del prompts
-        return np.asarray(fn(jnp.asarray(points(images))))
-
-      make = (lambda name=name, host_fn=host_fn, jax_fn=jax_fn, diff=rname != "box":
-              Reward(name, host_fn, diff, jax_fn if diff else None))
-      register(name)(make)
+    for rname in ("linear", "quadratic") + (("box",) if problem.box is not None else ()):
+      register(f"exact_{pname}_{rname}")(
+          lambda pname=pname, rname=rname: _reward(pname, rname))
 
 
 _register_rewards()

@@ -18,6 +18,7 @@ from flax import nnx
 
 from didr_jax.errors import ConfigError
 from didr_jax.models import layers
+from didr_jax.models import lora as lora_lib
 
 
 @dataclasses.dataclass
@@ -42,7 +43,6 @@ class Net:
     (``nnx.LoRAParam``) are trainable: the frozen base weights stay in ``rest``, out of the
     optimizer state and the training checkpoints."""
     if lora is not None and lora.enabled:
-      from didr_jax.models import lora as lora_lib
       try:
         lora_lib.from_config(module, lora)
       except ValueError as e:

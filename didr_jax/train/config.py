@@ -26,9 +26,12 @@ import re
 import jax
 import ml_collections
 
+from didr_jax import rewards as rewards_lib
 from didr_jax.errors import ConfigError, ConversionError, require
 from didr_jax.exact import kinds as exact_kinds
 from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.pipelines import registry
+from didr_jax.rewards import remote
 from didr_jax.train import methods
 
 BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit") + exact_kinds.KINDS
@@ -234,7 +237,6 @@ def _get(c, dotted: str):
 
 def _check_rewards(c: ml_collections.ConfigDict) -> None:
   """Every reward name registered, every weight a finite number, at least one non-zero."""
-  from didr_jax import rewards as rewards_lib
   known = rewards_lib.names()
   require(len(c.rewards) > 0, "rewards", f"name at least one reward of {known}")
   for name, w in c.rewards.items():
@@ -245,7 +247,6 @@ def _check_rewards(c: ml_collections.ConfigDict) -> None:
     require(math.isfinite(w), f"rewards.{name}", f"the weight must be finite, got {w}")
   require(any(w != 0 for w in c.rewards.values()), "rewards", "every weight is 0")
   if c.rewards.get("remote", 0):  # its URL and options (DIDR_REWARD_URL), before any model loads
-    from didr_jax.rewards import remote
     try:
       remote.resolve_options(None)
     except rewards_lib.RewardError as e:
@@ -270,7 +271,6 @@ def _check_backbone_folder(c: ml_collections.ConfigDict) -> None:
   path = backbone_folder(c)
   if not path:
     return  # the loop says that a real backbone needs a folder
-  from didr_jax.pipelines import registry
   try:
     found = registry.check_folder(path)
   except ConversionError as e:

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from didr_jax.errors import ConfigError
 from didr_jax.diffusion import ddim, kernels
+from didr_jax.errors import ConfigError
 from didr_jax.losses import crd as crd_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common

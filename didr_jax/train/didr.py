@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from didr_jax import rewards as rewards_lib
 from didr_jax.errors import ConfigError
 from didr_jax.losses import common as loss_common, didr as didr_losses
 from didr_jax.parallel import mesh as mesh_lib
@@ -44,7 +45,6 @@ from didr_jax.train.trainer import Trainer
 def build_reward(c):
   """The differentiable reward of ``didr.reward`` (or of ``config.rewards``' differentiable
   entries when that is empty), or None for mode "di"."""
-  from didr_jax import rewards as rewards_lib
   if c.didr.mode == "di":
     return None
   spec = dict(c.didr.reward)

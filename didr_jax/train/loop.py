@@ -45,12 +45,15 @@ import ml_collections
 import numpy as np
 
 from didr_jax import rewards as rewards_lib
+from didr_jax.exact import backbone as exact_backbone
 from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.pipelines import registry
+from didr_jax.toy import detector, toy_clip
 from didr_jax.train import advantages, checkpoint, common, config as config_lib, evaluation
 from didr_jax.train import prompts
 from didr_jax.train import methods, workdir_lock
-from didr_jax.train.trainer import Trainer
 from didr_jax.train.logging import CompileClock, RunLogger
+from didr_jax.train.trainer import Trainer
 
 TOY_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "assets")
 
@@ -72,7 +75,6 @@ def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool =
   rules = tuple(c.mesh.rules) + mesh_lib.DEFAULT_RULES
   kind = c.backbone.kind
   if kind.startswith("exact_"):  # the exact benchmark's point backbone (no folder)
-    from didr_jax.exact import backbone as exact_backbone
     return exact_backbone.from_config(c)
   path = c.backbone.path
   if kind in ("toy_unet", "toy_dit") and not path:
@@ -82,7 +84,6 @@ def build_backbone(c: ml_collections.ConfigDict, mesh, *, master_weights: bool =
                                  "folder (diffusers format or our Orbax cache)")
   if not os.path.isdir(path):
     raise config_lib.ConfigError(f"config.backbone.path: {path!r} is not a folder")
-  from didr_jax.pipelines import registry
   found = registry.pipeline_kind(path, registry.read_index(path))
   expected = {"toy_unet": "sd", "toy_dit": "zimage"}.get(kind, kind)
   if found != expected:
@@ -191,7 +192,6 @@ def eval_metrics(c) -> tuple[dict, dict]:
   """Per-image metrics: every configured reward plus the toy detector for toy prompts;
   set metrics: the detector's shape accuracy for toy prompts and the toy fidelity when the toy
   CLIP is available."""
-  from didr_jax.toy import detector, toy_clip
   per_image = {n: rewards_lib.make(n) for n in c.rewards}
   set_metrics = {}
   if c.prompts.eval.startswith("toy:"):

@@ -36,8 +36,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from didr_jax.errors import ConfigError
 from didr_jax.diffusion import kernels, param
+from didr_jax.errors import ConfigError
+from didr_jax.parallel import mesh as mesh_lib
+from didr_jax.pipelines import registry, sd as pipelines_sd, zimage as pipelines_zimage
 from didr_jax.train import common
 
 DMD2_TIME = 399     # DMD2's one-step SDXL conditioning timestep
@@ -105,16 +107,11 @@ def load_generator(path: str, backbone, like: Any, *, dtype, mesh, rules, remat:
   form = {} if backbone.family == "vp" else {"scan_layers": bool(backbone.model.scan_layers)}
   try:
     if os.path.isfile(os.path.join(path, "model_index.json")):
-      from didr_jax.pipelines import registry
       module = registry.load_pipeline(path, dtype=dtype, mesh=mesh, rules=rules,
                                       remat=remat, **form).model
     elif os.path.isfile(os.path.join(path, "config.json")):
-      from didr_jax.parallel import mesh as mesh_lib
-      if backbone.family == "vp":
-        from didr_jax.pipelines.sd import _component_fns
-      else:
-        from didr_jax.pipelines.zimage import _component_fns
-      loaders, _ = _component_fns(dtype, remat, **form)
+      family = pipelines_sd if backbone.family == "vp" else pipelines_zimage
+      loaders, _ = family._component_fns(dtype, remat, **form)
       module = loaders[_component(backbone)](
           path, lambda p, v: mesh_lib.param_sharding(v, mesh, rules))
     else:

@@ -13,13 +13,13 @@ from typing import Sequence
 import numpy as np
 
 from didr_jax.errors import PromptError
+from didr_jax.toy import shapes
 
 
 def load_prompts(spec: str) -> list[str]:
   """The prompts of ``spec``: a built-in set (``toy:train`` / ``toy:heldout``) or a UTF-8 text
   file with one prompt per line (blank lines skipped)."""
   if spec.startswith("toy:"):
-    from didr_jax.toy import shapes
     which = spec[4:]
     if which == "train":
       return list(shapes.train_prompts())

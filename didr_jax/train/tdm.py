@@ -58,8 +58,8 @@ from didr_jax.losses import common as loss_common, tdm as tdm_losses
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.train import common, one_step
 from didr_jax.train.logging import log_compiles
-from didr_jax.train.trainer import Trainer
 from didr_jax.train.tdm_config import validate_tdm_section
+from didr_jax.train.trainer import Trainer
 
 FLOW_TAU_FLOOR = 1e-3   # smallest flow re-noising sigma (the target divides by it)
 

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from didr_jax.errors import ConfigError
 from didr_jax.diffusion import guidance
+from didr_jax.errors import ConfigError
 from didr_jax.losses import common as loss_common, tdm as tdm_losses, tdm_r1 as r1_losses
 from didr_jax.train import common
 from didr_jax.train.advantages import gather_host
