@@ -1,7 +1,7 @@
 """Does TDM-R1's surrogate reward learn the reward? A probe on the toy, the generator held fixed.
 
   python benchmarks/tdmr1_surrogate_probe.py [--iters=60] [--probe_every=20] \\
-      [--set tdm.surrogate_lr=3e-5 ...] [--out=docs/tdmr1_probe]
+      [--set tdm.surrogate_learning_rate=3e-5 ...] [--out=docs/tdmr1_probe]
 
 Starts ``configs/toy_tdmr1.py`` (the shipped 4-step toy student, the non-differentiable toy
 detector as the reward) and runs only the surrogate's DGPO step (``TDMR1Trainer._surrogate_phase``)

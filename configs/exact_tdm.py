@@ -15,8 +15,8 @@ def get_config(spec: str = "ring2d:linear"):
   c.tdm = tdm_section()
   c.tdm.shift = 1.0
   c.tdm.ref_cfg = 1.0
-  c.tdm.gen_lr = 1e-3
-  c.tdm.fake_lr = 2e-3
-  c.tdm.weight_decay = 0.0
+  c.tdm.generator_learning_rate = 1e-3
+  c.tdm.fake_learning_rate = 2e-3
+  c.train.weight_decay = 0.0
   c.tdm.ema_decay = 0.9
   return config_lib.finalize(c)

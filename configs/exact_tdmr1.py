@@ -16,7 +16,7 @@ def get_config(spec: str = "ring2d:linear"):
   c.tdm.shift = 1.0
   c.tdm.ref_cfg = 1.0
   c.tdm.surrogate_cfg = 1.0
-  c.tdm.gen_lr = 1e-3
-  c.tdm.surrogate_lr = 1e-3
-  c.tdm.weight_decay = 0.0
+  c.tdm.generator_learning_rate = 1e-3
+  c.tdm.surrogate_learning_rate = 1e-3
+  c.train.weight_decay = 0.0
   return config_lib.finalize(c)

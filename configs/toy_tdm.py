@@ -29,9 +29,9 @@ def get_config():
   c.train.batch_size = 32
   c.tdm = tdm_section()
   c.tdm.ref_cfg = 3.0                 # the toy's sampling CFG
-  c.tdm.gen_lr = 1e-4
-  c.tdm.fake_lr = 2e-4
-  c.tdm.weight_decay = 0.0
+  c.tdm.generator_learning_rate = 1e-4
+  c.tdm.fake_learning_rate = 2e-4
+  c.train.weight_decay = 0.0
   c.tdm.ema_decay = 0.99
   c.eval.num_samples = 256
   c.eval.batch_size = 64

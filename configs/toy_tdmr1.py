@@ -43,9 +43,9 @@ def get_config():
   c.tdm.ref_cfg = 3.0
   c.tdm.surrogate_cfg = 3.0
   c.tdm.beta_dpo = 1.0
-  c.tdm.gen_lr = 5e-5
-  c.tdm.surrogate_lr = 3e-5
-  c.tdm.weight_decay = 0.0
+  c.tdm.generator_learning_rate = 5e-5
+  c.tdm.surrogate_learning_rate = 3e-5
+  c.train.weight_decay = 0.0
   c.eval.num_samples = 256
   c.eval.batch_size = 64
   return config_lib.finalize(c)

@@ -124,6 +124,11 @@ def _override_error(e: BaseException, argv: list[str]) -> str:
               None)
   hint = m["rest"].strip() if m else ""
   hint = hint.replace("Did you mean", "did you mean")
+  if flag and "." in flag:
+    from didr_jax.train import optim  # lazy: jax-heavy (loaded by the config file by now)
+    renamed = optim.renamed(flag.split(".", 1)[1])
+    if renamed:
+      return renamed
   where = flag or f"config key {key!r}"
   return (f"{where}: no such config key {key!r}" + (f" ({hint})" if hint else "")
           + "; see the config file for the keys it defines")

@@ -252,7 +252,7 @@ def test_didr_sdxl_config_trains_on_tiny_folders(tmp_path, pickscore_env):
   tiny.save_tiny_sd(folder, kind="sdxl", seed=5)
   trainer, _ = _config_epoch("didr_sdxl", folder)
   assert trainer.c.didr.ref_cfg == 8.0 and trainer.spec.time == 399
-  assert trainer.c.didr.generator_b1 == 0.0 and trainer.c.train.learning_rate == 5e-7
+  assert trainer.c.didr.generator_adam_b1 == 0.0 and trainer.c.train.learning_rate == 5e-7
 
 
 def test_didr_zimage_config_trains_on_tiny_folders(tmp_path, pickscore_env):

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from didr_jax.testing import tiny
-from didr_jax.train import checkpoint, common, loop
+from didr_jax.train import checkpoint, common, loop, optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------------------- units (no model)
 
 def test_guarded_apply_skips_a_nonfinite_step_and_applies_a_finite_one():
-  tx = common.make_optimizer(1e-2)
+  tx = optim.make_optimizer(1e-2)
   params = {"w": jnp.arange(4.0), "b": jnp.ones((2,))}
   opt = tx.init(params)
   step = jax.jit(lambda g, o, p, loss: common.guarded_apply(tx, g, o, p, loss))
@@ -48,7 +48,7 @@ def test_guarded_apply_skips_a_nonfinite_step_and_applies_a_finite_one():
     assert float(m["nonfinite"]) == 1.0
     jax.tree.map(np.testing.assert_array_equal, (p2, o2), (p1, o1))  # nothing moved
   # a finite gradient whose step overflows a weight is skipped too
-  huge = common.make_optimizer(3e38, max_grad_norm=None)
+  huge = optim.make_optimizer(3e38, max_grad_norm=None)
   p3, _, m = jax.jit(lambda g, o, p: common.guarded_apply(huge, g, o, p, jnp.float32(0)))(
       good, huge.init(p1), {"w": jnp.full((4,), -3e38), "b": jnp.ones((2,))})
   assert float(m["nonfinite"]) == 1.0 and float(p3["w"][0]) == float(np.float32(-3e38))

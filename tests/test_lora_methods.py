@@ -30,8 +30,9 @@ METHODS = {
     "toy_didr": {"didr.generator_path": "", "didr.fake_updates": 1, "didr.drp_steps": 1, "train.learning_rate": 1e-3,
                  "didr.fake_learning_rate": 1e-3},
     "toy_tdmr1": {"tdm.generator_path": "", "sample.group_size": 2,
-                  "tdm.boundaries_per_iter": 1, "tdm.gen_lr": 1e-3, "tdm.fake_lr": 1e-3,
-                  "tdm.surrogate_lr": 1e-3, "tdm.ema_decay": 0.5},
+                  "tdm.boundaries_per_iter": 1, "tdm.generator_learning_rate": 1e-3,
+                  "tdm.fake_learning_rate": 1e-3,
+                  "tdm.surrogate_learning_rate": 1e-3, "tdm.ema_decay": 0.5},
 }
 
 

@@ -499,8 +499,8 @@ def test_tdm_config_sections_validate_and_name_the_bad_key():
   assert validate_tdm_section(d) == {"old": SnapshotSchedule(0.25, 0.005, 0.999, 0)}
   assert (d.w_kl, d.w_cfg, d.w_rew, d.cfg_reward_scale, d.fake_ref_weight) == (1.0, 0.3, 0.7,
                                                                                 -1.0, 0.02)
-  for key, value in [("boundaries_per_iter", 5), ("gen_betas", (0.0, 1.0)), ("trust_clip", 0.0),
-                     ("t_min_reward", 1.0), ("ema_decay", 1.0), ("surrogate_lr", 0.0),
+  for key, value in [("boundaries_per_iter", 5), ("trust_clip", 0.0),
+                     ("t_min_reward", 1.0), ("ema_decay", 1.0),
                      ("cfg_reward_scale", 3.5), ("rew_ref_cfg", False)]:
     bad = tdmr1_section()
     bad[key] = value

@@ -83,3 +83,50 @@ def test_an_unknown_method_names_the_registered_ones(tmp_path):
     c.method = "ppo2"
   with pytest.raises(ConfigError, match=r"config\.method: 'ppo2' is not one of \('ddpo', 'crd'"):
     config_lib.validate(c, 1)
+
+
+# ----------------------------------------------------------------- every network's optimizer
+
+def test_each_network_takes_train_settings_and_its_own_overrides():
+  from didr_jax.train import optim
+  c = load_config("toy_didr")
+  gen = optim.settings(c.train, c.didr, "generator")
+  fake = optim.settings(c.train, c.didr, "fake")
+  assert gen["learning_rate"] == c.train.learning_rate and gen["adam_b1"] == 0.0
+  assert fake["learning_rate"] == c.didr.fake_learning_rate and fake["adam_b1"] == 0.0
+  assert gen["adam_b2"] == fake["adam_b2"] == c.train.adam_b2
+  with c.unlocked():
+    c.didr.fake_learning_rate = -1.0         # -1: train's
+    c.didr.fake_weight_decay = 0.5           # any <network>_<key> may be added
+  fake = optim.settings(c.train, c.didr, "fake")
+  assert fake["learning_rate"] == c.train.learning_rate and fake["weight_decay"] == 0.5
+  with c.unlocked():
+    c.didr.fake_adam_b1 = 1.0
+  with pytest.raises(ConfigError, match=r"^config\.didr\.fake_adam_b1: must be in \[0, 1\)"):
+    config_lib.validate(c, 1, training=False)
+  # the shipped TDM-R1 toy keeps the values of the names before the scheme
+  t = load_config("toy_tdmr1")
+  got = {n: optim.settings(t.train, t.tdm, n) for n in ("generator", "fake", "surrogate")}
+  assert [(g["learning_rate"], g["adam_b1"], g["adam_b2"], g["weight_decay"], g["max_grad_norm"])
+          for g in got.values()] == [(5e-5, 0.0, 0.999, 0.0, 1.0), (3e-4, 0.0, 0.999, 0.0, 1.0),
+                                     (3e-5, 0.9, 0.999, 0.0, 1.0)]
+
+
+def test_old_optimizer_names_are_refused_with_the_new_one_and_old_runs_read():
+  c = load_config("toy_tdmr1")
+  with c.unlocked():
+    c.tdm.gen_lr = 1e-3
+  with pytest.raises(ConfigError, match=r"^config\.tdm\.gen_lr was renamed: set "
+                                        r"config\.tdm\.generator_learning_rate"):
+    config_lib.validate(c, 1, training=False)
+  with c.unlocked():
+    del c.tdm["gen_lr"]
+    c.tdm.surrogate_step = 2
+  with pytest.raises(ConfigError, match=r"^config\.tdm\.surrogate_step: not a key of the tdm"):
+    config_lib.validate(c, 1, training=False)
+  saved = {"method": "tdmr1", "tdm": {"gen_lr": 1e-3, "gen_betas": [0.5, 0.99],
+                                      "weight_decay": 0.0}}
+  old = config_lib.with_defaults(saved)
+  assert (old.tdm.generator_learning_rate, old.tdm.generator_adam_b1, old.tdm.generator_adam_b2,
+          old.train.weight_decay) == (1e-3, 0.5, 0.99, 0.0)
+  assert "gen_lr" not in old.tdm

@@ -186,7 +186,8 @@ def test_tdm_configs_validate_and_name_the_key(toy_folder):
   for name in ("tdmr1_sdxl", "tdmr1_zimage"):
     c = load_config(name)
     assert (c.tdm.num_steps, c.sample.group_size, c.tdm.beta_dpo) == (4, 24, 10.0)
-    assert (c.tdm.gen_lr, c.tdm.fake_lr, c.tdm.surrogate_lr) == (7.5e-5, 3e-4, 3e-4)
+    assert (c.tdm.generator_learning_rate, c.tdm.fake_learning_rate,
+          c.tdm.surrogate_learning_rate) == (7.5e-5, 3e-4, 3e-4)
 
 
 def _real_epoch(name, folder):

@@ -440,8 +440,8 @@ def train_tdm(out: str, steps: int, batch: int, seed: int, *, lr: float = 1e-4,
   folder."""
   c = load_config("toy_tdm", **{
       "seed": seed, "backbone.path": os.path.join(out, "toy_unet"),
-      "sample.batch_size": batch, "train.batch_size": batch, "tdm.gen_lr": lr,
-      "tdm.fake_lr": 2 * lr, "tdm.ema_decay": 0.99})
+      "sample.batch_size": batch, "train.batch_size": batch, "tdm.generator_learning_rate": lr,
+      "tdm.fake_learning_rate": 2 * lr, "tdm.ema_decay": 0.99})
   config_lib.validate(c, num_devices=1)
   mesh = mesh_lib.make_mesh([("data", 1)], devices=jax.devices()[:1])
   pipe = loop.build_backbone(c, mesh)

@@ -99,17 +99,6 @@ def on_mesh(tree: Any, mesh) -> Any:
                       else jax.device_put(x, replicated), tree)
 
 
-def make_optimizer(lr: float, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   weight_decay: float = 0.0, max_grad_norm: float | None = 1.0
-                   ) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping (the optimizer of every method; betas per network)."""
-  parts = []
-  if max_grad_norm:
-    parts.append(optax.clip_by_global_norm(max_grad_norm))
-  parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-  return optax.chain(*parts)
-
-
 def all_finite(tree: Any) -> jax.Array:
   """True iff every leaf of ``tree`` is finite (a scalar bool array; jit-friendly)."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)

@@ -32,7 +32,7 @@ from didr_jax.exact import kinds as exact_kinds
 from didr_jax.parallel import mesh as mesh_lib
 from didr_jax.pipelines import registry
 from didr_jax.rewards import remote
-from didr_jax.train import methods
+from didr_jax.train import methods, optim
 
 BACKBONES = ("toy_unet", "sd", "sdxl", "zimage", "toy_dit") + exact_kinds.KINDS
 
@@ -142,7 +142,7 @@ def with_defaults(saved: dict) -> ml_collections.ConfigDict:
       into[k] = merge(dict(into[k]), v) if isinstance(v, dict) and isinstance(
           into.get(k), dict) else v
     return into
-  saved = dict(saved)
+  saved = optim.upgrade(dict(saved))
   full["rewards"] = saved.pop("rewards", full["rewards"])  # a set of names, not defaults
   c = ml_collections.ConfigDict(merge(full, saved))
   c.mesh.axes = tuple(tuple(a) for a in c.mesh.axes)
@@ -214,13 +214,7 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
   require(c.log_images >= 0, "log_images", f"must be >= 0, got {c.log_images}")
   require(c.get("cpu_devices", 0) >= 0, "cpu_devices",
           f"must be >= 0 (0 = one per core as the batch sizes allow), got {c.cpu_devices}")
-  require(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
-  for key, v in (("train.adam_b1", t.adam_b1), ("train.adam_b2", t.adam_b2)):
-    require(0 <= v < 1, key, f"must be in [0, 1), got {v}")
-  require(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
-  require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-  require(t.max_grad_norm >= 0, "train.max_grad_norm",
-          f"must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+  optim.check(t)
   require(s.eta >= 0, "sample.eta",
           f"must be >= 0 (DDIM eta / flow SDE noise level), got {s.eta}")
   require(e.eta >= 0, "eval.eta", f"must be >= 0, got {e.eta}")
@@ -307,6 +301,17 @@ def cpu_devices(c: ml_collections.ConfigDict) -> int:
                                    tuple(tuple(a) for a in c.mesh.axes))
 
 
+def _check_section_keys(got: ml_collections.ConfigDict, name: str,
+                        default: ml_collections.ConfigDict) -> None:
+  """Every key of a method's section is one its default section has, or a per-network optimizer
+  override (``optim``: ``<network>_<key>``); a renamed key names its new name."""
+  for key in got.keys():
+    if key in default or any(key.endswith("_" + k) for k in optim.KEYS):
+      continue
+    hint = optim.renamed(f"{name}.{key}")
+    raise ConfigError(hint or f"config.{name}.{key}: not a key of the {name} section")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
              training: bool = True) -> dict:
   """Checks the config and the files it names (model folder headers, prompt files; the
@@ -317,6 +322,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None, *,
   section = method.section[0]
   require(section in c, section, f"method {c.method!r} needs the {section} section "
           f"({method.section[1].__module__}.{method.section[1].__name__})")
+  _check_section_keys(c[section], section, method.section[1]())
   require(c.backbone.kind in BACKBONES, "backbone.kind",
           f"{c.backbone.kind!r} is not one of {BACKBONES}")
   require(c.backbone.dtype in ("float32", "bfloat16"), "backbone.dtype",

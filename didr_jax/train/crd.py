@@ -41,7 +41,7 @@ from didr_jax.diffusion import ddim, kernels
 from didr_jax.errors import ConfigError
 from didr_jax.losses import crd as crd_losses
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.train import common
+from didr_jax.train import common, optim
 from didr_jax.train.crd_config import validate_crd_section
 from didr_jax.train.logging import log_compiles
 from didr_jax.train.trainer import Trainer
@@ -98,8 +98,7 @@ class CRDTrainer(Trainer):
     self.old_schedule, self.sampler_schedule = sched["old"], sched["sampler"]
     t = config.train
     self.guard = common.NonFiniteGuard(t.max_consecutive_nonfinite)
-    self.tx = common.make_optimizer(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                                    weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    self.tx = optim.for_network(t)
     self.group = int(config.sample.group_size)
     self.prompts_per_minibatch = int(t.batch_size) // self.group
     self.num_train_times = int(d.num_train_times)

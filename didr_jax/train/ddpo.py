@@ -49,7 +49,7 @@ from didr_jax.diffusion import ddim
 from didr_jax.errors import ConfigError
 from didr_jax.losses import ddpo as ddpo_loss
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.train import advantages, common, ddpo_config
+from didr_jax.train import advantages, common, ddpo_config, optim
 from didr_jax.train.logging import log_compiles
 from didr_jax.train.trainer import Trainer
 
@@ -102,8 +102,7 @@ class DDPOTrainer(Trainer):
     self.net = common.Net.of(backbone.model, lora=config.lora, mesh=mesh,
                               rules=self.rules)
     t = config.train
-    self.tx = common.make_optimizer(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                                    weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    self.tx = optim.for_network(t)
     self.num_train_t = ddpo_config.train_steps(config.sample, t)
     d = config.ddpo
     if d.objective not in ("ppo", "rwr"):

@@ -37,7 +37,7 @@ from didr_jax import rewards as rewards_lib
 from didr_jax.errors import ConfigError
 from didr_jax.losses import common as loss_common, didr as didr_losses
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.train import common, one_step
+from didr_jax.train import common, one_step, optim
 from didr_jax.train.didr_config import drs_data_range, validate_didr_section
 from didr_jax.train.logging import log_compiles
 from didr_jax.train.trainer import Trainer
@@ -99,11 +99,7 @@ class DIDRTrainer(Trainer):
       raise ConfigError(f"config.didr: {e} (didr.drs_bound 'lo,hi', or a backbone whose "
                         "sampler clips x0)") from None
     t = c.train
-    fake_lr = t.learning_rate if d.fake_learning_rate == -1.0 else d.fake_learning_rate
-    opt = dict(b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay,
-               max_grad_norm=t.max_grad_norm)
-    self.tx = {"generator": common.make_optimizer(t.learning_rate, b1=d.generator_b1, **opt),
-               "fake": common.make_optimizer(fake_lr, b1=d.fake_b1, **opt)}
+    self.tx = {n: optim.for_network(t, d, n) for n in ("generator", "fake")}
     self.reward = build_reward(c)
     self.guard = common.NonFiniteGuard(t.max_consecutive_nonfinite)
     self.uncond = backbone.negative(1) if d.ref_cfg != 1.0 else None

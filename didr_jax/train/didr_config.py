@@ -3,8 +3,8 @@
 Batch semantics for DIDR (the shared sections of ``base_config()``):
   sample.batch_size    generator samples per generator update (global; also each fake update's)
   sample.num_batches   generator updates per epoch (each after ``didr.fake_updates`` fake ones)
-  train.learning_rate  the generator's learning rate (Adam beta1 ``didr.generator_b1``)
-  train.adam_b2 / adam_eps / weight_decay / max_grad_norm   both optimizers
+  train.*  both networks' optimizers, overridden per network by ``didr.<network>_<key>``
+           (``didr.generator_adam_b1``, ``didr.fake_learning_rate``, ...; train/optim.py)
   eval.num_steps / eval.eta   ignored (the generator samples in one call)
 """
 
@@ -14,6 +14,7 @@ import ml_collections
 
 from didr_jax.errors import ConfigError
 from didr_jax.losses import didr as didr_losses
+from didr_jax.train import optim
 
 
 def didr_section() -> ml_collections.ConfigDict:
@@ -52,9 +53,10 @@ def didr_section() -> ml_collections.ConfigDict:
   d.normalise = True         # DMD normaliser mean|x0 - x0_ref|
   d.time_weighting = "uniform"
   d.fake_updates = 1         # fake-score (DSM) updates per generator update (docs/methods.md §3.9: 1 to 5)
-  d.fake_learning_rate = -1.0  # -1 = train.learning_rate
-  d.generator_b1 = 0.0       # Adam beta1 of the generator (DMD / Diff-Instruct)
-  d.fake_b1 = 0.0            # [reconstruction] the fake score's beta1, as the generator's
+  # the two networks' optimizers (train/optim.py): train.* with these overrides (-1 = train's)
+  d.generator_adam_b1 = 0.0  # Adam beta1 of the generator (DMD / Diff-Instruct)
+  d.fake_learning_rate = -1.0
+  d.fake_adam_b1 = 0.0       # [reconstruction] the fake score's beta1, as the generator's
   d.ema_decay = 0.999        # EMA of the generator, what evaluation samples with (0 = no EMA)
   return d
 
@@ -92,10 +94,6 @@ def validate_didr_section(d) -> didr_losses.DIDRConfig:
   _require(d.ref_cfg >= 1.0, "ref_cfg", f"must be >= 1 (1 = no guidance), got {d.ref_cfg}")
   _require(int(d.fake_updates) >= 1, "fake_updates", f"must be >= 1, got {d.fake_updates}")
   _require(0.0 <= d.ema_decay < 1.0, "ema_decay", f"must lie in [0, 1), got {d.ema_decay}")
-  for k in ("generator_b1", "fake_b1"):
-    _require(0.0 <= d[k] < 1.0, k, f"must lie in [0, 1), got {d[k]}")
-  _require(d.fake_learning_rate == -1.0 or d.fake_learning_rate > 0, "fake_learning_rate",
-           f"must be > 0 or -1 (= train.learning_rate), got {d.fake_learning_rate}")
   _require(all(float(w) != 0 for w in dict(d.reward).values()), "reward",
            "weights must be non-zero")
   _require(d.drs_bound in ("auto", "none") or _parse_range(d.drs_bound) is not None,
@@ -110,9 +108,13 @@ def validate_didr_section(d) -> didr_losses.DIDRConfig:
     raise ConfigError(f"config.didr: {e}") from None
 
 
+NETWORKS = ("generator", "fake")
+
+
 def validate(c: ml_collections.ConfigDict, family: str) -> dict:
-  """The ``didr`` section (its checks against the data range run in the trainer, which knows
-  the backbone's range)."""
+  """The ``didr`` section and its networks' optimizers (its checks against the data range run
+  in the trainer, which knows the backbone's range)."""
   del family
   validate_didr_section(c.didr)
+  optim.check(c.train, c.didr, "didr", NETWORKS)
   return {}

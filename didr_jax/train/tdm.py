@@ -56,9 +56,9 @@ from didr_jax.diffusion import ddim, guidance, param
 from didr_jax.diffusion.schedules import ddim_timesteps
 from didr_jax.losses import common as loss_common, tdm as tdm_losses
 from didr_jax.parallel import mesh as mesh_lib
-from didr_jax.train import common, one_step
+from didr_jax.train import common, one_step, optim
 from didr_jax.train.logging import log_compiles
-from didr_jax.train.tdm_config import validate_tdm_section
+from didr_jax.train.tdm_config import networks, validate_tdm_section
 from didr_jax.train.trainer import Trainer
 
 FLOW_TAU_FLOOR = 1e-3   # smallest flow re-noising sigma (the target divides by it)
@@ -117,13 +117,7 @@ class TDMTrainer(Trainer):
     self.ptype = backbone.prediction_type
     # A VP scheduler with clip_sample clips the student's x0_hat as its DDIM sampler does.
     self.clip_range = one_step.clip_range(backbone)
-    eps = c.train.adam_eps
-    opt = lambda lr, betas: common.make_optimizer(
-        float(lr), b1=float(betas[0]), b2=float(betas[1]), eps=eps,
-        weight_decay=float(d.weight_decay), max_grad_norm=float(d.max_grad_norm))
-    self.tx = {"generator": opt(d.gen_lr, d.gen_betas), "fake": opt(d.fake_lr, d.fake_betas)}
-    if self.R1:
-      self.tx["surrogate"] = opt(d.surrogate_lr, d.surrogate_betas)
+    self.tx = {n: optim.for_network(c.train, d, n) for n in networks(d)}
     self.guard = common.NonFiniteGuard(c.train.max_consecutive_nonfinite)
     self._negatives: dict[int, Any] = {}
     # Net.jit: the frozen rest (a LoRA run's base weights) is an argument, not a constant

@@ -8,8 +8,9 @@ Batch semantics for TDM / TDM-R1 (the shared sections of ``base_config()``):
   sample.batch_size    student rollouts per iteration (TDM-R1: prompts x group, the paper's 48 x 24)
   sample.group_size    rollouts per prompt (TDM-R1's group K; >= 2 for the group preference)
   sample.num_batches   iterations per epoch (each: one rollout batch, then M boundary updates)
-  train.adam_eps / max_consecutive_nonfinite   used; the learning rates, betas, weight decay and
-                       gradient clip of the three networks are the ``tdm`` section's own
+  train.*              every network's optimizer, overridden per network by
+                       ``tdm.<network>_<key>`` (``tdm.generator_learning_rate``, ...;
+                       train/optim.py)
   sample.num_steps / eval.num_steps / eval.eta  ignored: the student always takes tdm.num_steps
                        deterministic steps
 """
@@ -22,6 +23,7 @@ import ml_collections
 
 from didr_jax.errors import ConfigError, require
 from didr_jax.losses.common import SnapshotSchedule
+from didr_jax.train import optim
 
 # The EMA "old" surrogate's decay [reconstruction: no published numbers; CRD's old snapshot].
 OLD_SURROGATE = SnapshotSchedule(start=0.25, slope=0.005, end=0.999, start_step=0)
@@ -41,12 +43,12 @@ def tdm_section() -> ml_collections.ConfigDict:
   d.tau_max = 1.0                # tau ~ U(t_{j+1}, tau_max T) for the fake / generator re-noising
   d.fake_ref_weight = 0.02       # L_fake = |v - v_fake|^2 + 0.02 |v_ref - v_fake|^2
   d.dm_floor = 1e-8              # floor of the mean-abs normaliser
-  d.gen_lr = 7.5e-5              # generator AdamW
-  d.gen_betas = (0.0, 0.999)
-  d.fake_lr = 3e-4               # fake score AdamW
-  d.fake_betas = (0.0, 0.999)
-  d.weight_decay = 1e-4
-  d.max_grad_norm = 1.0
+  # the networks' AdamW (train/optim.py): train.* (adam_b2 0.999, weight_decay 1e-4,
+  # max_grad_norm 1 as the authors') with these overrides (-1 = train's)
+  d.generator_learning_rate = 7.5e-5
+  d.generator_adam_b1 = 0.0
+  d.fake_learning_rate = 3e-4
+  d.fake_adam_b1 = 0.0
   return d
 
 
@@ -72,8 +74,8 @@ def tdmr1_section() -> ml_collections.ConfigDict:
   d.w_kl = 1.0                   # L_G = w_cfg L_cfg + w_rew L_rew + w_kl L_KL
   d.w_cfg = 0.3
   d.w_rew = 0.7
-  d.surrogate_lr = 3e-4          # surrogate AdamW
-  d.surrogate_betas = (0.9, 0.999)
+  d.surrogate_learning_rate = 3e-4  # surrogate AdamW
+  d.surrogate_adam_b1 = 0.9
   # EMA "old" surrogate: d(step) = start for step < start_step, else min(start + slope
   # (step - start_step), end); old <- d old + (1 - d) phi after each surrogate update.
   d.old = ml_collections.ConfigDict(OLD_SURROGATE.as_dict())
@@ -97,16 +99,8 @@ def validate_tdm_section(d: ml_collections.ConfigDict) -> dict:
            f"{d.student_cfg}")
   _require(float(d.ref_cfg) >= 1.0, "ref_cfg", f"must be >= 1 (1 = no guidance), got {d.ref_cfg}")
   _require(0.0 <= float(d.ema_decay) < 1.0, "ema_decay", f"must be in [0, 1), got {d.ema_decay}")
-  for key in ("fake_ref_weight", "weight_decay", "max_grad_norm"):
-    _require(float(d[key]) >= 0, key, f"must be >= 0, got {d[key]}")
-  betas = ["gen_betas", "fake_betas"] + (["surrogate_betas"] if "surrogate_betas" in d else [])
-  for key in betas:
-    b = tuple(d[key])
-    _require(len(b) == 2 and all(0.0 <= x < 1.0 for x in b), key,
-             f"must be two numbers in [0, 1), got {b}")
-  lrs = ["gen_lr", "fake_lr"] + (["surrogate_lr"] if "surrogate_lr" in d else [])
-  for key in lrs:
-    _require(float(d[key]) > 0, key, f"must be > 0, got {d[key]}")
+  _require(float(d.fake_ref_weight) >= 0, "fake_ref_weight",
+           f"must be >= 0, got {d.fake_ref_weight}")
   if "beta_dpo" not in d:
     return {}
   for key in ("beta_dpo", "adv_clip", "trust_clip", "anchor_threshold"):
@@ -153,10 +147,16 @@ def cfg_reward_scale(d: ml_collections.ConfigDict) -> float:
   return derived
 
 
+def networks(d: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The trained networks (``train/optim.py`` names their optimizers' overrides)."""
+  return ("generator", "fake") + (("surrogate",) if "beta_dpo" in d else ())
+
+
 def validate(c: ml_collections.ConfigDict, family: str) -> dict:
-  """TDM: the ``tdm`` section and its student folder."""
+  """TDM: the ``tdm`` section, its networks' optimizers and its student folder."""
   del family
   validate_tdm_section(c.tdm)
+  optim.check(c.train, c.tdm, "tdm", networks(c.tdm))
   if c.tdm.generator_path:
     require(os.path.isdir(c.tdm.generator_path), "tdm.generator_path",
             f"{c.tdm.generator_path!r} is not a folder (the toy student is built by "
