@@ -158,6 +158,16 @@ def test_epochs_train_and_resume_equals_uninterrupted(toy, tmp_path):
       assert _max_diff(straight["params"][name], s0["params"][name]) > 1e-6, name
     assert int(straight["step"]) == 2
     assert _max_diff(straight["ema"]["generator"], s0["ema"]["generator"]) > 0
+    # a stop between two batches of an epoch: honoured at the boundary, the batch already
+    # trained reported (the loop then keeps the last checkpoint rather than this state)
+    asked = iter([False, True])
+    c.sample.num_batches = 2
+    try:
+      with pytest.raises(EpochAbandoned) as stopped:
+        loop.run_epoch(toy, toy.init_state(), 0, new_stream(), rewarder, stop=lambda: next(asked))
+    finally:
+      c.sample.num_batches = 1
+    assert (stopped.value.epoch, stopped.value.trained) == (0, 1)
 
     stream = new_stream()
     half, _, _ = _run(toy, toy.init_state(), stream, [0], rewarder)

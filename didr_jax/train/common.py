@@ -151,7 +151,13 @@ class NonFiniteError(RuntimeError):
 
 
 class EpochAbandoned(Exception):
-  """Raised by a trainer's ``epoch`` when asked to stop before it changed the state."""
+  """Raised by ``loop.run_epoch`` when asked to stop inside an epoch. ``trained`` batches of it
+  had already changed the state (the methods that update per batch): then the state is not the
+  epoch's start and the run resumes from its last checkpoint; with 0 it is the epoch's start."""
+
+  def __init__(self, epoch: int, trained: int = 0):
+    super().__init__(epoch, trained)
+    self.epoch, self.trained = epoch, trained
 
 
 def ema_as(ema, like):

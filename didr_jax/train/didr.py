@@ -260,6 +260,7 @@ class DIDRTrainer(Trainer):
   # ------------------------------------------------------------------------------ phases
 
   updates_each_batch = True  # the one-step samples come out of the generator update
+  progress_keys = ("reward_mean", "generator_loss", "fake_loss", "nonfinite")
 
   def epoch_keys(self, rng):
     """Each batch's key is folded from the epoch's key itself (no update key)."""

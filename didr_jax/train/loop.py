@@ -105,8 +105,9 @@ def run_epoch(trainer: Trainer, state: Any, epoch: int, stream: prompts.PromptSt
               ) -> tuple[Any, dict, np.ndarray]:
   """One epoch of ``trainer``'s phases (``train.trainer``) -> (state, metrics, the last
   batch's first ``log_images`` images). RNG from (seed, epoch). Raises
-  ``common.EpochAbandoned`` when ``stop()`` is true while ``state`` is still the input state
-  (before any batch; before the update too when only the update changes the state) and
+  ``common.EpochAbandoned`` when ``stop()`` is true at a batch boundary or before the update
+  (its ``trained``: the batches that had already changed the state, for the methods that update
+  per batch; the loop then resumes from the last checkpoint instead of saving this state) and
   ``common.NonFiniteError`` (from the trainer's ``common.NonFiniteGuard``)."""
   c = trainer.c
   s = c.sample
@@ -114,8 +115,8 @@ def run_epoch(trainer: Trainer, state: Any, epoch: int, stream: prompts.PromptSt
   t0 = time.time()
   batches, futures, drawn, images = [], [], [], None
   for b in range(s.num_batches):
-    if stop is not None and (b == 0 or not trainer.updates_each_batch) and stop():
-      raise common.EpochAbandoned(epoch)
+    if stop is not None and stop():  # at a batch boundary: within one batch of the signal
+      raise common.EpochAbandoned(epoch, trained=b if trainer.updates_each_batch else 0)
     batch_prompts = stream.next(s.batch_size // s.group_size, s.group_size)
     state, images, data = trainer.rollout(state, batch_prompts, jax.random.fold_in(k_batches, b))
     future = rewarder.submit(common.host_rows(images), batch_prompts)
@@ -415,11 +416,12 @@ def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, s
     print(f"eval ({'base' if step == 0 else f'epoch {step}'}):", json.dumps(m), flush=True)
     return m
 
-  def stopped(step, saved: bool):
+  def stopped(step, saved: bool, abandoned: str = ""):
     ckpt.wait()
     logger.flush()
     where = (f"checkpoint of epoch {step} saved" if saved else
              f"epoch {step} was already checkpointed" if step else "nothing trained yet")
+    where = f"{abandoned}; {where}" if abandoned else where
     raise Stopped(f"stopped by {signal.Signals(stop.exit_code() - EXIT_SIGNAL).name} after "
                   f"epoch {step}/{c.num_epochs} ({where}); rerun the same command to resume",
                   stop.exit_code())
@@ -437,9 +439,12 @@ def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, s
     t0 = time.time()
     try:
       state, metrics, images = run_epoch(trainer, state, epoch, stream, rewarder, stop)
-    except common.EpochAbandoned:
+    except common.EpochAbandoned as e:
       saved = False
       ckpt.wait()
+      if e.trained:  # the state is part-way through the epoch: keep the last checkpoint
+        stopped(ckpt.latest_step() or 0, False,
+                f"epoch {epoch + 1} abandoned after {e.trained} of {c.sample.num_batches} batches")
       if epoch > 0 and ckpt.latest_step() != epoch:
         ckpt.save(epoch, state, snapshot, force=True)
         saved = True

@@ -357,6 +357,7 @@ class TDMTrainer(Trainer):
   # ------------------------------------------------------------------------------ phases
 
   updates_each_batch = True  # the boundary updates follow each rollout
+  progress_keys = ("reward_mean", "generator_loss", "fake_loss", "surrogate_loss", "nonfinite")
 
   def epoch_keys(self, rng):
     """Each batch's key is folded from the epoch's key itself (no update key)."""
