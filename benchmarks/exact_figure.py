@@ -10,7 +10,8 @@ The methods' samples are the points ``exact_table.py`` saved when it measured ea
 (``<workdir>/<method>_<spec>_s<seed>/points_<budget>.npz``: the loop's evaluation sampler at that
 checkpoint), so nothing is retrained or resampled. The axes are those of the exact laws (their
 0.5-99.5 percentiles, padded); a panel whose points leave them says what fraction did and where
-their mean lies. The reward's gradient direction b (linear reward) is drawn as an arrow.
+their mean lies, and when most do, an inset draws them on their own scale with the shared box
+outlined. The reward's gradient direction b (linear reward) is drawn as an arrow.
 """
 
 from __future__ import annotations
@@ -92,6 +93,14 @@ def main():
       mean = pts.mean(axis=0)
       ax.text(0.02, 0.02, f"{outside.mean():.0%} outside; mean ({mean[0]:.1f}, {mean[1]:.1f})",
               transform=ax.transAxes, fontsize=7, color="crimson")
+    if outside.mean() > 0.5:  # an inset on the points' own scale, the shared box outlined
+      inset = ax.inset_axes([0.08, 0.3, 0.62, 0.62])
+      for p in np.unique(pid):
+        sel = pts[pid == p]
+        inset.scatter(sel[:, 0], sel[:, 1], s=1, alpha=0.4, color=colours(int(p)))
+      inset.add_patch(plt.Rectangle(lo, *(hi - lo), fill=False, color="gray", lw=0.8))
+      inset.tick_params(labelsize=6)
+      inset.set_aspect("equal", adjustable="datalim")
     ax.set_xlim(lo[0], hi[0])
     ax.set_ylim(lo[1], hi[1])
     ax.set_aspect("equal")

@@ -3,7 +3,8 @@ reward-tilted optimum p_ref e^{r/beta}/Z and the untilted base, at equal budgets
 
   python benchmarks/exact_table.py [--methods=didr,di,dipp,ddpo,rwr,crd,tdm,tdmr1] \\
       [--spec=ring2d:linear] [--beta=1.0] [--budgets=0,1024,4096] [--seeds=5] \\
-      [--eval_samples=1024] [--workdir=/tmp/exact_table] [--out=docs/exact_table]
+      [--eval_samples=1024] [--workdir=/tmp/exact_table] [--out=docs/exact_table] \\
+      [--arm=ddpo_kl1=ddpo:ddpo.kl_beta=1.0 ...]
 
 Each (method, seed) is ``configs/exact_<method>.py`` run by the shared loop (``loop.train``, the
 code path of ``python -m didr_jax.main``) into its own workdir, first to the smallest budget, then
@@ -58,7 +59,28 @@ def _parse():
   p.add_argument("--eval_samples", type=int, default=1024)
   p.add_argument("--workdir", default="/tmp/exact_table")
   p.add_argument("--out", default="")
+  p.add_argument("--arm", action="append", default=[],
+                 help="NAME=METHOD:key=value[,key=value]: an extra method, METHOD's config with "
+                      "these overrides (values read as JSON, else strings); repeatable")
   return p.parse_args()
+
+
+def add_arm(spec: str):
+  """Registers ``--arm`` NAME=METHOD:key=value[,key=value] in ``METHODS``."""
+  name, _, rest = spec.partition("=")
+  method, _, sets = rest.partition(":")
+  if not name or method not in METHODS:
+    raise ValueError(f"--arm {spec!r}: expected NAME=METHOD:key=value,... with METHOD one of "
+                     f"{', '.join(METHODS)}")
+  config, overrides = METHODS[method]
+  overrides = dict(overrides)
+  for item in filter(None, sets.split(",")):
+    key, _, value = item.partition("=")
+    try:
+      overrides[key] = json.loads(value)
+    except json.JSONDecodeError:
+      overrides[key] = value
+  METHODS[name] = (config, overrides)
 
 
 def _load_config(name: str, spec: str, overrides: dict):
@@ -123,6 +145,11 @@ def main():
   base = prob.make_mixture()
   target = prob.tilted(reward, args.beta)
   reward_fn = prob.rewards()[reward]
+  for spec in args.arm:
+    try:
+      add_arm(spec)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
   budgets = sorted(int(b) for b in args.budgets.split(","))
   methods = [m for m in args.methods.split(",") if m]
   unknown = set(methods) - set(METHODS)
