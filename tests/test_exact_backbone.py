@@ -117,3 +117,10 @@ def test_from_config_refuses_rewards_of_another_problem():
   c.rewards = {"exact_mix16d_linear": 1.0}
   with pytest.raises(ConfigError, match=r"config\.rewards: \['exact_mix16d_linear'\]"):
     eb.from_config(c)
+  # a method's own reward spec (DIDR's differentiable didr.reward) is held to the same rule
+  from didr_jax.train.didr_config import didr_section
+  c = exact_config.exact_base("didr", "ring2d:linear")
+  c.didr = didr_section()
+  c.didr.reward = {"exact_mix16d_linear": 1.0}
+  with pytest.raises(ConfigError, match=r"config\.didr\.reward: \['exact_mix16d_linear'\]"):
+    eb.from_config(c)

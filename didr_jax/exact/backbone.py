@@ -195,8 +195,9 @@ def from_config(c):
   rewards read images, and another problem's points have another dimension."""
   problem, _ = parse_kind(c.backbone.kind)
   sections = {"rewards": dict(c.rewards)}
-  if c.method == "didr":
-    sections["didr.reward"] = dict(c.didr.reward)
+  for key, section in c.items():  # a method's own reward spec (DIDR's differentiable didr.reward)
+    if hasattr(section, "get") and hasattr(section.get("reward"), "items"):
+      sections[f"{key}.reward"] = dict(section.reward)
   for key, spec in sections.items():
     bad = sorted(n for n, w in spec.items() if w != 0 and not n.startswith(f"exact_{problem}_"))
     if bad:

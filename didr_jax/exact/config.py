@@ -35,7 +35,7 @@ def exact_base(method: str, spec: str = ""):
   c.prompts.train = c.prompts.eval = backbone.PROMPTS_FILE
   c.num_epochs = 20
   c.eval_every = 0
-  c.log_images = 4               # (0 crashes the image logger: a division by zero)
+  c.log_images = 4               # points drawn as 1 x D images in TensorBoard (0: none)
   c.cpu_devices = 1
   c.sample.guidance_scale = 1.0   # the target is the tilt of each prompt's conditional law
   c.sample.batch_size = 64
