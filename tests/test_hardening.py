@@ -277,8 +277,10 @@ def test_sigterm_saves_the_last_epoch_and_the_rerun_resumes(env, interrupted, tm
   r = _run(_args(folder, run), e)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "nothing left to do" in r.stdout and "final metrics:" in r.stdout
-  final = json.loads(r.stdout.split("final metrics:")[1].splitlines()[0])
+  line = r.stdout.split("final metrics:")[1].splitlines()[0].strip()
+  final, end = json.JSONDecoder().raw_decode(line)
   assert "reward_mean" in final and "eval/toy_detector" in final
+  assert "in all: " in line[end:] and "history.json" in line and len(line) < 400, line
   assert "checkpoints/" in r.stdout and "eval_samples/" in r.stdout
   assert os.path.exists(os.path.join(run, "eval_samples", "epoch_0003.png"))
 
@@ -380,3 +382,14 @@ def test_nonfinite_training_stops_and_keeps_the_good_checkpoints(env, tmp_path):
     state, _ = _restore_raw(run, s)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)
                if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+def test_the_eta_counts_the_evaluations_left(tmp_path, capsys):
+  """The ETA is the epochs left at the mean epoch time plus the evaluations left at the mean
+  evaluation time, compile time left out of both (issue 28: it left evaluation out)."""
+  from didr_jax.train.logging import RunLogger
+  logger = RunLogger(str(tmp_path), total_epochs=4)
+  logger.evaluated(10.0, compile_seconds=4.0)              # 6 s per evaluation
+  logger.progress(1, 5.0, {"loss": 0.5}, compile_seconds=2.0, evals_left=2)
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line.endswith(f"ETA {(3.0 * 3 + 6.0 * 2) / 60:.1f} min"), line

@@ -98,6 +98,7 @@ class RunLogger:
     self.total = total_epochs
     self.history = list(history or [])
     self.epoch_times: list[float] = []
+    self.eval_times: list[float] = []   # evaluations' seconds without compiling
     self.is_main = jax.process_index() == 0
     self.writer = None
     if self.is_main:
@@ -124,14 +125,20 @@ class RunLogger:
       save_grid_png(os.path.join(self.workdir, "eval_samples", f"epoch_{step:04d}.png"),
                     images, prompts)
 
+  def evaluated(self, seconds: float, compile_seconds: float = 0.0):
+    """Records an evaluation's time (without compiling) for the ETA."""
+    self.eval_times.append(max(seconds - compile_seconds, 0.0))
+
   def progress(self, epoch: int, seconds: float, extra: Mapping[str, float],
-               compile_seconds: float = 0.0):
+               compile_seconds: float = 0.0, evals_left: int = 0):
     """Prints 'epoch e/N | k=v ... | s/epoch | ETA'. The rate is the mean epoch time without
     the time spent compiling (``compile_seconds``, measured by ``CompileClock``), so the
-    first epoch's ETA is not inflated by compilation."""
+    first epoch's ETA is not inflated by compilation; the ETA adds ``evals_left`` evaluations
+    at their mean recorded time."""
     self.epoch_times.append(max(seconds - compile_seconds, 1e-3))
     rate = sum(self.epoch_times) / len(self.epoch_times)
-    eta = rate * (self.total - epoch)
+    per_eval = sum(self.eval_times) / len(self.eval_times) if self.eval_times else 0.0
+    eta = rate * (self.total - epoch) + per_eval * evals_left
     parts = " ".join(f"{k}={v:.4g}" for k, v in extra.items())
     comp = f", {compile_seconds:.0f} s of it compiling" if compile_seconds >= 1 else ""
     if self.is_main:

@@ -356,7 +356,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, info: dict) -> dict:
             f"{c.num_epochs}; raise --config.num_epochs to train on)", flush=True)
       if diff:
         print(f"note: this config differs from {saved_path} ({describe_diff(diff)})", flush=True)
-      print("final metrics:", json.dumps(final), flush=True)
+      head = {k: v for k, v in final.items() if k.startswith("eval/") or k == "reward_mean"}
+      print("final metrics:", json.dumps(head), f"({len(final)} in all: "
+            f"{os.path.join(workdir, 'history.json')})", flush=True)
       print(f"{workdir}:\n{_workdir_listing(workdir)}", flush=True)
       return final
 
@@ -409,7 +411,9 @@ def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, s
       print(f"evaluating {'the base model' if step == 0 else f'epoch {step}'} on "
             f"{c.eval.num_samples} held-out samples (compiling the sampler first: first "
             "evaluation only) ...", flush=True)
+    t0 = time.time()
     m, images = run_eval(c, trainer, state)
+    logger.evaluated(time.time() - t0, CompileClock.seconds(t0, time.time()))
     logger.scalars(step, {f"eval/{k}": v for k, v in m.items()})
     logger.images(step, {"eval_samples": images[: c.log_images]})
     logger.eval_grid(step, images[: c.log_images], eval_prompts(c))
@@ -434,8 +438,8 @@ def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, s
   for epoch in range(start, c.num_epochs):
     snapshot = json.loads(json.dumps(host()))  # the host state at the start of this epoch
     if epoch == start:
-      print(f"epoch {epoch + 1}/{c.num_epochs}: compiling sampling and the update step (first "
-            "epoch only) ...", flush=True)
+      print(f"epoch {epoch + 1}/{c.num_epochs}: compiling sampling and the update step (the first "
+            f"epoch {'of the run' if epoch == 0 else 'after a resume'} only) ...", flush=True)
     t0 = time.time()
     try:
       state, metrics, images = run_epoch(trainer, state, epoch, stream, rewarder, stop)
@@ -456,7 +460,8 @@ def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, s
     logger.scalars(step, metrics)
     logger.images(step, {"train_samples": images})
     logger.progress(step, t1 - t0, {k: metrics[k] for k in trainer.progress_keys if k in metrics},
-                    compile_seconds=CompileClock.seconds(t0, t1))
+                    compile_seconds=CompileClock.seconds(t0, t1),
+                    evals_left=sum(_eval_due(c, e) for e in range(step, c.num_epochs + 1)))
     halt = stop()
     if _eval_due(c, step) and (not halt or step == c.num_epochs):
       m = evaluate(step)
