@@ -393,3 +393,13 @@ def test_the_eta_counts_the_evaluations_left(tmp_path, capsys):
   logger.progress(1, 5.0, {"loss": 0.5}, compile_seconds=2.0, evals_left=2)
   line = capsys.readouterr().out.strip().splitlines()[-1]
   assert line.endswith(f"ETA {(3.0 * 3 + 6.0 * 2) / 60:.1f} min"), line
+
+
+def test_evaluation_reports_its_progress_after_each_batch():
+  from didr_jax.train import evaluation
+  seen = []
+  m, images = evaluation.evaluate(
+      lambda ps, rng: np.zeros((len(ps), 2, 2, 3), np.float32), ["a", "b"],
+      {"zero": lambda im, ps: np.zeros(len(ps))}, num_samples=6, batch_size=2,
+      progress=lambda done, total: seen.append((done, total)))
+  assert seen == [(2, 6), (4, 6), (6, 6)] and images.shape == (6, 2, 2, 3) and m["zero"] == 0

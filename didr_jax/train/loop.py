@@ -209,7 +209,8 @@ def eval_prompts(c) -> list[str]:
   return [ps[i % len(ps)] for i in range(c.eval.num_samples)]
 
 
-def run_eval(c, trainer, state) -> tuple[dict, np.ndarray]:
+def run_eval(c, trainer, state, progress=None) -> tuple[dict, np.ndarray]:
+  """The evaluation of ``trainer``'s evaluated parameters (``evaluation.evaluate``)."""
   ev = c.eval
   params = trainer.policy_params(state)
   # a multi-step policy samples at the evaluation's steps and noise level; a generator with
@@ -224,7 +225,7 @@ def run_eval(c, trainer, state) -> tuple[dict, np.ndarray]:
   per_image, set_metrics = eval_metrics(c)
   return evaluation.evaluate(sample_fn, prompts.load_prompts(c.prompts.eval), per_image,
                              num_samples=ev.num_samples, batch_size=ev.batch_size,
-                             set_metrics=set_metrics)
+                             set_metrics=set_metrics, progress=progress)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -412,7 +413,12 @@ def _epochs(c, workdir, trainer, state, start, stream, rewarder, ckpt, logger, s
             f"{c.eval.num_samples} held-out samples (compiling the sampler first: first "
             "evaluation only) ...", flush=True)
     t0 = time.time()
-    m, images = run_eval(c, trainer, state)
+
+    def progress(done, total):
+      if total > c.eval.batch_size and logger.is_main:
+        print(f"  evaluated {done}/{total} samples ({time.time() - t0:.0f} s)", flush=True)
+
+    m, images = run_eval(c, trainer, state, progress)
     logger.evaluated(time.time() - t0, CompileClock.seconds(t0, time.time()))
     logger.scalars(step, {f"eval/{k}": v for k, v in m.items()})
     logger.images(step, {"eval_samples": images[: c.log_images]})
