@@ -236,7 +236,7 @@ def test_first_run_prints_what_compiles_and_writes_eval_pngs(interrupted):
   assert mean < total
   png = os.path.join(workdir, "eval_samples", "epoch_0000.png")
   from PIL import Image
-  assert Image.open(png).size[0] > 16
+  assert Image.open(png).size[0] >= 2 * 160  # 4 tiles of 8 px, upscaled to be seen
   rows = open(png[:-4] + ".txt").read().splitlines()
   assert len(rows) == 4 and rows[0].startswith("0,0: ") and len(rows[0]) > 8
 
@@ -403,3 +403,12 @@ def test_evaluation_reports_its_progress_after_each_batch():
       {"zero": lambda im, ps: np.zeros(len(ps))}, num_samples=6, batch_size=2,
       progress=lambda done, total: seen.append((done, total)))
   assert seen == [(2, 6), (4, 6), (6, 6)] and images.shape == (6, 2, 2, 3) and m["zero"] == 0
+
+
+def test_evaluation_grids_are_upscaled_with_each_prompt_under_its_tile():
+  from didr_jax.train.logging import captioned_grid
+  grid = captioned_grid(np.ones((2, 8, 8, 3), np.float32), ["a red circle", ""], cols=2)
+  assert grid.shape[1] == 2 * (160 + 4) + 4 and grid.shape[0] > 160
+  caption = grid[4 + 160:, :]                        # the strip under the tiles
+  left, right = caption[:, : 164], caption[:, 168:]
+  assert (left < 128).any() and not (right < 128).any()  # text under the first tile only

@@ -76,14 +76,43 @@ def log_compiles(name: str, fn):
   return call
 
 
+def captioned_grid(images: np.ndarray, prompts: Sequence[str], cols: int,
+                   min_tile: int = 160, pad: int = 4) -> np.ndarray:
+  """(N, H, W, 3) floats in [0, 1] -> a uint8 grid whose tiles are upscaled (nearest) to at
+  least ``min_tile`` pixels wide, each with its prompt written under it (wrapped)."""
+  import textwrap
+  from PIL import Image, ImageDraw, ImageFont
+  images = np.asarray(images)
+  n, h, w, _ = images.shape
+  k = max(1, -(-min_tile // w))
+  tw, th = w * k, h * k
+  font = ImageFont.load_default()
+  width = max(8, tw // 6)                       # characters per caption line
+  lines = [textwrap.wrap(str(p), width)[:3] or [""] for p in prompts[:n]]
+  lines += [[""]] * (n - len(lines))
+  cap = 12 * max(len(ln) for ln in lines) + pad
+  rows = -(-n // cols)
+  canvas = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + cap + pad) + pad), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    x, y = pad + q * (tw + pad), pad + r * (th + cap + pad)
+    tile = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8).repeat(k, 0).repeat(k, 1)
+    canvas.paste(Image.fromarray(tile), (x, y))
+    for j, text in enumerate(lines[i]):
+      draw.text((x, y + th + 2 + 12 * j), text, fill="black", font=font)
+  return np.asarray(canvas)
+
+
 def save_grid_png(path: str, images: np.ndarray, prompts: Sequence[str]) -> None:
-  """Writes ``image_grid(images)`` as a PNG and, beside it (same name, ``.txt``), the prompt of
-  each image in grid order (row-major), one per line as ``row,col: prompt``."""
+  """Writes the evaluation grid as a PNG, each tile upscaled to a visible size with its prompt
+  under it (``captioned_grid``), and beside it (same name, ``.txt``) the prompt of each image
+  in grid order (row-major), one per line as ``row,col: prompt``."""
   from PIL import Image
   images = np.asarray(images)
   cols = int(math.ceil(math.sqrt(len(images))))
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(image_grid(images, cols)).save(path)
+  Image.fromarray(captioned_grid(images, prompts, cols)).save(path)
   with open(os.path.splitext(path)[0] + ".txt", "w") as f:
     for i, p in enumerate(prompts[: len(images)]):
       f.write(f"{i // cols},{i % cols}: {p}\n")
