@@ -204,7 +204,10 @@ for asyncs in (False, True):
     ck.close()
     out.append({"error": str(e), "dir": d, "files": sorted(os.listdir(d))})
   shutil.rmtree(d)
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+sys.stderr.flush()
+os._exit(0)  # as the command lines end after a failed save: the Orbax asyncio threads can print
+             # "Event loop is closed" during interpreter teardown, a race unrelated to the save
 """
 
 
