@@ -31,7 +31,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from didr_jax import rewards as rewards_lib
 from didr_jax.errors import ConfigError
@@ -271,7 +270,3 @@ class DIDRTrainer(Trainer):
     state, metrics, images = self.train_step(state, prompts, rng)
     return state, images, metrics
 
-  def update(self, state, batches, prompts, rewards, rng):
-    """The batches' metrics averaged (the rewards are only logged)."""
-    self.guard.flush()
-    return state, {k: float(np.mean([float(m[k]) for m in batches])) for k in batches[0]}

@@ -113,13 +113,14 @@ def run_epoch(trainer: Trainer, state: Any, epoch: int, stream: prompts.PromptSt
   s = c.sample
   k_batches, k_update = trainer.epoch_keys(jax.random.fold_in(jax.random.key(c.seed), epoch))
   t0 = time.time()
-  batches, futures, drawn, images = [], [], [], None
+  batches, futures, drawn, shown = [], [], [], None
   for b in range(s.num_batches):
     if stop is not None and stop():  # at a batch boundary: within one batch of the signal
       raise common.EpochAbandoned(epoch, trained=b if trainer.updates_each_batch else 0)
     batch_prompts = stream.next(s.batch_size // s.group_size, s.group_size)
     state, images, data = trainer.rollout(state, batch_prompts, jax.random.fold_in(k_batches, b))
-    future = rewarder.submit(common.host_rows(images), batch_prompts)
+    shown = common.host_rows(images)  # this host's rows, scored and (the last batch's) logged
+    future = rewarder.submit(shown, batch_prompts)
     state, data = trainer.after_rollout(state, data, future)
     batches.append(data)
     futures.append(future)
@@ -133,7 +134,7 @@ def run_epoch(trainer: Trainer, state: Any, epoch: int, stream: prompts.PromptSt
   metrics.update({"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
                   "time_rollout_s": t_rollout, "time_update_s": time.time() - t1,
                   "samples_per_s": len(rewards) / (time.time() - t0)})
-  return state, metrics, np.asarray(common.host_rows(images))[: c.log_images]
+  return state, metrics, np.asarray(shown)[: c.log_images]
 
 
 class Stopped(Exception):

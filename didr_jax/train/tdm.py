@@ -406,7 +406,6 @@ class TDMTrainer(Trainer):
   def update(self, state, batches, prompts, rewards, rng):
     """The iterations' metrics averaged (skipped steps summed); the rewards are only logged
     (TDM) or were used in ``after_rollout`` (TDM-R1)."""
-    self.guard.flush()
-    out = {k: float(np.mean([float(m[k]) for m in batches])) for k in batches[0]}
+    state, out = super().update(state, batches, prompts, rewards, rng)
     out["nonfinite"] = float(sum(float(m["nonfinite"]) for m in batches))
     return state, out

@@ -81,5 +81,9 @@ class Trainer:
   def update(self, state: Any, batches: list, prompts: list[str], rewards: np.ndarray,
              rng: jax.Array) -> tuple[Any, dict]:
     """The end of an epoch -> (state, this method's scalar metrics). ``batches`` are the
-    ``data`` of every batch, ``prompts`` and ``rewards`` (all hosts') in the same order."""
-    raise NotImplementedError
+    ``data`` of every batch, ``prompts`` and ``rewards`` (all hosts') in the same order.
+    Default, for the methods that update per batch (their ``data`` is the batch's metrics):
+    the last step's non-finite check, then each metric averaged over the batches."""
+    del prompts, rewards, rng
+    self.guard.flush()
+    return state, {k: float(np.mean([float(m[k]) for m in batches])) for k in batches[0]}
